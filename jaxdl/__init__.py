@@ -1,0 +1,62 @@
+"""jaxdl: compiled JAX training for studying deep feed-forward and convolutional nets.
+
+The pure functions are the API: ``fit`` is a convenience built from ``init_state``,
+``train_step`` and ``run_epoch``; every sweepable number is a traced array (``HParams``).
+"""
+
+from jaxdl.data import Dataset, Splits, load, standardize, synthetic, synthetic_splits
+from jaxdl.models import CNN, MLP, masked_widths, sample_masks
+from jaxdl.optim import Optimizer, make_optimizer
+from jaxdl.report import params_digest
+from jaxdl.stopping import EarlyStopping
+from jaxdl.train import (
+    Batch,
+    FitInfo,
+    HParams,
+    Setup,
+    TrainState,
+    best_epoch,
+    evaluate,
+    fit,
+    init_state,
+    make_hparams,
+    predict,
+    prepare,
+    run_epoch,
+    train_step,
+)
+from jaxdl.validate import InputError
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "CNN",
+    "MLP",
+    "Batch",
+    "Dataset",
+    "EarlyStopping",
+    "FitInfo",
+    "HParams",
+    "InputError",
+    "Optimizer",
+    "Setup",
+    "Splits",
+    "TrainState",
+    "best_epoch",
+    "evaluate",
+    "fit",
+    "init_state",
+    "load",
+    "make_hparams",
+    "make_optimizer",
+    "masked_widths",
+    "params_digest",
+    "predict",
+    "prepare",
+    "run_epoch",
+    "sample_masks",
+    "standardize",
+    "synthetic",
+    "synthetic_splits",
+    "train_step",
+]

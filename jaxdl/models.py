@@ -1,0 +1,214 @@
+"""Models: an MLP and a small CNN in ``flax.linen`` (pure ``init`` / ``apply``).
+
+Dropout is split in two: *sampling* masks (``sample_masks``) and *applying* them (the
+models' ``masks=`` argument). A model never draws randomness itself, so the same weights
+can be evaluated under any explicit mask (one subnetwork of the dropout ensemble), and
+rates are plain traced arrays that can be vmapped.
+
+Masked layers are, in order: the input of the first dense layer (the pixels for the MLP,
+the flattened conv features for the CNN), then the output of every hidden dense layer.
+``masked_widths(model, feature_shape)`` gives their widths.
+
+Dropout conventions (both equal in expectation):
+
+- ``"inverted"``: a kept unit is scaled by 1/(1-p) under a mask; no mask → identity.
+- ``"classic"``: a kept unit is left as is under a mask; no mask → scaled by (1-p)
+  (the same as scaling the outgoing weights by (1-p) at test time).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import linen as nn
+
+from jaxdl import inits, validate
+
+ACTIVATIONS = ("relu", "sigmoid", "tanh", "maxout", "linear")
+CONVENTIONS = ("inverted", "classic")
+Masks = tuple[jax.Array, ...]
+
+
+def activate(name: str, h: jax.Array, pieces: int) -> jax.Array:
+    """Applies ``name`` to pre-activations ``h`` (..., units·pieces for maxout)."""
+    if name == "relu":
+        return nn.relu(h)
+    if name == "sigmoid":
+        return nn.sigmoid(h)
+    if name == "tanh":
+        return jnp.tanh(h)
+    if name == "maxout":
+        return h.reshape(*h.shape[:-1], h.shape[-1] // pieces, pieces).max(axis=-1)
+    return h
+
+
+def apply_dropout(
+    h: jax.Array, mask: jax.Array | None, rate: jax.Array | None, convention: str
+) -> jax.Array:
+    """Applies one dropout layer. ``h``: (B, units); ``mask``: (B, units) or (units,) of 0/1."""
+    if rate is None:
+        return h
+    keep = (1.0 - rate).astype(h.dtype)
+    if mask is None:
+        return h * keep if convention == "classic" else h
+    h = h * mask.astype(h.dtype)
+    return h / keep if convention == "inverted" else h
+
+
+def _dropout_at(masks: Masks | None, rates: jax.Array | None, i: int):
+    return (None if masks is None else masks[i]), (None if rates is None else rates[i])
+
+
+class MLP(nn.Module):
+    """Fully-connected classifier returning logits (B, num_classes).
+
+    Inputs (B, *feature_shape) are flattened. Hidden layers are ``layer_{i}`` (with
+    ``bn_{i}`` after them when ``batch_norm``); the last layer is ``output``.
+    """
+
+    hidden: Sequence[int] = (500, 500)
+    num_classes: int = 10
+    activation: str = "relu"
+    maxout_pieces: int = 2
+    weight_init: str = "xavier_uniform"
+    batch_norm: bool = False
+    dropout_convention: str = "inverted"
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        train: bool = False,
+        masks: Masks | None = None,
+        rates: jax.Array | None = None,
+        example_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        """``rates``: (len(hidden)+1,) dropout rates or None; ``example_mask``: (B,) bool
+        marking real (not padding) examples, used by batch-norm statistics."""
+        kernel_init = inits.unit_initializer(self.weight_init)
+        pieces = self.maxout_pieces if self.activation == "maxout" else 1
+        h = x.reshape((x.shape[0], -1))
+        h = apply_dropout(h, *_dropout_at(masks, rates, 0), self.dropout_convention)
+        for i, width in enumerate(self.hidden):
+            h = nn.Dense(width * pieces, kernel_init=kernel_init, name=f"layer_{i}")(h)
+            if self.batch_norm:
+                h = _batch_norm(h, train, example_mask, f"bn_{i}")
+            h = activate(self.activation, h, pieces)
+            self.sow("intermediates", f"act_layer_{i}", h)
+            h = apply_dropout(h, *_dropout_at(masks, rates, i + 1), self.dropout_convention)
+        return nn.Dense(self.num_classes, kernel_init=kernel_init, name="output")(h)
+
+
+class CNN(nn.Module):
+    """conv → activation → pool blocks, then dense layers; returns logits (B, num_classes).
+
+    Inputs are (B, H, W, C) or flattened (B, H·W·C), reshaped to ``image_shape``.
+    Convolutions use SAME padding; each block halves H and W with 2×2 pooling.
+    """
+
+    features: Sequence[int] = (32, 64)
+    kernel_size: int = 5
+    dense: Sequence[int] = (512,)
+    num_classes: int = 10
+    activation: str = "relu"
+    maxout_pieces: int = 2
+    weight_init: str = "xavier_uniform"
+    batch_norm: bool = False
+    pool: str = "max"
+    image_shape: tuple[int, int, int] = (28, 28, 1)
+    dropout_convention: str = "inverted"
+
+    @nn.compact
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        train: bool = False,
+        masks: Masks | None = None,
+        rates: jax.Array | None = None,
+        example_mask: jax.Array | None = None,
+    ) -> jax.Array:
+        kernel_init = inits.unit_initializer(self.weight_init)
+        pieces = self.maxout_pieces if self.activation == "maxout" else 1
+        pool = nn.max_pool if self.pool == "max" else nn.avg_pool
+        h = x.reshape((x.shape[0], *self.image_shape))
+        k = (self.kernel_size, self.kernel_size)
+        for i, f in enumerate(self.features):
+            h = nn.Conv(f * pieces, k, padding="SAME", kernel_init=kernel_init, name=f"conv_{i}")(h)
+            if self.batch_norm:
+                h = _batch_norm(h, train, example_mask, f"conv_bn_{i}")
+            h = activate(self.activation, h, pieces)
+            self.sow("intermediates", f"act_conv_{i}", h)
+            h = pool(h, (2, 2), strides=(2, 2))
+        h = h.reshape((h.shape[0], -1))
+        h = apply_dropout(h, *_dropout_at(masks, rates, 0), self.dropout_convention)
+        for i, width in enumerate(self.dense):
+            h = nn.Dense(width * pieces, kernel_init=kernel_init, name=f"layer_{i}")(h)
+            if self.batch_norm:
+                h = _batch_norm(h, train, example_mask, f"bn_{i}")
+            h = activate(self.activation, h, pieces)
+            self.sow("intermediates", f"act_layer_{i}", h)
+            h = apply_dropout(h, *_dropout_at(masks, rates, i + 1), self.dropout_convention)
+        return nn.Dense(self.num_classes, kernel_init=kernel_init, name="output")(h)
+
+
+def _batch_norm(h: jax.Array, train: bool, example_mask: jax.Array | None, name: str):
+    # Padding examples of a partial last batch must not enter the batch statistics.
+    mask = None
+    if example_mask is not None and train:
+        mask = example_mask.reshape((-1,) + (1,) * (h.ndim - 1))
+        mask = jnp.broadcast_to(mask, h.shape)
+    bn = nn.BatchNorm(use_running_average=not train, momentum=0.9, epsilon=1e-5, name=name)
+    return bn(h, mask=mask)
+
+
+Model = MLP | CNN
+
+
+def check_model(model: Model) -> Model:
+    """Validates a model's static settings on the host (names, sizes)."""
+    validate.choice("activation", model.activation, ACTIVATIONS)
+    validate.choice("dropout convention", model.dropout_convention, CONVENTIONS)
+    inits.canonical(model.weight_init)
+    validate.positive_int("num_classes", model.num_classes)
+    if model.num_classes < 2:
+        validate.fail("num_classes", "at least 2 classes", model.num_classes)
+    if model.activation == "maxout":
+        validate.positive_int("maxout pieces", model.maxout_pieces)
+    widths = model.hidden if isinstance(model, MLP) else (*model.features, *model.dense)
+    for w in widths:
+        validate.positive_int("layer width", w)
+    if isinstance(model, CNN):
+        validate.choice("pool", model.pool, ("max", "avg"))
+        validate.positive_int("kernel size", model.kernel_size)
+    return model
+
+
+def masked_widths(model: Model, feature_shape: Sequence[int]) -> tuple[int, ...]:
+    """Widths of the dropout-masked layers: first dense input, then each hidden layer."""
+    if isinstance(model, MLP):
+        return (math.prod(feature_shape), *model.hidden)
+    h, w, _ = model.image_shape
+    for _ in model.features:
+        h, w = h // 2, w // 2
+    return (h * w * model.features[-1], *model.dense)
+
+
+def sample_masks(
+    key: jax.Array, rates: jax.Array, widths: Sequence[int], batch: int | None = None
+) -> Masks:
+    """Draws keep-masks: unit j of layer i is kept with probability 1 - rates[i].
+
+    Returns one float32 0/1 array per masked layer, (batch, widths[i]), or (widths[i],)
+    when ``batch`` is None (one subnetwork shared by all examples).
+    """
+    keys = jax.random.split(key, len(widths))
+    lead = () if batch is None else (batch,)
+    return tuple(
+        jax.random.bernoulli(k, 1.0 - r, (*lead, w)).astype(jnp.float32)
+        for k, r, w in zip(keys, rates, widths, strict=True)
+    )

@@ -1,0 +1,559 @@
+"""Compiled training: pure ``train_step``, a scan-fused epoch, and ``fit``.
+
+The static ``Setup`` (model, optimizer structure, batch size, data size, loss, which
+features are on) decides the compiled program; every number a user may sweep is in the
+traced ``HParams``. One program per ``Setup`` is compiled and cached, so a second epoch
+or a second ``fit`` with new hyperparameter values reuses it.
+
+An epoch is one ``lax.scan`` over minibatches gathered from the device-resident data in
+an order reshuffled every epoch from the state's key. When the data size is not a
+multiple of the batch size, the last batch is padded and its padding weighted 0 (and
+kept out of batch-norm statistics), so every example is seen exactly once per epoch.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import math
+import time
+from collections.abc import Callable, Mapping, Sequence
+from typing import Any, NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import struct
+
+from jaxdl import inits, losses, models, optim, stopping, validate
+from jaxdl.data import Dataset
+from jaxdl.models import Model
+from jaxdl.optim import Optimizer
+from jaxdl.stopping import EarlyStopping
+
+PRNGKey = jax.Array
+
+
+class Batch(NamedTuple):
+    x: jax.Array  # (B, *feature_shape) float32
+    y: jax.Array  # (B,) int32
+    weight: jax.Array | None = None  # (B,) 1 for real examples, 0 for padding
+
+
+class HParams(NamedTuple):
+    """Every sweepable number, as arrays (one set per member in a sweep)."""
+
+    opt: dict[str, jax.Array]  # optim.defaults(name): optimizer and schedule numbers
+    l1: jax.Array  # () coefficient of Σ|w|
+    l2: jax.Array  # () coefficient of Σw²
+    dropout: jax.Array  # (n_masked,) rates: input, then each hidden layer
+    input_noise: jax.Array  # () σ of additive Gaussian input noise while training
+    init_scale: jax.Array  # () multiplier of the initial kernels
+
+
+@dataclasses.dataclass(frozen=True)
+class Setup:
+    """The static part of training: equal setups share one compiled program."""
+
+    model: Model
+    optimizer: Optimizer
+    feature_shape: tuple[int, ...]
+    n_train: int
+    batch_size: int = 100
+    epochs: int = 20
+    loss: str = "cross_entropy"
+    dropout: bool = False  # sample dropout masks (rates themselves are traced)
+    input_noise: bool = False
+    penalty: bool = False  # add L1/L2 terms to the loss
+    early_stopping: EarlyStopping | None = None
+    eval_batch_size: int = 1000
+    probe_size: int = 1000  # training examples used for per-epoch activation statistics
+
+    @property
+    def steps_per_epoch(self) -> int:
+        return math.ceil(self.n_train / self.batch_size)
+
+    @property
+    def widths(self) -> tuple[int, ...]:
+        return models.masked_widths(self.model, self.feature_shape)
+
+
+class TrainState(struct.PyTreeNode):
+    step: jax.Array  # () int32, optimizer steps taken
+    epoch: jax.Array  # () int32, epochs completed
+    params: Any
+    opt_state: optax.OptState
+    batch_stats: Any
+    key: PRNGKey  # fixed for the run; step and epoch keys are folded in from it
+    rates: jax.Array | None  # dropout rates, needed at test time by the classic convention
+    plateau: stopping.PlateauState
+    stopping: stopping.StoppingState | None
+
+
+def make_hparams(
+    setup_or_model: Setup | Model,
+    optimizer: Optimizer,
+    feature_shape: Sequence[int],
+    *,
+    l1: float = 0.0,
+    l2: float = 0.0,
+    dropout: float | Sequence[float] | None = None,
+    input_noise: float = 0.0,
+    init_scale: float | None = None,
+    **overrides: float,
+) -> HParams:
+    """Validated hyperparameters as float32 arrays.
+
+    ``dropout``: one rate for every masked layer, or one per layer (input first).
+    ``overrides`` replace the optimizer's numbers (e.g. ``learning_rate=3e-3``).
+    """
+    model = setup_or_model.model if isinstance(setup_or_model, Setup) else setup_or_model
+    n_masked = len(models.masked_widths(model, feature_shape))
+    if dropout is None:
+        dropout = 0.0
+    if np.ndim(dropout) == 0:
+        dropout = [float(dropout)] * n_masked
+    rates = validate.rates("dropout", dropout, n_masked)
+    values = dict(optimizer.hyperparams) or optim.defaults(optimizer.name)
+    for k, v in overrides.items():
+        validate.choice(f"{optimizer.name} hyperparameter", k, values)
+        values[k] = v
+    optim.check_hyperparams(values)
+    validate.positive("l1", l1, allow_zero=True)
+    validate.positive("l2", l2, allow_zero=True)
+    validate.positive("input_noise", input_noise, allow_zero=True)
+    scale = inits.default_scale(model.weight_init) if init_scale is None else init_scale
+    validate.positive("init_scale", scale, allow_zero=True)
+    f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
+    return HParams(
+        opt={k: f32(v) for k, v in values.items()},
+        l1=f32(l1),
+        l2=f32(l2),
+        dropout=f32(rates),
+        input_noise=f32(input_noise),
+        init_scale=f32(scale),
+    )
+
+
+def init_state(setup: Setup, key: PRNGKey, hp: HParams) -> TrainState:
+    """Initial parameters (kernels × ``hp.init_scale``), optimizer state and trackers."""
+    init_key, run_key = jax.random.split(key)
+    dummy = jnp.zeros((1, *setup.feature_shape), jnp.float32)
+    variables = setup.model.init(init_key, dummy, train=False)
+    params = inits.scale_kernels(variables["params"], hp.init_scale)
+    batch_stats = variables.get("batch_stats", {})
+    zero = jnp.zeros((), jnp.int32)
+    plateau = stopping.init_plateau()
+    opt_state = setup.optimizer.tx.init(params)
+    hyper = optim.current_hyperparams(setup.optimizer, hp.opt, 0.0, setup.epochs, plateau.scale)
+    es = setup.early_stopping
+    return TrainState(
+        step=zero,
+        epoch=zero,
+        params=params,
+        opt_state=optim.set_hyperparams(opt_state, hyper),
+        batch_stats=batch_stats,
+        key=run_key,
+        rates=hp.dropout if setup.dropout else None,
+        plateau=plateau,
+        stopping=None if es is None else stopping.init_stopping(es, params, batch_stats),
+    )
+
+
+def _apply(setup: Setup, params, batch_stats, x, *, rates=None, masks=None, train=False, **kw):
+    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+    return setup.model.apply(variables, x, train=train, rates=rates, masks=masks, **kw)
+
+
+def layer_norms(tree) -> dict[str, jax.Array]:
+    """L2 norm per top-level entry (layer) of a parameter-shaped tree."""
+    return {k: optax.global_norm(v) for k, v in tree.items() if not k.startswith(("bn_", "conv_bn_"))}
+
+
+def train_step(setup: Setup, state: TrainState, batch: Batch, hp: HParams):
+    """One optimizer step. Returns ``(state, metrics)`` with this batch's data loss,
+    accuracy, weight (number of real examples) and per-layer gradient norms."""
+    key = jax.random.fold_in(jax.random.fold_in(state.key, 0), state.step)
+    k_mask, k_noise = jax.random.split(key)
+    x = batch.x
+    if setup.input_noise:
+        x = x + hp.input_noise * jax.random.normal(k_noise, x.shape, x.dtype)
+    rates = hp.dropout if setup.dropout else None
+    masks = models.sample_masks(k_mask, hp.dropout, setup.widths, x.shape[0]) if setup.dropout else None
+    example_mask = None if batch.weight is None else batch.weight > 0
+
+    def loss_fn(params):
+        out = _apply(
+            setup, params, state.batch_stats, x, rates=rates, masks=masks, train=True,
+            example_mask=example_mask, mutable=["batch_stats"] if state.batch_stats else [],
+        )  # fmt: skip
+        logits, updates = out
+        data = losses.data_loss(setup.loss, logits, batch.y, batch.weight)
+        total = data
+        if setup.penalty:
+            total = total + hp.l1 * losses.l1_penalty(params) + hp.l2 * losses.l2_penalty(params)
+        return total, (data, logits, updates.get("batch_stats", state.batch_stats))
+
+    grads, (data, logits, batch_stats) = jax.grad(loss_fn, has_aux=True)(state.params)
+    epoch_now = state.step.astype(jnp.float32) / setup.steps_per_epoch
+    hyper = optim.current_hyperparams(
+        setup.optimizer, hp.opt, epoch_now, setup.epochs, state.plateau.scale
+    )
+    opt_state = optim.set_hyperparams(state.opt_state, hyper)
+    updates, opt_state = setup.optimizer.tx.update(grads, opt_state, state.params)
+    weight = jnp.float32(x.shape[0]) if batch.weight is None else batch.weight.sum()
+    metrics = {
+        "loss": data,
+        "accuracy": losses.accuracy(logits, batch.y, batch.weight),
+        "weight": weight,
+        "grad_norm": layer_norms(grads),
+    }
+    new = state.replace(
+        step=state.step + 1,
+        params=optax.apply_updates(state.params, updates),
+        opt_state=opt_state,
+        batch_stats=batch_stats,
+    )
+    return new, metrics
+
+
+def epoch_order(setup: Setup, key: PRNGKey, epoch: jax.Array) -> tuple[jax.Array, jax.Array | None]:
+    """Minibatch indices (steps, B) for one epoch and their weights (None: no padding)."""
+    n, b, steps = setup.n_train, setup.batch_size, setup.steps_per_epoch
+    perm = jax.random.permutation(jax.random.fold_in(jax.random.fold_in(key, 1), epoch), n)
+    pad = steps * b - n
+    if pad == 0:
+        return perm.reshape(steps, b).astype(jnp.int32), None
+    idx = jnp.concatenate([perm, jnp.zeros((pad,), perm.dtype)]).reshape(steps, b)
+    weights = (jnp.arange(steps * b) < n).astype(jnp.float32).reshape(steps, b)
+    return idx.astype(jnp.int32), weights
+
+
+def train_epoch(setup: Setup, state: TrainState, train: Batch, hp: HParams):
+    """One pass over ``train`` as a ``lax.scan``; returns (state, epoch-mean metrics)."""
+    idx, weights = epoch_order(setup, state.key, state.epoch)
+
+    def body(st, xs):
+        i, w = xs
+        return train_step(setup, st, Batch(train.x[i], train.y[i], w), hp)
+
+    state, m = jax.lax.scan(body, state, (idx, weights))
+    w = m["weight"]
+    out = {
+        "train_loss": (m["loss"] * w).sum() / w.sum(),
+        "train_accuracy": (m["accuracy"] * w).sum() / w.sum(),
+    }
+    out.update({f"grad_norm/{k}": v.mean() for k, v in m["grad_norm"].items()})
+    return state, out
+
+
+def evaluate_arrays(setup: Setup, params, batch_stats, rates, x, y) -> dict[str, jax.Array]:
+    """Loss and accuracy over (x, y) in chunks of ``setup.eval_batch_size`` (traceable)."""
+    n = x.shape[0]
+    b = min(setup.eval_batch_size, n)
+    steps = math.ceil(n / b)
+    idx = jnp.minimum(jnp.arange(steps * b), n - 1).reshape(steps, b)
+    w = (jnp.arange(steps * b) < n).astype(jnp.float32).reshape(steps, b)
+
+    def chunk(args):
+        i, wi = args
+        logits = _apply(setup, params, batch_stats, x[i], rates=rates)
+        yi = y[i]
+        per = losses.data_loss(setup.loss, logits, yi, wi) * wi.sum()
+        return per, ((logits.argmax(-1) == yi) * wi).sum()
+
+    loss_sums, correct = jax.lax.map(chunk, (idx, w))
+    return {"loss": loss_sums.sum() / n, "accuracy": correct.sum() / n}
+
+
+def activation_stats(setup: Setup, params, batch_stats, rates, x) -> dict[str, jax.Array]:
+    """Per hidden layer on a probe batch: std, and dead (ReLU: never positive) or
+    saturated (sigmoid outside (0.01, 0.99), tanh |h| > 0.99) fractions."""
+    _, inter = _apply(setup, params, batch_stats, x, rates=rates, mutable=["intermediates"])
+    act = setup.model.activation
+    out = {}
+    for sown, (h,) in inter["intermediates"].items():
+        name = sown.removeprefix("act_")
+        h = h.reshape(h.shape[0], -1)
+        out[f"act_std/{name}"] = h.std()
+        if act == "relu":
+            out[f"dead_fraction/{name}"] = (h.max(axis=0) <= 0).mean()
+        elif act == "sigmoid":
+            out[f"saturated_fraction/{name}"] = ((h < 0.01) | (h > 0.99)).mean()
+        elif act == "tanh":
+            out[f"saturated_fraction/{name}"] = (jnp.abs(h) > 0.99).mean()
+    return out
+
+
+def run_epoch(setup: Setup, state: TrainState, train: Batch, valid: Batch | None, hp: HParams):
+    """A training epoch, then validation, schedules and early stopping (all traced)."""
+    state, metrics = train_epoch(setup, state, train, hp)
+    if valid is not None:
+        ev = evaluate_arrays(setup, state.params, state.batch_stats, state.rates, valid.x, valid.y)
+        metrics["val_loss"], metrics["val_accuracy"] = ev["loss"], ev["accuracy"]
+    probe = train.x[: setup.probe_size]
+    metrics.update(activation_stats(setup, state.params, state.batch_stats, state.rates, probe))
+    metrics["learning_rate"] = optim.get_hyperparams(state.opt_state)["learning_rate"]
+    epoch = state.epoch + 1
+    plateau = state.plateau
+    if setup.optimizer.schedule == "plateau":
+        watched = metrics["val_loss" if valid is not None else "train_loss"]
+        plateau = stopping.update_plateau(
+            plateau, watched, epoch, hp.opt["lr_decay"], hp.opt["lr_patience"]
+        )
+    es = state.stopping
+    if setup.early_stopping is not None:
+        value = stopping.score(setup.early_stopping.monitor, metrics)
+        es = stopping.update_stopping(es, value, epoch, state.params, state.batch_stats)
+    return state.replace(epoch=epoch, plateau=plateau, stopping=es), metrics
+
+
+class Programs(NamedTuple):
+    """The compiled functions of one ``Setup`` and how often each was traced."""
+
+    init: Callable
+    epoch: Callable
+    traces: collections.Counter
+    executables: dict
+
+
+def _counted(traces: collections.Counter, name: str, fn: Callable) -> Callable:
+    @functools.wraps(fn)
+    def wrapper(*args):
+        traces[name] += 1  # runs only while tracing
+        return fn(*args)
+
+    return wrapper
+
+
+@functools.lru_cache(maxsize=32)
+def programs(setup: Setup) -> Programs:
+    """Jitted ``init_state`` and ``run_epoch`` for ``setup`` (cached per setup)."""
+    traces: collections.Counter = collections.Counter()
+    return Programs(
+        init=jax.jit(_counted(traces, "init", functools.partial(init_state, setup))),
+        epoch=jax.jit(
+            _counted(traces, "epoch", functools.partial(run_epoch, setup)), donate_argnums=0
+        ),
+        traces=traces,
+        executables={},
+    )
+
+
+def compile_epoch(setup: Setup, *args) -> tuple[Callable, float]:
+    """The compiled epoch for these argument shapes and the seconds compiling took
+    (0.0 when it was compiled before)."""
+    progs = programs(setup)
+    sig = jax.tree_util.tree_structure(args), tuple(
+        (a.shape, a.dtype) for a in jax.tree_util.tree_leaves(args)
+    )
+    if sig in progs.executables:
+        return progs.executables[sig], 0.0
+    t0 = time.perf_counter()
+    exe = progs.epoch.lower(*args).compile()
+    progs.executables[sig] = exe
+    return exe, time.perf_counter() - t0
+
+
+def as_key(seed_or_key: int | jax.Array) -> PRNGKey:
+    """A PRNG key from an int seed (or a key, returned as is)."""
+    if isinstance(seed_or_key, int | np.integer):
+        return jax.random.key(int(seed_or_key))
+    return seed_or_key
+
+
+def to_device(ds: Dataset) -> Batch:
+    return Batch(jnp.asarray(ds.x, jnp.float32), jnp.asarray(ds.y, jnp.int32))
+
+
+def check_data(ds: Dataset, what: str, num_classes: int, feature_shape=None) -> Dataset:
+    x = validate.features(f"{what} x", ds.x, feature_shape)
+    y = validate.labels(f"{what} y", ds.y, num_classes, n=x.shape[0])
+    return Dataset(x.astype(np.float32, copy=False), y.astype(np.int32, copy=False))
+
+
+@dataclasses.dataclass
+class FitInfo:
+    """Timings of a ``fit`` (host side)."""
+
+    compile_seconds: float = 0.0
+    train_seconds: float = 0.0
+    samples_seen: int = 0
+    epoch_seconds: list[float] = dataclasses.field(default_factory=list)
+
+    @property
+    def samples_per_second(self) -> float:
+        return self.samples_seen / self.train_seconds if self.train_seconds else 0.0
+
+
+def fit(
+    model: Model,
+    optimizer: Optimizer,
+    train: Dataset,
+    *,
+    epochs: int,
+    batch_size: int = 100,
+    key: int | PRNGKey = 0,
+    validation: Dataset | None = None,
+    early_stopping: EarlyStopping | None = None,
+    loss: str = "cross_entropy",
+    l1: float = 0.0,
+    l2: float = 0.0,
+    dropout: float | Sequence[float] | None = None,
+    input_noise: float = 0.0,
+    init_scale: float | None = None,
+    eval_batch_size: int = 1000,
+    on_epoch: Callable[[int, Mapping[str, float]], None] | None = None,
+    info: FitInfo | None = None,
+) -> tuple[TrainState, dict[str, list[float]]]:
+    """Trains ``model`` and returns ``(state, history)``.
+
+    ``history[metric]`` has one float per epoch run. With ``early_stopping`` the loop ends
+    once it triggers and, with ``restore_best``, ``state.params`` are the best epoch's.
+    ``on_epoch(epoch, metrics)`` is called on the host after each epoch (progress,
+    logging). ``info``, if given, receives compile and training times.
+    """
+    setup, hp = prepare(
+        model, optimizer, train, epochs=epochs, batch_size=batch_size, validation=validation,
+        early_stopping=early_stopping, loss=loss, l1=l1, l2=l2, dropout=dropout,
+        input_noise=input_noise, init_scale=init_scale, eval_batch_size=eval_batch_size,
+    )  # fmt: skip
+    state = programs(setup).init(as_key(key), hp)
+    return fit_state(setup, state, hp, train, validation, on_epoch=on_epoch, info=info)
+
+
+def prepare(
+    model: Model,
+    optimizer: Optimizer,
+    train: Dataset,
+    *,
+    epochs: int,
+    batch_size: int,
+    validation: Dataset | None = None,
+    early_stopping: EarlyStopping | None = None,
+    loss: str = "cross_entropy",
+    l1: float = 0.0,
+    l2: float = 0.0,
+    dropout: float | Sequence[float] | None = None,
+    input_noise: float = 0.0,
+    init_scale: float | None = None,
+    eval_batch_size: int = 1000,
+) -> tuple[Setup, HParams]:
+    """Validates everything on the host and splits it into (static Setup, traced HParams)."""
+    if not isinstance(optimizer, Optimizer):
+        validate.fail("optimizer", "an Optimizer from jaxdl.make_optimizer", type(optimizer).__name__)
+    models.check_model(model)
+    validate.choice("loss", loss, losses.LOSSES)
+    train = check_data(train, "train", model.num_classes)
+    feature_shape = tuple(train.x.shape[1:])
+    if validation is not None:
+        validation = check_data(validation, "validation", model.num_classes, feature_shape)
+    if isinstance(model, models.CNN) and math.prod(feature_shape) != math.prod(model.image_shape):
+        validate.fail("train x shape", f"images of {model.image_shape} values", train.x.shape)
+    validate.positive_int("epochs", epochs)
+    validate.positive_int("batch_size", batch_size)
+    validate.positive_int("eval_batch_size", eval_batch_size)
+    n = train.x.shape[0]
+    if batch_size > n:
+        validate.fail("batch_size", f"at most the {n} training examples", batch_size)
+    if early_stopping is not None and early_stopping.monitor.startswith("val_") and validation is None:
+        validate.fail("early stopping", "validation data to monitor " + early_stopping.monitor, None)
+    hp = make_hparams(
+        model, optimizer, feature_shape, l1=l1, l2=l2, dropout=dropout,
+        input_noise=input_noise, init_scale=init_scale,
+    )  # fmt: skip
+    setup = Setup(
+        model=model,
+        optimizer=optimizer,
+        feature_shape=feature_shape,
+        n_train=n,
+        batch_size=batch_size,
+        epochs=epochs,
+        loss=loss,
+        dropout=bool(np.any(np.asarray(hp.dropout) > 0)),
+        input_noise=input_noise > 0,
+        penalty=l1 > 0 or l2 > 0,
+        early_stopping=early_stopping,
+        eval_batch_size=eval_batch_size,
+        probe_size=min(1000, n),
+    )
+    return setup, hp
+
+
+def fit_state(
+    setup: Setup,
+    state: TrainState,
+    hp: HParams,
+    train: Dataset,
+    validation: Dataset | None = None,
+    *,
+    on_epoch: Callable[[int, Mapping[str, float]], None] | None = None,
+    info: FitInfo | None = None,
+) -> tuple[TrainState, dict[str, list[float]]]:
+    """Runs the epochs from ``state.epoch`` to ``setup.epochs`` (or until stopped)."""
+    info = FitInfo() if info is None else info
+    tr = to_device(train)
+    va = None if validation is None else to_device(validation)
+    exe, info.compile_seconds = compile_epoch(setup, state, tr, va, hp)
+    history: dict[str, list[float]] = collections.defaultdict(list)
+    for epoch in range(int(state.epoch) + 1, setup.epochs + 1):
+        t0 = time.perf_counter()
+        state, metrics = exe(state, tr, va, hp)
+        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        dt = time.perf_counter() - t0
+        info.epoch_seconds.append(dt)
+        info.train_seconds += dt
+        info.samples_seen += setup.n_train
+        for k, v in metrics.items():
+            history[k].append(v)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        if state.stopping is not None and bool(state.stopping.stopped):
+            break
+    es = setup.early_stopping
+    if es is not None and es.restore_best and int(state.stopping.tracker.best_epoch) > 0:
+        state = state.replace(
+            params=state.stopping.best_params, batch_stats=state.stopping.best_batch_stats
+        )
+    return state, dict(history)
+
+
+def best_epoch(state: TrainState) -> int | None:
+    """The 1-based epoch early stopping kept (None without early stopping)."""
+    return None if state.stopping is None else int(state.stopping.tracker.best_epoch)
+
+
+@functools.partial(jax.jit, static_argnames=("model", "batch_size"))
+def _predict_logits(model: Model, params, batch_stats, rates, x, batch_size: int):
+    setup = Setup(model, optim.Optimizer("sgd"), tuple(x.shape[1:]), 1, eval_batch_size=batch_size)
+    n = x.shape[0]
+    b = min(batch_size, n)
+    steps = math.ceil(n / b)
+    idx = jnp.minimum(jnp.arange(steps * b), n - 1).reshape(steps, b)
+    out = jax.lax.map(lambda i: _apply(setup, params, batch_stats, x[i], rates=rates), idx)
+    return out.reshape(steps * b, -1)[:n]
+
+
+def predict(model: Model, state: TrainState, x, *, batch_size: int = 1000) -> np.ndarray:
+    """Class probabilities (N, num_classes) of the deterministic network."""
+    x = validate.features("x", x)
+    logits = _predict_logits(
+        model, state.params, state.batch_stats, state.rates, jnp.asarray(x, jnp.float32), batch_size
+    )
+    return np.asarray(jax.nn.softmax(logits))
+
+
+def evaluate(
+    model: Model, state: TrainState, data: Dataset, *, loss: str = "cross_entropy", batch_size=1000
+) -> dict[str, float]:
+    """Mean loss and accuracy of the deterministic network on ``data``."""
+    data = check_data(data, "data", model.num_classes)
+    x = jnp.asarray(data.x)
+    logits = _predict_logits(model, state.params, state.batch_stats, state.rates, x, batch_size)
+    y = jnp.asarray(data.y)
+    return {
+        "loss": float(losses.data_loss(validate.choice("loss", loss, losses.LOSSES), logits, y)),
+        "accuracy": float(losses.accuracy(logits, y)),
+    }
