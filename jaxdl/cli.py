@@ -14,6 +14,8 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import numpy as np
+
 from jaxdl import data, inits, losses, models, optim, report, stopping, train, validate
 from jaxdl.validate import InputError
 
@@ -29,7 +31,9 @@ def _ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(t) for t in text.split(",") if t.strip())
     except ValueError:
-        raise argparse.ArgumentTypeError(f"expected comma-separated integers, got {text!r}") from None
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
     if not values or any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers like 500,500, got {text!r}")
     return values
@@ -42,29 +46,76 @@ def _names(text: str) -> tuple[str, ...]:
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=("mlp", "cnn"), default="mlp", help="architecture")
-    g.add_argument("--hidden", type=_ints, default=(500, 500), help="MLP hidden widths, e.g. 500,500")
+    g.add_argument(
+        "--hidden", type=_ints, default=(500, 500), help="MLP hidden widths, e.g. 500,500"
+    )
     g.add_argument("--activation", default="relu", help=f"one of {', '.join(models.ACTIVATIONS)}")
     g.add_argument("--maxout-pieces", type=int, default=2, help="pieces per maxout unit")
     g.add_argument("--init", default="xavier_uniform", help=f"one of {', '.join(inits.NAMES)}")
-    g.add_argument("--init-scale", type=float, default=None, help="kernel multiplier (σ for 'normal'; default: the init's own)")
+    g.add_argument(
+        "--init-scale",
+        type=float,
+        default=None,
+        help="kernel multiplier (σ for 'normal'; default: the init's own)",
+    )
     g.add_argument("--batch-norm", action="store_true", help="batch norm after each hidden layer")
-    g.add_argument("--conv-features", type=_ints, default=(32, 64), help="CNN channels per conv block")
+    g.add_argument(
+        "--conv-features", type=_ints, default=(32, 64), help="CNN channels per conv block"
+    )
     g.add_argument("--conv-kernel", type=int, default=5, help="CNN kernel size")
-    g.add_argument("--conv-dense", type=_ints, default=(512,), help="CNN dense widths after the conv blocks")
+    g.add_argument(
+        "--conv-dense", type=_ints, default=(512,), help="CNN dense widths after the conv blocks"
+    )
     g = p.add_argument_group("regularisation")
-    g.add_argument("--dropout-input", type=float, default=0.0, help="dropout rate on the input (CNN: on the conv features)")
-    g.add_argument("--dropout-hidden", type=float, default=0.0, help="dropout rate on each hidden layer")
-    g.add_argument("--dropout-convention", choices=models.CONVENTIONS, default="inverted", help="scale at train time (inverted) or at test time (classic)")
+    g.add_argument(
+        "--dropout-input",
+        type=float,
+        default=0.0,
+        help="dropout rate on the input (CNN: on the conv features)",
+    )
+    g.add_argument(
+        "--dropout-hidden", type=float, default=0.0, help="dropout rate on each hidden layer"
+    )
+    g.add_argument(
+        "--dropout-convention",
+        choices=models.CONVENTIONS,
+        default="inverted",
+        help="scale at train time (inverted) or at test time (classic)",
+    )
     g.add_argument("--l1", type=float, default=0.0, help="L1 coefficient on the kernels")
     g.add_argument("--l2", type=float, default=0.0, help="L2 coefficient on the kernels (× Σw²)")
-    g.add_argument("--input-noise", type=float, default=0.0, help="σ of Gaussian noise added to training inputs")
-    g.add_argument("--early-stopping", type=int, default=0, metavar="PATIENCE", help="stop after PATIENCE epochs without improvement (0: off)")
-    g.add_argument("--monitor", choices=tuple(stopping.MONITORS), default="val_loss", help="metric early stopping watches")
-    g.add_argument("--min-delta", type=float, default=0.0, help="smallest change that counts as an improvement")
-    g.add_argument("--no-restore-best", action="store_true", help="keep the last parameters, not the best epoch's")
+    g.add_argument(
+        "--input-noise",
+        type=float,
+        default=0.0,
+        help="σ of Gaussian noise added to training inputs",
+    )
+    g.add_argument(
+        "--early-stopping",
+        type=int,
+        default=0,
+        metavar="PATIENCE",
+        help="stop after PATIENCE epochs without improvement (0: off)",
+    )
+    g.add_argument(
+        "--monitor",
+        choices=tuple(stopping.MONITORS),
+        default="val_loss",
+        help="metric early stopping watches",
+    )
+    g.add_argument(
+        "--min-delta", type=float, default=0.0, help="smallest change that counts as an improvement"
+    )
+    g.add_argument(
+        "--no-restore-best",
+        action="store_true",
+        help="keep the last parameters, not the best epoch's",
+    )
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", default="adam", help=f"one of {', '.join(optim.FAMILIES)}")
-    g.add_argument("--lr", type=float, default=None, help="learning rate (default: the optimizer's)")
+    g.add_argument(
+        "--lr", type=float, default=None, help="learning rate (default: the optimizer's)"
+    )
     for name, text in (
         ("momentum", "momentum μ (momentum, momentum_ema, nesterov)"),
         ("b1", "Adam β1"), ("b2", "Adam β2"), ("eps", "ε (adagrad, rmsprop, adam)"),
@@ -76,21 +127,43 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         ("lr-min-ratio", "cosine floor as a fraction of the learning rate"),
     ):  # fmt: skip
         g.add_argument(f"--{name}", type=float, default=None, help=text)
-    g.add_argument("--schedule", choices=optim.SCHEDULES, default="constant", help="learning-rate schedule")
-    g.add_argument("--freeze", type=_names, default=(), help="comma-separated layers to freeze, e.g. layer_0")
+    g.add_argument(
+        "--schedule", choices=optim.SCHEDULES, default="constant", help="learning-rate schedule"
+    )
+    g.add_argument(
+        "--freeze", type=_names, default=(), help="comma-separated layers to freeze, e.g. layer_0"
+    )
     g = p.add_argument_group("training")
     g.add_argument("--loss", choices=losses.LOSSES, default="cross_entropy", help="data loss")
     g.add_argument("--epochs", type=int, default=20, help="maximum number of epochs")
     g.add_argument("--batch-size", type=int, default=100, help="minibatch size")
     g.add_argument("--seed", type=int, default=0, help="PRNG seed (initialisation, order, dropout)")
     g = p.add_argument_group("data and output")
-    g.add_argument("--data", default="mnist", help="data set (mnist)")
-    g.add_argument("--data-dir", type=Path, default=None, help="data cache (default $JAXDL_DATA_DIR or ~/.cache/jaxdl)")
-    g.add_argument("--preprocess", choices=("none", "pixel_mean", "global"), default="none", help="input standardisation (statistics from the training split)")
-    g.add_argument("--train-size", type=int, default=None, help="use only the first N training examples")
+    g.add_argument(
+        "--data",
+        default="mnist",
+        help="'mnist', or an .npz with x_train, y_train, x_valid, y_valid, x_test, y_test",
+    )
+    g.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="data cache (default $JAXDL_DATA_DIR or ~/.cache/jaxdl)",
+    )
+    g.add_argument(
+        "--preprocess",
+        choices=("none", "pixel_mean", "global"),
+        default="none",
+        help="input standardisation (statistics from the training split)",
+    )
+    g.add_argument(
+        "--train-size", type=int, default=None, help="use only the first N training examples"
+    )
     g.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run directories go")
     g.add_argument("--name", default=None, help="run directory name (default: train-<timestamp>)")
-    g.add_argument("--json", action="store_true", help="print a JSON summary as the last line of stdout")
+    g.add_argument(
+        "--json", action="store_true", help="print a JSON summary as the last line of stdout"
+    )
     g.add_argument("--no-progress", action="store_true", help="no progress display")
     g.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
 
@@ -105,7 +178,9 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(t)
     d = sub.add_parser("data", help="data sets", formatter_class=fmt)
     dsub = d.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
-    f = dsub.add_parser("fetch", help="download and verify a data set into the cache", formatter_class=fmt)
+    f = dsub.add_parser(
+        "fetch", help="download and verify a data set into the cache", formatter_class=fmt
+    )
     f.add_argument("name", choices=("mnist",), help="data set")
     f.add_argument("--data-dir", type=Path, default=None, help="cache directory")
     f.add_argument("--force", action="store_true", help="fetch again even if cached")
@@ -117,13 +192,25 @@ _OPT_FLAGS = ("momentum", "b1", "b2", "eps", "decay", "weight_decay", "decay_sta
               "lr_min_ratio")  # fmt: skip
 
 
-def make_model(a: argparse.Namespace) -> models.Model:
+def num_classes(a: argparse.Namespace, splits: data.Splits) -> int:
+    """10 for MNIST; for a file, 1 + the largest integer label of any split."""
+    if a.data == "mnist":
+        return 10
+    ys = [np.asarray(s.y) for s in splits]
+    if not all(np.issubdtype(y.dtype, np.integer) and y.size for y in ys):
+        return 10  # the label checks in train.prepare will say what is wrong
+    return max(2, 1 + max(int(y.max()) for y in ys))
+
+
+def make_model(a: argparse.Namespace, classes: int = 10) -> models.Model:
     common = dict(
-        num_classes=10, activation=a.activation, maxout_pieces=a.maxout_pieces,
+        num_classes=classes, activation=a.activation, maxout_pieces=a.maxout_pieces,
         weight_init=a.init, batch_norm=a.batch_norm, dropout_convention=a.dropout_convention,
     )  # fmt: skip
     if a.model == "cnn":
-        return models.CNN(features=a.conv_features, kernel_size=a.conv_kernel, dense=a.conv_dense, **common)
+        return models.CNN(
+            features=a.conv_features, kernel_size=a.conv_kernel, dense=a.conv_dense, **common
+        )
     return models.MLP(hidden=a.hidden, **common)
 
 
@@ -140,12 +227,14 @@ def make_opt(a: argparse.Namespace) -> optim.Optimizer:
 
 
 def cmd_train(a: argparse.Namespace) -> dict:
-    model = models.check_model(make_model(a))
+    model = models.check_model(make_model(a))  # fail fast, before loading data
     optimizer = make_opt(a)
     es = None
+    validate.positive_int("--early-stopping", a.early_stopping, allow_zero=True)
     if a.early_stopping:
         es = stopping.EarlyStopping(a.monitor, a.early_stopping, a.min_delta, not a.no_restore_best)
     splits = data.standardize(data.load(a.data, directory=a.data_dir), a.preprocess)
+    model = models.check_model(model.clone(num_classes=num_classes(a, splits)))
     tr = splits.train if a.train_size is None else data.subset(splits.train, a.train_size)
     n_hidden = len(models.masked_widths(model, tr.x.shape[1:])) - 1
     dropout = [a.dropout_input] + [a.dropout_hidden] * n_hidden
@@ -162,7 +251,9 @@ def cmd_train(a: argparse.Namespace) -> dict:
     info = train.FitInfo()
     state = train.programs(setup).init(train.as_key(a.seed), hp)
     with report.Progress(a.epochs, enabled=not a.no_progress, stream=sys.stderr) as prog:
-        state, history = train.fit_state(setup, state, hp, tr, splits.valid, on_epoch=prog.update, info=info)
+        state, history = train.fit_state(
+            setup, state, hp, tr, splits.valid, on_epoch=prog.update, info=info
+        )
         best = train.best_epoch(state)
         prog.finish(stopped_early=len(history["train_loss"]) < a.epochs, best_epoch=best)
     test = train.evaluate(model, state, splits.test, loss=a.loss)
@@ -173,7 +264,9 @@ def cmd_train(a: argparse.Namespace) -> dict:
     epochs_run = len(history["train_loss"])
     if best is None:
         val = history.get("val_loss", history["train_loss"])
-        best = 1 + min(range(epochs_run), key=lambda i: val[i] if math.isfinite(val[i]) else math.inf)
+        best = 1 + min(
+            range(epochs_run), key=lambda i: val[i] if math.isfinite(val[i]) else math.inf
+        )
     results = {
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],

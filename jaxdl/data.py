@@ -276,6 +276,30 @@ def _load_npz(path: Path) -> Splits:
     return Splits(*sets)
 
 
+def load_file(path: str | os.PathLike) -> Splits:
+    """Loads your own splits from an ``.npz`` with ``x_train, y_train, x_valid, y_valid,
+    x_test, y_test``: x (N, *features) floats, y (N,) integer labels."""
+    path = Path(path)
+    if not path.is_file():
+        raise InputError(
+            f"data file {path}: not found; expected an .npz with x_train, y_train, ..."
+        )
+    try:
+        with np.load(path) as z:
+            arrays = {k: z[k] for k in z.files}
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
+        raise InputError(f"data file {path}: unreadable ({e})") from e
+    sets = []
+    for split in ("train", "valid", "test"):
+        missing = [k for k in (f"x_{split}", f"y_{split}") if k not in arrays]
+        if missing:
+            raise InputError(
+                f"data file {path}: missing {', '.join(missing)}; it has {', '.join(arrays)}"
+            )
+        sets.append(Dataset(arrays[f"x_{split}"], arrays[f"y_{split}"]))
+    return Splits(*sets)
+
+
 def _find_idx(directory: Path) -> dict[str, Path] | None:
     """The four MNIST IDX files in ``directory`` (each plain or .gz), or None if any is missing."""
     found = {k: [directory / n, directory / f"{n}.gz"] for k, n in _IDX_FILES.items()}
@@ -311,11 +335,14 @@ def _load_idx(files: dict[str, Path]) -> Splits:
 def load(name: str = "mnist", *, directory: Path | None = None, fetch: bool = True) -> Splits:
     """Loads a data set's train/valid/test splits (x float32 in [0, 1], y int32).
 
+    ``name`` is ``"mnist"`` or the path of an ``.npz`` of your own (see :func:`load_file`).
     MNIST is taken from, in order: ``mnist.npz`` in ``directory`` (50k/10k/10k x 784);
     the four IDX files (train = the first N - 10000 training images, valid = the last
     10000, test = t10k); a ``mnist.pkl.gz`` (checked and converted to the npz); a download
     with :func:`fetch_mnist` if ``fetch``.
     """
+    if str(name).endswith(".npz"):
+        return load_file(name)
     choice("data set", name, DATASETS)
     directory = Path(directory) if directory is not None else data_dir()
     if (directory / _NPZ_NAME).exists():

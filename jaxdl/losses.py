@@ -18,7 +18,8 @@ LOSSES = ("cross_entropy", "mse")
 def _weighted_mean(values: jax.Array, weights: jax.Array | None) -> jax.Array:
     if weights is None:
         return values.mean()
-    return (values * weights).sum() / jnp.maximum(weights.sum(), 1.0)
+    total = weights.sum()
+    return jnp.where(total > 0, (values * weights).sum() / jnp.where(total > 0, total, 1.0), 0.0)
 
 
 def cross_entropy(logits: jax.Array, labels: jax.Array, weights: jax.Array | None = None):

@@ -125,7 +125,7 @@ def make_optimizer(
     mult = tuple(sorted((layer_lr or {}).items()))
     for layer, m in mult:
         validate.positive(f"layer_lr[{layer}]", m, allow_zero=True)
-    return Optimizer(name, schedule, tuple(freeze), mult, values)
+    return Optimizer(name, schedule, tuple(sorted(set(freeze))), mult, values)
 
 
 def check_hyperparams(values: Mapping[str, float]) -> None:
@@ -142,6 +142,16 @@ def check_hyperparams(values: Mapping[str, float]) -> None:
     validate.in_range("lr_decay", values["lr_decay"], 0.0, 1.0, hi_open=False)
     validate.positive("lr_decay_every", values["lr_decay_every"])
     validate.positive("lr_patience", values["lr_patience"], allow_zero=True)
+
+
+def check_layers(optimizer: Optimizer, layers: list[str]) -> None:
+    """Checks that ``freeze`` and ``layer_lr`` name top-level parameters of the model."""
+    for what, names in (
+        ("freeze", optimizer.freeze),
+        ("layer_lr", [k for k, _ in optimizer.layer_lr]),
+    ):
+        for n in names:
+            validate.choice(f"{what} layer", n, layers)
 
 
 def injected_names(name: str) -> tuple[str, ...]:
@@ -178,7 +188,14 @@ def _structure(name: str, freeze: tuple[str, ...], layer_lr: tuple[tuple[str, fl
     # inject_hyperparams reads the factory's signature, so every name is spelled out;
     # the ones a family does not use stay None (static).
     def factory(
-        learning_rate, weight_decay, clip_norm, momentum=None, decay=None, eps=None, b1=None, b2=None
+        learning_rate,
+        weight_decay,
+        clip_norm,
+        momentum=None,
+        decay=None,
+        eps=None,
+        b1=None,
+        b2=None,
     ):
         h = dict(momentum=momentum, decay=decay, eps=eps, b1=b1, b2=b2)
         return optax.chain(
@@ -242,7 +259,9 @@ def set_hyperparams(opt_state, values: Mapping[str, jax.Array]):
 
 def get_hyperparams(opt_state) -> dict[str, jax.Array]:
     """The injected hyperparameters of the (first) injected state in ``opt_state``."""
-    nodes = [n for n in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_injected) if _is_injected(n)]
+    nodes = [
+        n for n in jax.tree_util.tree_leaves(opt_state, is_leaf=_is_injected) if _is_injected(n)
+    ]
     return dict(nodes[0].hyperparams) if nodes else {}
 
 

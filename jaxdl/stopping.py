@@ -27,7 +27,9 @@ class Tracker(NamedTuple):
 
 
 def init_tracker() -> Tracker:
-    return Tracker(jnp.array(jnp.inf, jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32))
+    return Tracker(
+        jnp.array(jnp.inf, jnp.float32), jnp.zeros((), jnp.int32), jnp.zeros((), jnp.int32)
+    )
 
 
 def track(t: Tracker, score: jax.Array, epoch: jax.Array, min_delta) -> tuple[Tracker, jax.Array]:
@@ -85,9 +87,16 @@ def init_stopping(cfg: EarlyStopping, params, batch_stats) -> StoppingState:
     )
 
 
-def update_stopping(s: StoppingState, value: jax.Array, epoch, params, batch_stats) -> StoppingState:
-    """One epoch of early stopping; ``value`` is the score (lower is better)."""
+def update_stopping(
+    s: StoppingState, value: jax.Array, epoch, params, batch_stats
+) -> StoppingState:
+    """One epoch of early stopping; ``value`` is the score (lower is better).
+
+    Once stopped, the state no longer changes (a vmapped sweep may run a stopped member
+    on, frozen, until every member is done)."""
     tracker, improved = track(s.tracker, value, epoch, s.min_delta)
+    improved = improved & ~s.stopped
+    tracker = jax.tree_util.tree_map(lambda n, o: jnp.where(s.stopped, o, n), tracker, s.tracker)
 
     def keep(new, old):
         return jax.tree_util.tree_map(lambda a, b: jnp.where(improved, a, b), new, old)
@@ -113,8 +122,8 @@ def init_plateau() -> PlateauState:
 
 def update_plateau(p: PlateauState, value, epoch, factor, patience) -> PlateauState:
     """After ``patience`` epochs without improvement, scale *= factor and wait restarts."""
-    tracker, _ = track(p.tracker, value, epoch, 0.0)
-    decay = tracker.wait >= patience
+    tracker, improved = track(p.tracker, value, epoch, 0.0)
+    decay = ~improved & (tracker.wait >= patience)
     return PlateauState(
         tracker._replace(wait=jnp.where(decay, 0, tracker.wait).astype(jnp.int32)),
         jnp.where(decay, p.scale * factor, p.scale).astype(jnp.float32),

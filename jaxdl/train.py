@@ -169,7 +169,7 @@ def _apply(setup: Setup, params, batch_stats, x, *, rates=None, masks=None, trai
 
 def layer_norms(tree) -> dict[str, jax.Array]:
     """L2 norm per top-level entry (layer) of a parameter-shaped tree."""
-    return {k: optax.global_norm(v) for k, v in tree.items() if not k.startswith(("bn_", "conv_bn_"))}
+    return {k: optax.tree.norm(v) for k, v in tree.items() if not k.startswith(("bn_", "conv_bn_"))}
 
 
 def train_step(setup: Setup, state: TrainState, batch: Batch, hp: HParams):
@@ -181,7 +181,9 @@ def train_step(setup: Setup, state: TrainState, batch: Batch, hp: HParams):
     if setup.input_noise:
         x = x + hp.input_noise * jax.random.normal(k_noise, x.shape, x.dtype)
     rates = hp.dropout if setup.dropout else None
-    masks = models.sample_masks(k_mask, hp.dropout, setup.widths, x.shape[0]) if setup.dropout else None
+    masks = (
+        models.sample_masks(k_mask, hp.dropout, setup.widths, x.shape[0]) if setup.dropout else None
+    )
     example_mask = None if batch.weight is None else batch.weight > 0
 
     def loss_fn(params):
@@ -346,8 +348,9 @@ def compile_epoch(setup: Setup, *args) -> tuple[Callable, float]:
     """The compiled epoch for these argument shapes and the seconds compiling took
     (0.0 when it was compiled before)."""
     progs = programs(setup)
-    sig = jax.tree_util.tree_structure(args), tuple(
-        (a.shape, a.dtype) for a in jax.tree_util.tree_leaves(args)
+    sig = (
+        jax.tree_util.tree_structure(args),
+        tuple((a.shape, a.dtype) for a in jax.tree_util.tree_leaves(args)),
     )
     if sig in progs.executables:
         return progs.executables[sig], 0.0
@@ -443,7 +446,9 @@ def prepare(
 ) -> tuple[Setup, HParams]:
     """Validates everything on the host and splits it into (static Setup, traced HParams)."""
     if not isinstance(optimizer, Optimizer):
-        validate.fail("optimizer", "an Optimizer from jaxdl.make_optimizer", type(optimizer).__name__)
+        validate.fail(
+            "optimizer", "an Optimizer from jaxdl.make_optimizer", type(optimizer).__name__
+        )
     models.check_model(model)
     validate.choice("loss", loss, losses.LOSSES)
     train = check_data(train, "train", model.num_classes)
@@ -458,8 +463,16 @@ def prepare(
     n = train.x.shape[0]
     if batch_size > n:
         validate.fail("batch_size", f"at most the {n} training examples", batch_size)
-    if early_stopping is not None and early_stopping.monitor.startswith("val_") and validation is None:
-        validate.fail("early stopping", "validation data to monitor " + early_stopping.monitor, None)
+    if (
+        early_stopping is not None
+        and early_stopping.monitor.startswith("val_")
+        and validation is None
+    ):
+        validate.fail(
+            "early stopping", "validation data to monitor " + early_stopping.monitor, None
+        )
+    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *feature_shape)))
+    optim.check_layers(optimizer, list(shapes["params"]))
     hp = make_hparams(
         model, optimizer, feature_shape, l1=l1, l2=l2, dropout=dropout,
         input_noise=input_noise, init_scale=init_scale,

@@ -1,0 +1,224 @@
+"""One epoch of the default MLP (784-500-500-10, Adam, batch 100) on MNIST, five ways.
+
+Ways, timed in one run on the same data, after compilation:
+
+- ``jaxdl``: ``jaxdl`` compiled epoch (shuffling, per-layer gradient norms, activation
+  statistics on a probe batch; no validation pass, like the others).
+- ``flax_scan``: a hand-written Flax + Optax loop fused with ``lax.scan`` (shuffled copy
+  of the data each epoch), as in Flax's examples.
+- ``flax_jit_per_batch``: a hand-written ``jax.jit`` train step called once per batch.
+- ``keras``: Keras 3 on the JAX backend, ``model.fit`` (skipped if Keras is absent).
+- ``torch_eager``: PyTorch eager (skipped, saying so, if torch is not installed).
+
+Also measured: the f32 matmul roofline, as the samples/s its FLOP rate would allow.
+Usage: ``python benchmarks/bench_train.py [--json] [--repeats 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import functools
+import os
+import sys
+import time
+
+os.environ.setdefault("KERAS_BACKEND", "jax")
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from flax import linen as nn
+from flax.training import train_state
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import best_of, device_name, emit, matmul_flops_per_second, mlp_train_flops  # noqa: E402
+
+import jaxdl  # noqa: E402
+from jaxdl import train  # noqa: E402
+
+SIZES = (784, 500, 500, 10)
+BATCH = 100
+
+
+def bench_jaxdl(ds, repeats):
+    model = jaxdl.MLP(hidden=SIZES[1:-1], num_classes=10)
+    opt = jaxdl.make_optimizer("adam", learning_rate=1e-3)
+    setup, hp = train.prepare(model, opt, ds, epochs=1000, batch_size=BATCH)
+    state = train.programs(setup).init(jax.random.key(0), hp)
+    data = train.to_device(ds)
+    t0 = time.perf_counter()
+    exe, compile_s = train.compile_epoch(setup, state, data, None, hp)
+    holder = {"state": state}
+
+    def epoch():
+        holder["state"], m = exe(holder["state"], data, None, hp)
+        jax.block_until_ready(m)
+
+    epoch()
+    first = time.perf_counter() - t0
+    return len(ds.x) / best_of(epoch, repeats), compile_s, first
+
+
+class _FlaxMLP(nn.Module):
+    @nn.compact
+    def __call__(self, x):
+        for w in SIZES[1:-1]:
+            x = nn.relu(nn.Dense(w)(x))
+        return nn.Dense(SIZES[-1])(x)
+
+
+def _flax_state():
+    model = _FlaxMLP()
+    params = model.init(jax.random.key(0), jnp.zeros((1, SIZES[0])))["params"]
+    return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-3))
+
+
+def _flax_step(state, x, y):
+    def loss_fn(p):
+        logits = state.apply_fn({"params": p}, x)
+        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
+
+    loss, grads = jax.value_and_grad(loss_fn)(state.params)
+    return state.apply_gradients(grads=grads), loss
+
+
+def bench_flax_scan(ds, repeats):
+    x, y = jnp.asarray(ds.x), jnp.asarray(ds.y)
+    steps = len(ds.x) // BATCH
+
+    @functools.partial(jax.jit, donate_argnums=0)
+    def epoch(state, key):
+        perm = jax.random.permutation(key, len(x))[: steps * BATCH].reshape(steps, BATCH)
+        xs, ys = x[perm], y[perm]
+
+        def body(s, b):
+            return _flax_step(s, *b)
+
+        return jax.lax.scan(body, state, (xs, ys))
+
+    holder = {"state": _flax_state(), "key": jax.random.key(1)}
+
+    def run():
+        holder["key"], k = jax.random.split(holder["key"])
+        holder["state"], losses = epoch(holder["state"], k)
+        losses.block_until_ready()
+
+    t0 = time.perf_counter()
+    run()
+    first = time.perf_counter() - t0
+    return len(ds.x) / best_of(run, repeats), first
+
+
+def bench_flax_per_batch(ds, repeats):
+    x, y = jnp.asarray(ds.x), jnp.asarray(ds.y)
+    steps = len(ds.x) // BATCH
+    step = jax.jit(_flax_step, donate_argnums=0)
+    holder = {"state": _flax_state(), "rng": np.random.default_rng(0)}
+
+    def run():
+        perm = holder["rng"].permutation(len(ds.x))
+        s = holder["state"]
+        for i in range(steps):
+            idx = perm[i * BATCH : (i + 1) * BATCH]
+            s, loss = step(s, x[idx], y[idx])
+        loss.block_until_ready()
+        holder["state"] = s
+
+    run()
+    return len(ds.x) / best_of(run, repeats)
+
+
+def bench_keras(ds, repeats):
+    try:
+        import keras
+    except ImportError:
+        print("  keras: not installed (pip install -e '.[bench]'); skipped")
+        return None
+    if keras.backend.backend() != "jax":
+        print(f"  keras: backend is {keras.backend.backend()}, not jax; skipped")
+        return None
+    keras.utils.set_random_seed(0)
+    model = keras.Sequential(
+        [keras.Input((SIZES[0],))]
+        + [keras.layers.Dense(w, activation="relu") for w in SIZES[1:-1]]
+        + [keras.layers.Dense(SIZES[-1])]
+    )
+    model.compile(
+        optimizer=keras.optimizers.Adam(1e-3),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+
+    def run():
+        model.fit(ds.x, ds.y, batch_size=BATCH, epochs=1, shuffle=True, verbose=0)
+
+    run()
+    return len(ds.x) / best_of(run, repeats)
+
+
+def bench_torch(ds, repeats):
+    try:
+        import torch
+    except ImportError:
+        print("  torch: not installed; PyTorch eager skipped (pip install torch to include it)")
+        return None
+    torch.manual_seed(0)
+    layers = []
+    for a, b in zip(SIZES[:-2], SIZES[1:-1], strict=True):
+        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+    net = torch.nn.Sequential(*layers, torch.nn.Linear(SIZES[-2], SIZES[-1]))
+    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
+    x, y = torch.from_numpy(ds.x), torch.from_numpy(ds.y.astype(np.int64))
+    lossf = torch.nn.CrossEntropyLoss()
+
+    def run():
+        perm = torch.randperm(len(x))
+        for i in range(len(x) // BATCH):
+            idx = perm[i * BATCH : (i + 1) * BATCH]
+            opt.zero_grad()
+            loss = lossf(net(x[idx]), y[idx])
+            loss.backward()
+            opt.step()
+
+    run()
+    return len(ds.x) / best_of(run, repeats)
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    p.add_argument("--repeats", type=int, default=3, help="timed epochs per way (best is kept)")
+    a = p.parse_args(argv)
+    ds = jaxdl.load("mnist").train
+    flops = mlp_train_flops(SIZES)
+    roof_flops = matmul_flops_per_second()
+    rows, extra = {}, {}
+    rows["jaxdl"], extra["jaxdl_compile_seconds"], _ = bench_jaxdl(ds, a.repeats)
+    rows["flax_scan"], extra["flax_scan_first_epoch_seconds"] = bench_flax_scan(ds, a.repeats)
+    rows["flax_jit_per_batch"] = bench_flax_per_batch(ds, a.repeats)
+    for name, fn in (("keras", bench_keras), ("torch_eager", bench_torch)):
+        sps = fn(ds, a.repeats)
+        if sps is not None:
+            rows[name] = sps
+    roofline = roof_flops / flops
+    rows["roofline"] = roofline
+    ratios = {
+        f"jaxdl_vs_{k}": rows["jaxdl"] / v
+        for k, v in rows.items()
+        if k not in ("jaxdl", "roofline")
+    }
+    extra.update(
+        roofline_fraction=rows["jaxdl"] / roofline,
+        matmul_gflops=roof_flops / 1e9,
+        train_mflops_per_sample=flops / 1e6,
+        device=device_name(),
+    )
+    emit(
+        "One epoch of 784-500-500-10 / Adam / batch 100 on MNIST (50k)", rows, ratios, extra, a.json
+    )
+
+
+if __name__ == "__main__":
+    main()

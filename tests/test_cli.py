@@ -1,0 +1,181 @@
+"""The command line end to end on tiny data, and its contract (exit codes, --json)."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import jaxdl
+from jaxdl import cli
+
+
+@pytest.fixture(scope="module")
+def tiny_npz(tmp_path_factory) -> Path:
+    """A 4-class image-shaped data set (784 features) written as the CLI's .npz format."""
+    s = jaxdl.synthetic_splits(200, 60, 60, num_features=784, num_classes=4, seed=2, separation=8.0)
+    path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    arrays = {
+        f"{v}_{k}": getattr(getattr(s, k), v) for k in ("train", "valid", "test") for v in "xy"
+    }
+    np.savez(path, **arrays)
+    return path
+
+
+def _run(capsys, *argv) -> tuple[int, str, str]:
+    code = cli.main(list(argv))
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_train_end_to_end_writes_run_dir_and_json(tmp_path, tiny_npz, capsys):
+    code, out, err = _run(
+        capsys, "train", "--data", str(tiny_npz), "--hidden", "32", "--epochs", "4", "--batch-size", "50",
+        "--runs-dir", str(tmp_path), "--name", "r1", "--json", "--no-progress", "--early-stopping", "3",
+    )  # fmt: skip
+    assert code == 0, err
+    res = json.loads(out.strip().splitlines()[-1])
+    for key in ("test_accuracy", "test_loss", "best_epoch", "epochs_run", "samples_per_second",
+                "compile_seconds", "params_digest", "run_dir"):  # fmt: skip
+        assert key in res
+    assert 0.9 <= res["test_accuracy"] <= 1.0
+    assert 1 <= res["best_epoch"] <= res["epochs_run"] <= 4
+    assert len(res["params_digest"]) == 64
+    run = Path(res["run_dir"])
+    assert run == tmp_path / "r1"
+    for f in (
+        "config.json",
+        "history.json",
+        "history.csv",
+        "results.json",
+        "curves.png",
+        "layers.png",
+    ):
+        assert (run / f).stat().st_size > 0, f
+    config = json.loads((run / "config.json").read_text())
+    assert config["hidden"] == [32] and config["epochs"] == 4 and config["seed"] == 0
+    hist = json.loads((run / "history.json").read_text())
+    assert len(hist["train_loss"]) == res["epochs_run"]
+    assert json.loads((run / "results.json").read_text())["params_digest"] == res["params_digest"]
+
+
+def test_same_flags_same_digest_and_existing_name_refused(tmp_path, tiny_npz, capsys):
+    args = ["train", "--data", str(tiny_npz), "--hidden", "16", "--epochs", "2", "--batch-size", "40",
+            "--runs-dir", str(tmp_path), "--json", "--no-progress", "--no-plots", "--dropout-hidden", "0.3"]  # fmt: skip
+    digests = []
+    for name in ("a", "b"):
+        code, out, _ = _run(capsys, *args, "--name", name)
+        assert code == 0
+        digests.append(json.loads(out.splitlines()[-1])["params_digest"])
+    assert digests[0] == digests[1]
+    before = (tmp_path / "a" / "results.json").read_text()
+    code, out, err = _run(capsys, *args, "--name", "a")
+    assert code == 2 and "exists" in err and len(err.strip().splitlines()) == 1
+    assert (tmp_path / "a" / "results.json").read_text() == before  # nothing overwritten
+
+
+@pytest.mark.parametrize(
+    "flags, expect",
+    [
+        (["--hidden", "0"], "--hidden"),
+        (["--hidden", "a,b"], "--hidden"),
+        (["--activation", "relux"], "relu"),
+        (["--optimizer", "adma"], "adam"),
+        (["--init", "hee_normal"], "he_normal"),
+        (["--lr", "-1"], "learning_rate"),
+        (["--lr", "abc"], "--lr"),
+        (["--dropout-hidden", "1.0"], "dropout"),
+        (["--dropout-input", "-0.1"], "dropout"),
+        (["--batch-size", "100000"], "batch_size"),
+        (["--epochs", "0"], "epochs"),
+        (["--momentum", "0.9"], "momentum"),  # adam takes no momentum
+        (["--schedule", "linear"], "--schedule"),
+        (["--data", "missing.npz"], "missing.npz"),
+        (["--l2", "-1"], "l2"),
+        (["--early-stopping", "-2"], "--early-stopping"),
+    ],
+)
+def test_bad_flags_exit_2_with_one_line(flags, expect, tmp_path, tiny_npz, capsys):
+    argv = [
+        "train",
+        "--data",
+        str(tiny_npz),
+        "--epochs",
+        "1",
+        "--runs-dir",
+        str(tmp_path),
+        "--no-progress",
+    ]
+    code, out, err = _run_exit(capsys, [*argv, *flags])
+    assert code == 2
+    lines = err.strip().splitlines()
+    assert len(lines) == 1 and "Traceback" not in err, err
+    assert expect in lines[0]
+    assert not any(tmp_path.iterdir()), "a failed run must not leave a run directory"
+
+
+def _run_exit(capsys, argv):
+    try:
+        code = cli.main(argv)
+    except SystemExit as e:  # argparse's own errors
+        code = e.code
+    out = capsys.readouterr()
+    return code, out.out, out.err
+
+
+def test_bad_labels_in_data_file_exit_2(tmp_path, capsys):
+    x = np.random.default_rng(0).uniform(size=(30, 4)).astype(np.float32)
+    y = np.arange(30) % 3
+    bad = dict(x_train=x, y_train=y.astype(np.float32), x_valid=x, y_valid=y, x_test=x, y_test=y)
+    np.savez(tmp_path / "bad.npz", **bad)
+    code, _, err = _run_exit(
+        capsys, ["train", "--data", str(tmp_path / "bad.npz"), "--runs-dir", str(tmp_path / "r")]
+    )
+    assert code == 2 and "integer" in err and len(err.strip().splitlines()) == 1
+
+
+def test_help_shows_defaults():
+    out = subprocess.run(
+        [sys.executable, "-m", "jaxdl.cli", "train", "--help"], capture_output=True, text=True
+    )
+    assert out.returncode == 0
+    assert (
+        "(default: 500,500)" in out.stdout.replace("(500, 500)", "500,500")
+        or "default: (500, 500)" in out.stdout
+    )
+    assert "default: adam" in out.stdout
+
+
+def test_console_script_runs_as_a_subprocess(tmp_path, tiny_npz):
+    """The installed `jaxdl` entry point: progress as plain lines, JSON as the last stdout line."""
+    exe = Path(sys.executable).parent / "jaxdl"
+    cmd = [
+        str(exe) if exe.exists() else sys.executable,
+        *([] if exe.exists() else ["-m", "jaxdl.cli"]),
+    ]
+    out = subprocess.run(
+        [*cmd, "train", "--data", str(tiny_npz), "--hidden", "8", "--epochs", "2", "--batch-size", "50",
+         "--runs-dir", str(tmp_path), "--json", "--no-plots"],  # fmt: skip
+        capture_output=True, text=True, timeout=300,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    assert "epoch 2/2" in out.stderr
+    assert json.loads(out.stdout.strip().splitlines()[-1])["epochs_run"] == 2
+
+
+@pytest.mark.e2e
+def test_default_model_one_epoch_on_real_mnist(tmp_path, capsys):
+    try:
+        jaxdl.load("mnist")
+    except jaxdl.data.DownloadError as e:
+        pytest.skip(f"MNIST could not be fetched: {e}")
+    code, out, err = _run(
+        capsys, "train", "--epochs", "1", "--runs-dir", str(tmp_path), "--json", "--no-plots"
+    )
+    assert code == 0, err
+    res = json.loads(out.splitlines()[-1])
+    assert res["test_accuracy"] > 0.95

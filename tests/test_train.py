@@ -1,0 +1,300 @@
+"""Training: values of single steps, whole epochs, fit, compile counts."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+import pytest
+
+import jaxdl
+from jaxdl import losses, report, train
+
+
+def _mlp(**kw):
+    return jaxdl.MLP(hidden=kw.pop("hidden", (32, 32)), num_classes=kw.pop("num_classes", 3), **kw)
+
+
+def test_sgd_step_equals_hand_written_gradient_step(blobs):
+    model = _mlp()
+    opt = jaxdl.make_optimizer("sgd", learning_rate=0.1)
+    setup, hp = train.prepare(model, opt, blobs.train, epochs=1, batch_size=32)
+    state = train.init_state(setup, jax.random.key(0), hp)
+    x, y = jnp.asarray(blobs.train.x[:32]), jnp.asarray(blobs.train.y[:32])
+
+    def loss(p):
+        return losses.cross_entropy(model.apply({"params": p}, x), y)
+
+    expected = jax.tree_util.tree_map(
+        lambda p, g: p - 0.1 * g, state.params, jax.grad(loss)(state.params)
+    )
+    new, metrics = train.train_step(setup, state, train.Batch(x, y), hp)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), new.params, expected
+    )
+    np.testing.assert_allclose(metrics["loss"], loss(state.params), rtol=1e-6)
+    assert int(new.step) == 1
+
+
+def test_padded_batch_equals_batch_of_real_examples(blobs):
+    """The weighted padding of a partial last batch changes nothing: same step as 7 real examples."""
+    model = _mlp()
+    opt = jaxdl.make_optimizer("adam", learning_rate=1e-2)
+    setup, hp = train.prepare(model, opt, blobs.train, epochs=1, batch_size=16)
+    state = train.init_state(setup, jax.random.key(1), hp)
+    x, y = jnp.asarray(blobs.train.x[:16]), jnp.asarray(blobs.train.y[:16])
+    w = (jnp.arange(16) < 7).astype(jnp.float32)
+    x_pad = x.at[7:].set(1e3)  # garbage in the padding must not matter
+    padded, m_pad = train.train_step(setup, state, train.Batch(x_pad, y, w), hp)
+    real, m_real = train.train_step(setup, state, train.Batch(x[:7], y[:7]), hp)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
+        padded.params,
+        real.params,
+    )
+    np.testing.assert_allclose(m_pad["loss"], m_real["loss"], rtol=1e-6)
+    assert float(m_pad["weight"]) == 7.0
+
+
+@pytest.mark.parametrize("n,batch", [(103, 10), (100, 10), (5, 5), (7, 3)])
+def test_epoch_order_sees_every_example_once(blobs, n, batch):
+    setup, _ = train.prepare(
+        _mlp(),
+        jaxdl.make_optimizer("sgd"),
+        jaxdl.data.subset(blobs.train, n),
+        epochs=1,
+        batch_size=batch,
+    )
+    idx, w = train.epoch_order(setup, jax.random.key(0), jnp.int32(0))
+    assert idx.shape == (-(-n // batch), batch)
+    real = (
+        np.asarray(idx).reshape(-1)[np.asarray(w).reshape(-1) > 0]
+        if w is not None
+        else np.asarray(idx).reshape(-1)
+    )
+    assert sorted(real.tolist()) == list(range(n))
+    idx2, _ = train.epoch_order(setup, jax.random.key(0), jnp.int32(1))
+    if n > 5:
+        assert not np.array_equal(idx, idx2), "the order must be reshuffled every epoch"
+
+
+def test_second_fit_with_new_numbers_does_not_retrace(blobs):
+    model = _mlp(hidden=(16,))
+    kw = dict(epochs=3, batch_size=50, validation=blobs.valid, dropout=[0.1, 0.2], l2=1e-4)
+    info1, info2 = jaxdl.FitInfo(), jaxdl.FitInfo()
+    s1, h1 = jaxdl.fit(
+        model,
+        jaxdl.make_optimizer("momentum", learning_rate=0.05),
+        blobs.train,
+        key=0,
+        info=info1,
+        **kw,
+    )
+    kw.update(dropout=[0.3, 0.5], l2=1e-2)
+    s2, h2 = jaxdl.fit(
+        model,
+        jaxdl.make_optimizer("momentum", learning_rate=0.01, momentum=0.5),
+        blobs.train,
+        key=1,
+        info=info2,
+        **kw,
+    )
+    setup, _ = train.prepare(model, jaxdl.make_optimizer("momentum"), blobs.train, **kw)
+    progs = train.programs(setup)
+    assert progs.traces == {"init": 1, "epoch": 1}
+    assert len(progs.executables) == 1 and info2.compile_seconds == 0.0
+    assert h1["learning_rate"][0] == pytest.approx(0.05) and h2["learning_rate"][
+        0
+    ] == pytest.approx(0.01)
+    assert h1["val_loss"] != h2["val_loss"]
+
+
+def test_fit_learns_and_history_has_per_layer_statistics(blobs):
+    model = _mlp(hidden=(32, 16))
+    state, hist = jaxdl.fit(
+        model,
+        jaxdl.make_optimizer("adam", learning_rate=1e-2),
+        blobs.train,
+        epochs=5,
+        batch_size=64,
+        validation=blobs.valid,
+    )
+    assert hist["val_accuracy"][-1] > 0.95
+    assert hist["train_loss"][-1] < hist["train_loss"][0]
+    for layer in ("layer_0", "layer_1", "output"):
+        assert all(g > 0 for g in hist[f"grad_norm/{layer}"])
+    for layer in ("layer_0", "layer_1"):
+        assert all(0 <= d <= 1 for d in hist[f"dead_fraction/{layer}"])
+        assert all(s > 0 for s in hist[f"act_std/{layer}"])
+    assert set(map(len, hist.values())) == {5}
+    assert jaxdl.evaluate(model, state, blobs.valid)["accuracy"] == pytest.approx(
+        hist["val_accuracy"][-1], abs=1e-6
+    )
+
+
+def test_sanity_check_100_images_reach_100_percent_training_accuracy(random_images):
+    """The course's check: without regularisation a big enough net memorises 100 images."""
+    model = jaxdl.MLP(hidden=(500, 500))
+    state, hist = jaxdl.fit(
+        model,
+        jaxdl.make_optimizer("adam", learning_rate=1e-3),
+        random_images,
+        epochs=60,
+        batch_size=20,
+    )
+    assert jaxdl.evaluate(model, state, random_images)["accuracy"] == 1.0
+    # Strong L2 is what prevents it.
+    state, _ = jaxdl.fit(
+        model,
+        jaxdl.make_optimizer("adam", learning_rate=1e-3),
+        random_images,
+        epochs=60,
+        batch_size=20,
+        l2=0.1,
+    )
+    assert jaxdl.evaluate(model, state, random_images)["accuracy"] < 0.5
+
+
+def test_same_seed_same_digest_different_seed_differs(blobs):
+    model = _mlp(hidden=(16,))
+    opt = jaxdl.make_optimizer("sgd", learning_rate=0.1)
+    kw = dict(epochs=2, batch_size=50, dropout=0.2, input_noise=0.1)
+    a, ha = jaxdl.fit(model, opt, blobs.train, key=3, **kw)
+    b, hb = jaxdl.fit(model, opt, blobs.train, key=3, **kw)
+    c, _ = jaxdl.fit(model, opt, blobs.train, key=4, **kw)
+    assert report.params_digest(a.params) == report.params_digest(b.params)
+    assert ha == hb
+    assert report.params_digest(a.params) != report.params_digest(c.params)
+
+
+def test_step_schedule_halves_learning_rate_in_history(blobs):
+    opt = jaxdl.make_optimizer(
+        "sgd", learning_rate=0.1, schedule="step", lr_decay=0.5, lr_decay_every=2
+    )
+    _, hist = jaxdl.fit(_mlp(hidden=(8,)), opt, blobs.train, epochs=6, batch_size=128)
+    # The value logged is the one used by the epoch's last step.
+    np.testing.assert_allclose(
+        hist["learning_rate"], [0.1, 0.1, 0.05, 0.05, 0.025, 0.025], rtol=1e-6
+    )
+
+
+def test_plateau_schedule_halves_when_validation_stalls(blobs):
+    # lr far too small to move: the validation loss stalls, so the rate is halved.
+    opt = jaxdl.make_optimizer(
+        "sgd", learning_rate=1e-9, schedule="plateau", lr_patience=1, lr_decay=0.5
+    )
+    _, hist = jaxdl.fit(
+        _mlp(hidden=(8,)), opt, blobs.train, epochs=4, batch_size=128, validation=blobs.valid
+    )
+    lrs = np.asarray(hist["learning_rate"]) / 1e-9
+    assert lrs[0] == pytest.approx(1.0) and lrs[-1] < 1.0
+
+
+def test_batch_norm_updates_running_statistics_and_trains(blobs):
+    model = _mlp(hidden=(16,), batch_norm=True)
+    state, hist = jaxdl.fit(
+        model,
+        jaxdl.make_optimizer("sgd", learning_rate=0.1),
+        blobs.train,
+        epochs=3,
+        batch_size=60,
+        validation=blobs.valid,
+    )
+    mean = state.batch_stats["bn_0"]["mean"]
+    assert float(jnp.abs(mean).sum()) > 0  # moved away from the zero initialisation
+    assert hist["val_accuracy"][-1] > 0.9
+
+
+def test_saturation_statistic_sees_large_init_sigmoid(blobs):
+    def saturated(scale):
+        model = _mlp(hidden=(64,), activation="sigmoid", weight_init="normal")
+        _, h = jaxdl.fit(
+            model,
+            jaxdl.make_optimizer("sgd", learning_rate=1e-6),
+            blobs.train,
+            epochs=1,
+            batch_size=128,
+            init_scale=scale,
+        )
+        return h["saturated_fraction/layer_0"][0]
+
+    assert saturated(5.0) > 0.5 > 0.01 > saturated(0.01)
+
+
+def test_cnn_trains_on_small_images():
+    ds = jaxdl.synthetic(256, num_features=784, num_classes=4, seed=1)
+    model = jaxdl.CNN(features=(4, 8), kernel_size=3, dense=(16,), num_classes=4)
+    state, hist = jaxdl.fit(
+        model,
+        jaxdl.make_optimizer("adam", learning_rate=3e-3),
+        ds,
+        epochs=3,
+        batch_size=64,
+        dropout=0.1,
+    )
+    assert hist["train_loss"][-1] < hist["train_loss"][0]
+    assert jaxdl.predict(model, state, ds.x[:5]).shape == (5, 4)
+
+
+def test_frozen_layer_keeps_initial_weights(blobs):
+    model = _mlp(hidden=(16,))
+    opt = jaxdl.make_optimizer("adam", learning_rate=1e-2, freeze=["layer_0"])
+    setup, hp = train.prepare(model, opt, blobs.train, epochs=2, batch_size=64)
+    start = train.init_state(setup, jax.random.key(0), hp)
+    state, _ = jaxdl.fit(model, opt, blobs.train, epochs=2, batch_size=64, key=0)
+    np.testing.assert_array_equal(
+        state.params["layer_0"]["kernel"], start.params["layer_0"]["kernel"]
+    )
+    assert not np.array_equal(state.params["output"]["kernel"], start.params["output"]["kernel"])
+
+
+def test_classic_and_inverted_dropout_train_to_similar_accuracy(blobs):
+    accs = {}
+    for conv in ("classic", "inverted"):
+        model = _mlp(hidden=(64,), dropout_convention=conv)
+        state, _ = jaxdl.fit(
+            model,
+            jaxdl.make_optimizer("adam", learning_rate=1e-2),
+            blobs.train,
+            epochs=4,
+            batch_size=64,
+            dropout=[0.2, 0.5],
+        )
+        assert state.rates is not None
+        accs[conv] = jaxdl.evaluate(model, state, blobs.test)["accuracy"]
+    assert min(accs.values()) > 0.9
+
+
+def test_hparams_are_vmappable_members_equal_standalone_runs(blobs):
+    """The design's promise: init and epochs vmap over (key, hparams)."""
+    model = _mlp(hidden=(16,))
+    opt = jaxdl.make_optimizer("sgd", learning_rate=0.1)
+    setup, hp = train.prepare(model, opt, blobs.train, epochs=2, batch_size=64, dropout=0.1)
+    lrs = jnp.array([0.05, 0.2], jnp.float32)
+    hps = jax.tree_util.tree_map(lambda v: jnp.stack([v, v]), hp)
+    hps = hps._replace(opt={**hps.opt, "learning_rate": lrs})
+    keys = jax.random.split(jax.random.key(0), 2)
+    states = jax.vmap(lambda k, h: train.init_state(setup, k, h))(keys, hps)
+    data = train.to_device(blobs.train)
+    states, _ = jax.vmap(lambda s, h: train.run_epoch(setup, s, data, None, h))(states, hps)
+    for i in range(2):
+        hp_i = hp._replace(opt={**hp.opt, "learning_rate": lrs[i]})
+        single = train.init_state(setup, keys[i], hp_i)
+        single, _ = train.run_epoch(setup, single, data, None, hp_i)
+        jax.tree_util.tree_map(
+            lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6),
+            states.params,
+            single.params,
+        )
+
+
+def test_gradient_clipping_bounds_the_update(blobs):
+    opt = jaxdl.make_optimizer("sgd", learning_rate=1.0, clip_norm=1e-3)
+    model = _mlp(hidden=(8,))
+    setup, hp = train.prepare(model, opt, blobs.train, epochs=1, batch_size=64)
+    state = train.init_state(setup, jax.random.key(0), hp)
+    batch = train.Batch(jnp.asarray(blobs.train.x[:64]), jnp.asarray(blobs.train.y[:64]))
+    new, _ = train.train_step(setup, state, batch, hp)
+    delta = jax.tree_util.tree_map(lambda a, b: a - b, new.params, state.params)
+    assert float(optax.tree.norm(delta)) == pytest.approx(1e-3, rel=1e-4)
