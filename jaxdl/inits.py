@@ -81,7 +81,7 @@ def is_kernel(path: tuple, leaf: jax.Array) -> bool:
 
 
 def scale_kernels(params, scale: jax.Array):
-    """Multiplies every kernel in ``params`` by ``scale`` (traced scalar)."""
+    """Multiplies every kernel in ``params`` by ``scale`` (a number or traced scalar)."""
     return jax.tree_util.tree_map_with_path(
-        lambda p, w: w * scale.astype(w.dtype) if is_kernel(p, w) else w, params
+        lambda p, w: w * jnp.asarray(scale, w.dtype) if is_kernel(p, w) else w, params
     )

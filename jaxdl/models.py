@@ -183,6 +183,8 @@ def check_model(model: Model) -> Model:
     for w in widths:
         validate.positive_int("layer width", w)
     if isinstance(model, CNN):
+        if not model.features:
+            validate.fail("CNN features", "at least one conv block, e.g. (32, 64)", model.features)
         validate.choice("pool", model.pool, ("max", "avg"))
         validate.positive_int("kernel size", model.kernel_size)
     return model
