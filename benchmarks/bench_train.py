@@ -10,8 +10,10 @@ Ways, timed in one run on the same data, after compilation:
 - ``keras``: Keras 3 on the JAX backend, ``model.fit`` (skipped if Keras is absent).
 - ``torch_eager``: PyTorch eager (skipped, saying so, if torch is not installed).
 
-Also measured: the f32 matmul roofline, as the samples/s its FLOP rate would allow.
-Usage: ``python benchmarks/bench_train.py [--json] [--repeats 3]``.
+Also measured, as samples/s: the roofline (the step's own GEMMs, at their shapes and
+layouts, timed alone: what a step could reach if everything else were free) and the
+peak-matmul bound (the step's FLOPs at the best square-matmul rate of the device).
+Usage: ``python benchmarks/bench_train.py [--json] [--rounds 5]``.
 """
 
 from __future__ import annotations
@@ -32,7 +34,14 @@ from flax import linen as nn
 from flax.training import train_state
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import best_of, device_name, emit, matmul_flops_per_second, mlp_train_flops  # noqa: E402
+from common import (  # noqa: E402
+    device_name,
+    emit,
+    interleaved,
+    matmul_flops_per_second,
+    mlp_step_gemm_seconds,
+    mlp_train_flops,
+)  # noqa: E402
 
 import jaxdl  # noqa: E402
 from jaxdl import train  # noqa: E402
@@ -41,7 +50,7 @@ SIZES = (784, 500, 500, 10)
 BATCH = 100
 
 
-def bench_jaxdl(ds, repeats):
+def bench_jaxdl(ds):
     model = jaxdl.MLP(hidden=SIZES[1:-1], num_classes=10)
     opt = jaxdl.make_optimizer("adam", learning_rate=1e-3)
     setup, hp = train.prepare(model, opt, ds, epochs=1000, batch_size=BATCH)
@@ -56,8 +65,7 @@ def bench_jaxdl(ds, repeats):
         jax.block_until_ready(m)
 
     epoch()
-    first = time.perf_counter() - t0
-    return len(ds.x) / best_of(epoch, repeats), compile_s, first
+    return epoch, compile_s, time.perf_counter() - t0
 
 
 class _FlaxMLP(nn.Module):
@@ -83,7 +91,7 @@ def _flax_step(state, x, y):
     return state.apply_gradients(grads=grads), loss
 
 
-def bench_flax_scan(ds, repeats):
+def bench_flax_scan(ds):
     x, y = jnp.asarray(ds.x), jnp.asarray(ds.y)
     steps = len(ds.x) // BATCH
 
@@ -106,11 +114,10 @@ def bench_flax_scan(ds, repeats):
 
     t0 = time.perf_counter()
     run()
-    first = time.perf_counter() - t0
-    return len(ds.x) / best_of(run, repeats), first
+    return run, time.perf_counter() - t0
 
 
-def bench_flax_per_batch(ds, repeats):
+def bench_flax_per_batch(ds):
     x, y = jnp.asarray(ds.x), jnp.asarray(ds.y)
     steps = len(ds.x) // BATCH
     step = jax.jit(_flax_step, donate_argnums=0)
@@ -126,10 +133,10 @@ def bench_flax_per_batch(ds, repeats):
         holder["state"] = s
 
     run()
-    return len(ds.x) / best_of(run, repeats)
+    return run
 
 
-def bench_keras(ds, repeats):
+def bench_keras(ds):
     try:
         import keras
     except ImportError:
@@ -153,10 +160,10 @@ def bench_keras(ds, repeats):
         model.fit(ds.x, ds.y, batch_size=BATCH, epochs=1, shuffle=True, verbose=0)
 
     run()
-    return len(ds.x) / best_of(run, repeats)
+    return run
 
 
-def bench_torch(ds, repeats):
+def bench_torch(ds):
     try:
         import torch
     except ImportError:
@@ -181,7 +188,7 @@ def bench_torch(ds, repeats):
             opt.step()
 
     run()
-    return len(ds.x) / best_of(run, repeats)
+    return run
 
 
 def main(argv=None):
@@ -189,29 +196,37 @@ def main(argv=None):
         description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
-    p.add_argument("--repeats", type=int, default=3, help="timed epochs per way (best is kept)")
+    p.add_argument(
+        "--rounds", type=int, default=5, help="timed epochs per way, interleaved (best kept)"
+    )
     a = p.parse_args(argv)
     ds = jaxdl.load("mnist").train
-    flops = mlp_train_flops(SIZES)
-    roof_flops = matmul_flops_per_second()
-    rows, extra = {}, {}
-    rows["jaxdl"], extra["jaxdl_compile_seconds"], _ = bench_jaxdl(ds, a.repeats)
-    rows["flax_scan"], extra["flax_scan_first_epoch_seconds"] = bench_flax_scan(ds, a.repeats)
-    rows["flax_jit_per_batch"] = bench_flax_per_batch(ds, a.repeats)
+    runs, extra = {}, {}
+    runs["jaxdl"], extra["jaxdl_compile_seconds"], extra["jaxdl_first_epoch_seconds"] = bench_jaxdl(
+        ds
+    )
+    runs["flax_scan"], extra["flax_scan_first_epoch_seconds"] = bench_flax_scan(ds)
+    runs["flax_jit_per_batch"] = bench_flax_per_batch(ds)
     for name, fn in (("keras", bench_keras), ("torch_eager", bench_torch)):
-        sps = fn(ds, a.repeats)
-        if sps is not None:
-            rows[name] = sps
-    roofline = roof_flops / flops
-    rows["roofline"] = roofline
+        run = fn(ds)
+        if run is not None:
+            runs[name] = run
+    rows = {k: len(ds.x) / t for k, t in interleaved(runs, a.rounds).items()}
+    flops = mlp_train_flops(SIZES)
+    peak = matmul_flops_per_second()
+    step_gemm = mlp_step_gemm_seconds(SIZES, BATCH)
+    rows["roofline"] = BATCH / step_gemm
+    rows["peak_matmul_bound"] = peak / flops
     ratios = {
         f"jaxdl_vs_{k}": rows["jaxdl"] / v
         for k, v in rows.items()
-        if k not in ("jaxdl", "roofline")
+        if k not in ("jaxdl", "roofline", "peak_matmul_bound")
     }
     extra.update(
-        roofline_fraction=rows["jaxdl"] / roofline,
-        matmul_gflops=roof_flops / 1e9,
+        roofline_fraction=rows["jaxdl"] / rows["roofline"],
+        peak_fraction=rows["jaxdl"] / rows["peak_matmul_bound"],
+        step_gemm_gflops=flops * BATCH / step_gemm / 1e9,
+        matmul_gflops=peak / 1e9,
         train_mflops_per_sample=flops / 1e6,
         device=device_name(),
     )

@@ -22,13 +22,60 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-def matmul_flops_per_second(n: int = 2048, repeats: int = 5) -> float:
-    """Measured f32 matmul throughput of the default JAX device (FLOP/s): the roofline."""
-    a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
-    b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+def interleaved(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+    """Best wall time per way, timing the ways in turn ``rounds`` times.
+
+    Interleaving spreads slow phases of a shared machine over every way instead of
+    penalising whichever way ran during them.
+    """
+    best = dict.fromkeys(runs, float("inf"))
+    for _ in range(rounds):
+        for name, run in runs.items():
+            t0 = time.perf_counter()
+            run()
+            best[name] = min(best[name], time.perf_counter() - t0)
+    return best
+
+
+def matmul_flops_per_second(sizes=(512, 1024, 2048), repeats: int = 10) -> float:
+    """The f32 matmul roofline: the best FLOP rate of square ``jnp.dot`` on the default
+    device over a few sizes (the peak a training step's matmuls could run at)."""
+    best = 0.0
     mm = jax.jit(jnp.dot)
-    mm(a, b).block_until_ready()
-    return 2 * n**3 / best_of(lambda: mm(a, b).block_until_ready(), repeats)
+    for n in sizes:
+        a = jax.random.normal(jax.random.key(0), (n, n), jnp.float32)
+        b = jax.random.normal(jax.random.key(1), (n, n), jnp.float32)
+        mm(a, b).block_until_ready()
+        best = max(best, 2 * n**3 / best_of(lambda a=a, b=b: mm(a, b).block_until_ready(), repeats))
+    return best
+
+
+def _gemm_seconds(lhs_shape, rhs_shape, dims, reps: int = 64, repeats: int = 5) -> float:
+    """Seconds per ``dot_general`` of these operand shapes, timed as a scan over ``reps``
+    distinct operand pairs in one compiled program (no dispatch overhead counted)."""
+    k1, k2 = jax.random.split(jax.random.key(0))
+    a = jax.random.normal(k1, (reps, *lhs_shape), jnp.float32)
+    b = jax.random.normal(k2, (reps, *rhs_shape), jnp.float32)
+
+    @jax.jit
+    def run(a, b):
+        return jax.lax.map(lambda ab: jax.lax.dot_general(ab[0], ab[1], (dims, ((), ()))), (a, b))
+
+    run(a, b).block_until_ready()
+    return best_of(lambda: run(a, b).block_until_ready(), repeats) / reps
+
+
+def mlp_step_gemm_seconds(sizes: tuple[int, ...], batch: int) -> float:
+    """Time the GEMMs of one training step of a dense net take on their own, at their
+    own shapes and operand layouts: forward x·W, weight gradient xᵀ·δ, and input
+    gradient δ·Wᵀ for every layer but the first. The ceiling a step could reach."""
+    total = 0.0
+    for i, (k, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
+        total += _gemm_seconds((batch, k), (k, n), ((1,), (0,)))  # forward
+        total += _gemm_seconds((batch, k), (batch, n), ((0,), (0,)))  # dW = xᵀ δ
+        if i > 0:
+            total += _gemm_seconds((batch, n), (k, n), ((1,), (1,)))  # dx = δ Wᵀ
+    return total
 
 
 def mlp_train_flops(sizes: tuple[int, ...]) -> int:

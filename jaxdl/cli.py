@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import math
 import sys
 import time
 from collections.abc import Sequence
@@ -95,13 +94,13 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         type=int,
         default=0,
         metavar="PATIENCE",
-        help="stop after PATIENCE epochs without improvement (0: off)",
+        help="stop after PATIENCE epochs without improvement in --monitor (0: never stop early)",
     )
     g.add_argument(
         "--monitor",
         choices=tuple(stopping.MONITORS),
-        default="val_loss",
-        help="metric early stopping watches",
+        default="val_accuracy",
+        help="validation metric that picks the best epoch (and stops early)",
     )
     g.add_argument(
         "--min-delta", type=float, default=0.0, help="smallest change that counts as an improvement"
@@ -109,7 +108,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--no-restore-best",
         action="store_true",
-        help="keep the last parameters, not the best epoch's",
+        help="keep the last epoch's parameters, not the best epoch's",
     )
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", default="adam", help=f"one of {', '.join(optim.FAMILIES)}")
@@ -229,10 +228,9 @@ def make_opt(a: argparse.Namespace) -> optim.Optimizer:
 def cmd_train(a: argparse.Namespace) -> dict:
     model = models.check_model(make_model(a))  # fail fast, before loading data
     optimizer = make_opt(a)
-    es = None
     validate.positive_int("--early-stopping", a.early_stopping, allow_zero=True)
-    if a.early_stopping:
-        es = stopping.EarlyStopping(a.monitor, a.early_stopping, a.min_delta, not a.no_restore_best)
+    patience = a.early_stopping or None  # 0: never stop, but still select the best epoch
+    es = stopping.EarlyStopping(a.monitor, patience, a.min_delta, not a.no_restore_best)
     splits = data.standardize(data.load(a.data, directory=a.data_dir), a.preprocess)
     model = models.check_model(model.clone(num_classes=num_classes(a, splits)))
     tr = splits.train if a.train_size is None else data.subset(splits.train, a.train_size)
@@ -254,7 +252,7 @@ def cmd_train(a: argparse.Namespace) -> dict:
         state, history = train.fit_state(
             setup, state, hp, tr, splits.valid, on_epoch=prog.update, info=info
         )
-        best = train.best_epoch(state)
+        best = train.best_epoch(state) or None  # 0: no epoch improved (all NaN)
         prog.finish(stopped_early=len(history["train_loss"]) < a.epochs, best_epoch=best)
     test = train.evaluate(model, state, splits.test, loss=a.loss)
     report.save_history(run_dir, history)
@@ -262,15 +260,10 @@ def cmd_train(a: argparse.Namespace) -> dict:
         report.plot_curves(history, run_dir / "curves.png", best_epoch=best)
         report.plot_layer_stats(history, run_dir / "layers.png")
     epochs_run = len(history["train_loss"])
-    if best is None:
-        val = history.get("val_loss", history["train_loss"])
-        best = 1 + min(
-            range(epochs_run), key=lambda i: val[i] if math.isfinite(val[i]) else math.inf
-        )
     results = {
         "test_accuracy": test["accuracy"],
         "test_loss": test["loss"],
-        "val_accuracy": history["val_accuracy"][best - 1],
+        "val_accuracy": history["val_accuracy"][(best or epochs_run) - 1],
         "best_epoch": best,
         "epochs_run": epochs_run,
         "samples_per_second": info.samples_per_second,

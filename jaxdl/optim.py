@@ -76,6 +76,10 @@ class Optimizer:
     schedule: str = "constant"
     freeze: tuple[str, ...] = ()
     layer_lr: tuple[tuple[str, float], ...] = ()
+    # Whether the chain contains these passes at all (each costs a sweep over the
+    # parameters every step); their values stay traced.
+    clip: bool = False
+    decay: bool = False
     hyperparams: Mapping[str, float] = dataclasses.field(
         default_factory=dict, compare=False, hash=False
     )
@@ -84,7 +88,7 @@ class Optimizer:
     def tx(self) -> optax.GradientTransformation:
         """The Optax transformation, initialised with ``hyperparams``."""
         injected = {k: v for k, v in self.hyperparams.items() if k in injected_names(self.name)}
-        return _structure(self.name, self.freeze, self.layer_lr)(injected)
+        return _structure(self.name, self.freeze, self.layer_lr, self.clip, self.decay)(injected)
 
     def init(self, params) -> optax.OptState:
         return self.tx.init(params)
@@ -125,7 +129,15 @@ def make_optimizer(
     mult = tuple(sorted((layer_lr or {}).items()))
     for layer, m in mult:
         validate.positive(f"layer_lr[{layer}]", m, allow_zero=True)
-    return Optimizer(name, schedule, tuple(sorted(set(freeze))), mult, values)
+    return Optimizer(
+        name,
+        schedule,
+        tuple(sorted(set(freeze))),
+        mult,
+        clip=math.isfinite(values["clip_norm"]),
+        decay=values["weight_decay"] > 0,
+        hyperparams=values,
+    )
 
 
 def check_hyperparams(values: Mapping[str, float]) -> None:
@@ -142,6 +154,16 @@ def check_hyperparams(values: Mapping[str, float]) -> None:
     validate.in_range("lr_decay", values["lr_decay"], 0.0, 1.0, hi_open=False)
     validate.positive("lr_decay_every", values["lr_decay_every"])
     validate.positive("lr_patience", values["lr_patience"], allow_zero=True)
+
+
+def check_structure(optimizer: Optimizer, values: Mapping[str, float]) -> None:
+    """Values that need a pass the optimizer was built without are an error, not a no-op."""
+    if values["weight_decay"] > 0 and not optimizer.decay:
+        validate.fail("weight_decay", "0 for an optimizer made without weight decay (pass "
+                      "weight_decay to make_optimizer to include the decay step)", values["weight_decay"])  # fmt: skip
+    if math.isfinite(values["clip_norm"]) and not optimizer.clip:
+        validate.fail("clip_norm", "inf for an optimizer made without clipping (pass clip_norm "
+                      "to make_optimizer to include the clipping step)", values["clip_norm"])  # fmt: skip
 
 
 def check_layers(optimizer: Optimizer, layers: list[str]) -> None:
@@ -182,7 +204,13 @@ def _top(path) -> str:
 
 
 @functools.lru_cache(maxsize=64)
-def _structure(name: str, freeze: tuple[str, ...], layer_lr: tuple[tuple[str, float], ...]):
+def _structure(
+    name: str,
+    freeze: tuple[str, ...],
+    layer_lr: tuple[tuple[str, float], ...],
+    clip: bool = True,
+    decay: bool = True,
+):
     """Returns ``values -> GradientTransformation`` for one structure (cached)."""
 
     # inject_hyperparams reads the factory's signature, so every name is spelled out;
@@ -199,9 +227,11 @@ def _structure(name: str, freeze: tuple[str, ...], layer_lr: tuple[tuple[str, fl
     ):
         h = dict(momentum=momentum, decay=decay, eps=eps, b1=b1, b2=b2)
         return optax.chain(
-            optax.clip_by_global_norm(clip_norm),
+            optax.clip_by_global_norm(clip_norm) if clip else optax.identity(),
             _family(name, h),
-            optax.add_decayed_weights(weight_decay, mask=_kernel_mask),
+            optax.add_decayed_weights(weight_decay, mask=_kernel_mask)
+            if decay
+            else optax.identity(),
             optax.scale_by_learning_rate(learning_rate),
         )
 

@@ -54,16 +54,19 @@ def score(monitor: str, metrics: dict[str, jax.Array]) -> jax.Array:
 @dataclasses.dataclass(frozen=True)
 class EarlyStopping:
     """Settings: stop after ``patience`` epochs without an improvement > ``min_delta``
-    in ``monitor``; with ``restore_best``, ``fit`` returns the best epoch's parameters."""
+    in ``monitor``; with ``restore_best``, ``fit`` returns the best epoch's parameters.
+    ``patience=None`` never stops early but still keeps the best epoch (model selection
+    on the validation set, like Keras' ``ModelCheckpoint(save_best_only=True)``)."""
 
     monitor: str = "val_loss"
-    patience: int = 5
+    patience: int | None = 5
     min_delta: float = 0.0
     restore_best: bool = True
 
     def __post_init__(self):
         validate.choice("early stopping monitor", self.monitor, MONITORS)
-        validate.positive_int("patience", self.patience)
+        if self.patience is not None:
+            validate.positive_int("patience", self.patience)
         validate.positive("min_delta", self.min_delta, allow_zero=True)
 
 
@@ -80,7 +83,9 @@ def init_stopping(cfg: EarlyStopping, params, batch_stats) -> StoppingState:
     return StoppingState(
         tracker=init_tracker(),
         stopped=jnp.zeros((), bool),
-        patience=jnp.asarray(cfg.patience, jnp.int32),
+        patience=jnp.asarray(
+            jnp.iinfo(jnp.int32).max if cfg.patience is None else cfg.patience, jnp.int32
+        ),
         min_delta=jnp.asarray(cfg.min_delta, jnp.float32),
         best_params=params,
         best_batch_stats=batch_stats,
