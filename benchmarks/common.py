@@ -50,19 +50,24 @@ def matmul_flops_per_second(sizes=(512, 1024, 2048), repeats: int = 10) -> float
     return best
 
 
-def _gemm_seconds(lhs_shape, rhs_shape, dims, reps: int = 64, repeats: int = 5) -> float:
-    """Seconds per ``dot_general`` of these operand shapes, timed as a scan over ``reps``
-    distinct operand pairs in one compiled program (no dispatch overhead counted)."""
+def _dispatch_seconds(repeats: int = 200) -> float:
+    """Round-trip time of a trivial jitted call: the overhead inside every timed call."""
+    f = jax.jit(lambda x: x + 1)
+    x = jnp.zeros((1,), jnp.float32)
+    f(x).block_until_ready()
+    return best_of(lambda: f(x).block_until_ready(), repeats)
+
+
+def _gemm_seconds(lhs_shape, rhs_shape, dims, repeats: int = 200) -> float:
+    """Seconds one ``dot_general`` of these operand shapes takes: best of ``repeats``
+    blocking calls, less the dispatch round trip. (Calls queued back to back overlap
+    on the CPU's threads and measure contention instead.)"""
     k1, k2 = jax.random.split(jax.random.key(0))
-    a = jax.random.normal(k1, (reps, *lhs_shape), jnp.float32)
-    b = jax.random.normal(k2, (reps, *rhs_shape), jnp.float32)
-
-    @jax.jit
-    def run(a, b):
-        return jax.lax.map(lambda ab: jax.lax.dot_general(ab[0], ab[1], (dims, ((), ()))), (a, b))
-
-    run(a, b).block_until_ready()
-    return best_of(lambda: run(a, b).block_until_ready(), repeats) / reps
+    a = jax.random.normal(k1, lhs_shape, jnp.float32)
+    b = jax.random.normal(k2, rhs_shape, jnp.float32)
+    dot = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (dims, ((), ()))))
+    dot(a, b).block_until_ready()
+    return best_of(lambda: dot(a, b).block_until_ready(), repeats) - _dispatch_seconds()
 
 
 def mlp_step_gemm_seconds(sizes: tuple[int, ...], batch: int) -> float:

@@ -298,3 +298,16 @@ def test_gradient_clipping_bounds_the_update(blobs):
     new, _ = train.train_step(setup, state, batch, hp)
     delta = jax.tree_util.tree_map(lambda a, b: a - b, new.params, state.params)
     assert float(optax.tree.norm(delta)) == pytest.approx(1e-3, rel=1e-4)
+
+
+@pytest.mark.e2e
+def test_sanity_check_on_100_real_mnist_images():
+    try:
+        splits = jaxdl.load("mnist")
+    except jaxdl.data.DownloadError as e:
+        pytest.skip(f"MNIST could not be fetched: {e}")
+    small = jaxdl.data.subset(splits.train, 100)
+    model = jaxdl.MLP(hidden=(500, 500))
+    state, hist = jaxdl.fit(model, jaxdl.make_optimizer("adam", learning_rate=1e-3), small, epochs=30, batch_size=20)
+    assert jaxdl.evaluate(model, state, small)["accuracy"] == 1.0
+    assert hist["train_loss"][-1] < 0.01
