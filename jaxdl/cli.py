@@ -42,6 +42,19 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def _multipliers(text: str) -> dict[str, float]:
+    out = {}
+    for item in _names(text):
+        name, _, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected LAYER=FACTOR pairs like output=10,layer_0=0.5, got {item!r}"
+            ) from None
+    return out
+
+
 def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=("mlp", "cnn"), default="mlp", help="architecture")
@@ -131,6 +144,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--freeze", type=_names, default=(), help="comma-separated layers to freeze, e.g. layer_0"
+    )
+    g.add_argument(
+        "--layer-lr",
+        type=_multipliers,
+        default={},
+        help="per-layer learning-rate multipliers, e.g. output=10,layer_0=0.5",
     )
     g = p.add_argument_group("training")
     g.add_argument("--loss", choices=losses.LOSSES, default="cross_entropy", help="data loss")
@@ -222,7 +241,9 @@ def make_opt(a: argparse.Namespace) -> optim.Optimizer:
         if k not in known:
             raise InputError(f"--{k.replace('_', '-')}: not a hyperparameter of {a.optimizer}; "
                              f"it takes {', '.join(sorted(known))}")  # fmt: skip
-    return optim.make_optimizer(a.optimizer, schedule=a.schedule, freeze=a.freeze, **given)
+    return optim.make_optimizer(
+        a.optimizer, schedule=a.schedule, freeze=a.freeze, layer_lr=a.layer_lr, **given
+    )
 
 
 def cmd_train(a: argparse.Namespace) -> dict:

@@ -89,18 +89,8 @@ class MLP(nn.Module):
     ) -> jax.Array:
         """``rates``: (len(hidden)+1,) dropout rates or None; ``example_mask``: (B,) bool
         marking real (not padding) examples, used by batch-norm statistics."""
-        kernel_init = inits.unit_initializer(self.weight_init)
-        pieces = self.maxout_pieces if self.activation == "maxout" else 1
         h = x.reshape((x.shape[0], -1))
-        h = apply_dropout(h, *_dropout_at(masks, rates, 0), self.dropout_convention)
-        for i, width in enumerate(self.hidden):
-            h = nn.Dense(width * pieces, kernel_init=kernel_init, name=f"layer_{i}")(h)
-            if self.batch_norm:
-                h = _batch_norm(h, train, example_mask, f"bn_{i}")
-            h = activate(self.activation, h, pieces)
-            self.sow("intermediates", f"act_layer_{i}", h)
-            h = apply_dropout(h, *_dropout_at(masks, rates, i + 1), self.dropout_convention)
-        return nn.Dense(self.num_classes, kernel_init=kernel_init, name="output")(h)
+        return _dense_head(self, h, self.hidden, train, masks, rates, example_mask)
 
 
 class CNN(nn.Module):
@@ -145,15 +135,25 @@ class CNN(nn.Module):
             self.sow("intermediates", f"act_conv_{i}", h)
             h = pool(h, (2, 2), strides=(2, 2))
         h = h.reshape((h.shape[0], -1))
-        h = apply_dropout(h, *_dropout_at(masks, rates, 0), self.dropout_convention)
-        for i, width in enumerate(self.dense):
-            h = nn.Dense(width * pieces, kernel_init=kernel_init, name=f"layer_{i}")(h)
-            if self.batch_norm:
-                h = _batch_norm(h, train, example_mask, f"bn_{i}")
-            h = activate(self.activation, h, pieces)
-            self.sow("intermediates", f"act_layer_{i}", h)
-            h = apply_dropout(h, *_dropout_at(masks, rates, i + 1), self.dropout_convention)
-        return nn.Dense(self.num_classes, kernel_init=kernel_init, name="output")(h)
+        return _dense_head(self, h, self.dense, train, masks, rates, example_mask)
+
+
+def _dense_head(module, h, widths, train, masks, rates, example_mask) -> jax.Array:
+    """Dropout on ``h`` (B, features), then dense → [batch norm] → activation → dropout
+    per width, then the output layer. Called inside ``module``'s compact ``__call__``,
+    so the layers it creates belong to ``module``."""
+    m = module
+    kernel_init = inits.unit_initializer(m.weight_init)
+    pieces = m.maxout_pieces if m.activation == "maxout" else 1
+    h = apply_dropout(h, *_dropout_at(masks, rates, 0), m.dropout_convention)
+    for i, width in enumerate(widths):
+        h = nn.Dense(width * pieces, kernel_init=kernel_init, name=f"layer_{i}")(h)
+        if m.batch_norm:
+            h = _batch_norm(h, train, example_mask, f"bn_{i}")
+        h = activate(m.activation, h, pieces)
+        m.sow("intermediates", f"act_layer_{i}", h)
+        h = apply_dropout(h, *_dropout_at(masks, rates, i + 1), m.dropout_convention)
+    return nn.Dense(m.num_classes, kernel_init=kernel_init, name="output")(h)
 
 
 def _batch_norm(h: jax.Array, train: bool, example_mask: jax.Array | None, name: str):

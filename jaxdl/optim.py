@@ -208,8 +208,8 @@ def _structure(
     name: str,
     freeze: tuple[str, ...],
     layer_lr: tuple[tuple[str, float], ...],
-    clip: bool = True,
-    decay: bool = True,
+    with_clip: bool = True,
+    with_decay: bool = True,
 ):
     """Returns ``values -> GradientTransformation`` for one structure (cached)."""
 
@@ -227,10 +227,10 @@ def _structure(
     ):
         h = dict(momentum=momentum, decay=decay, eps=eps, b1=b1, b2=b2)
         return optax.chain(
-            optax.clip_by_global_norm(clip_norm) if clip else optax.identity(),
+            optax.clip_by_global_norm(clip_norm) if with_clip else optax.identity(),
             _family(name, h),
             optax.add_decayed_weights(weight_decay, mask=_kernel_mask)
-            if decay
+            if with_decay
             else optax.identity(),
             optax.scale_by_learning_rate(learning_rate),
         )

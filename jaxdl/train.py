@@ -163,9 +163,9 @@ def init_state(setup: Setup, key: PRNGKey, hp: HParams) -> TrainState:
     )
 
 
-def _apply(setup: Setup, params, batch_stats, x, *, rates=None, masks=None, train=False, **kw):
+def _apply(model: Model, params, batch_stats, x, *, rates=None, masks=None, train=False, **kw):
     variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-    return setup.model.apply(variables, x, train=train, rates=rates, masks=masks, **kw)
+    return model.apply(variables, x, train=train, rates=rates, masks=masks, **kw)
 
 
 def layer_norms(tree) -> dict[str, jax.Array]:
@@ -189,7 +189,7 @@ def train_step(setup: Setup, state: TrainState, batch: Batch, hp: HParams):
 
     def loss_fn(params):
         out = _apply(
-            setup, params, state.batch_stats, x, rates=rates, masks=masks, train=True,
+            setup.model, params, state.batch_stats, x, rates=rates, masks=masks, train=True,
             example_mask=example_mask, mutable=["batch_stats"] if state.batch_stats else [],
         )  # fmt: skip
         logits, updates = out
@@ -250,23 +250,24 @@ def train_epoch(setup: Setup, state: TrainState, train: Batch, hp: HParams):
     return state, out
 
 
-def evaluate_arrays(setup: Setup, params, batch_stats, rates, x, y) -> dict[str, jax.Array]:
-    """Loss and accuracy over (x, y) in chunks of ``setup.eval_batch_size`` (traceable)."""
+def chunked_logits(model: Model, params, batch_stats, rates, x, batch_size: int) -> jax.Array:
+    """Logits (N, C) of the deterministic network, computed ``batch_size`` rows at a time
+    so memory stays bounded whatever N (traceable)."""
     n = x.shape[0]
-    b = min(setup.eval_batch_size, n)
+    b = min(batch_size, n)
     steps = math.ceil(n / b)
     idx = jnp.minimum(jnp.arange(steps * b), n - 1).reshape(steps, b)
-    w = (jnp.arange(steps * b) < n).astype(jnp.float32).reshape(steps, b)
+    out = jax.lax.map(lambda i: _apply(model, params, batch_stats, x[i], rates=rates), idx)
+    return out.reshape(steps * b, -1)[:n]
 
-    def chunk(args):
-        i, wi = args
-        logits = _apply(setup, params, batch_stats, x[i], rates=rates)
-        yi = y[i]
-        per = losses.data_loss(setup.loss, logits, yi, wi) * wi.sum()
-        return per, ((logits.argmax(-1) == yi) * wi).sum()
 
-    loss_sums, correct = jax.lax.map(chunk, (idx, w))
-    return {"loss": loss_sums.sum() / n, "accuracy": correct.sum() / n}
+def evaluate_arrays(setup: Setup, params, batch_stats, rates, x, y) -> dict[str, jax.Array]:
+    """Mean loss and accuracy over (x, y) (traceable)."""
+    logits = chunked_logits(setup.model, params, batch_stats, rates, x, setup.eval_batch_size)
+    return {
+        "loss": losses.data_loss(setup.loss, logits, y),
+        "accuracy": losses.accuracy(logits, y),
+    }
 
 
 def gradient_norms(setup: Setup, params, batch_stats, rates, x, y) -> dict[str, jax.Array]:
@@ -277,7 +278,7 @@ def gradient_norms(setup: Setup, params, batch_stats, rates, x, y) -> dict[str, 
     """
 
     def loss(p):
-        return losses.data_loss(setup.loss, _apply(setup, p, batch_stats, x, rates=rates), y)
+        return losses.data_loss(setup.loss, _apply(setup.model, p, batch_stats, x, rates=rates), y)
 
     return {f"grad_norm/{k}": v for k, v in layer_norms(jax.grad(loss)(params)).items()}
 
@@ -285,7 +286,7 @@ def gradient_norms(setup: Setup, params, batch_stats, rates, x, y) -> dict[str, 
 def activation_stats(setup: Setup, params, batch_stats, rates, x) -> dict[str, jax.Array]:
     """Per hidden layer on a probe batch: std, and dead (ReLU: never positive) or
     saturated (sigmoid outside (0.01, 0.99), tanh |h| > 0.99) fractions."""
-    _, inter = _apply(setup, params, batch_stats, x, rates=rates, mutable=["intermediates"])
+    _, inter = _apply(setup.model, params, batch_stats, x, rates=rates, mutable=["intermediates"])
     act = setup.model.activation
     out = {}
     for sown, (h,) in inter["intermediates"].items():
@@ -555,15 +556,7 @@ def best_epoch(state: TrainState) -> int | None:
     return None if state.stopping is None else int(state.stopping.tracker.best_epoch)
 
 
-@functools.partial(jax.jit, static_argnames=("model", "batch_size"))
-def _predict_logits(model: Model, params, batch_stats, rates, x, batch_size: int):
-    setup = Setup(model, optim.Optimizer("sgd"), tuple(x.shape[1:]), 1, eval_batch_size=batch_size)
-    n = x.shape[0]
-    b = min(batch_size, n)
-    steps = math.ceil(n / b)
-    idx = jnp.minimum(jnp.arange(steps * b), n - 1).reshape(steps, b)
-    out = jax.lax.map(lambda i: _apply(setup, params, batch_stats, x[i], rates=rates), idx)
-    return out.reshape(steps * b, -1)[:n]
+_predict_logits = jax.jit(chunked_logits, static_argnames=("model", "batch_size"))
 
 
 def predict(model: Model, state: TrainState, x, *, batch_size: int = 1000) -> np.ndarray:

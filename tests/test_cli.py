@@ -97,6 +97,9 @@ def test_same_flags_same_digest_and_existing_name_refused(tmp_path, tiny_npz, ca
         (["--data", "missing.npz"], "missing.npz"),
         (["--l2", "-1"], "l2"),
         (["--early-stopping", "-2"], "--early-stopping"),
+        (["--layer-lr", "output:3"], "--layer-lr"),
+        (["--layer-lr", "outptu=3"], "did you mean 'output'"),
+        (["--freeze", "layer_7"], "freeze layer"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(flags, expect, tmp_path, tiny_npz, capsys):

@@ -238,8 +238,12 @@ def test_get_hyperparams_returns_injected_values(structure):
 
 def test_optimizers_differing_only_in_numbers_are_equal():
     a = optim.make_optimizer("adam", learning_rate=1e-3)
-    b = optim.make_optimizer("adam", learning_rate=0.1, b1=0.5, weight_decay=0.01, clip_norm=1.0)
+    b = optim.make_optimizer("adam", learning_rate=0.1, b1=0.5, eps=1e-6, lr_decay=0.1)
     assert a == b
+    # Switching clipping or weight decay on adds a pass to the chain: a new structure,
+    # but its values are still free.
+    c = optim.make_optimizer("adam", weight_decay=0.01, clip_norm=1.0)
+    assert c != a and c == optim.make_optimizer("adam", weight_decay=0.5, clip_norm=3.0)
     assert hash(a) == hash(b)
     # ... yet each starts from its own numbers.
     assert float(optim.get_hyperparams(a.init(PARAMS))["learning_rate"]) == pytest.approx(1e-3)
@@ -392,3 +396,16 @@ def test_freeze_order_does_not_matter_and_unknown_layers_are_refused():
     for kw in ({"freeze": ("layer_9",)}, {"layer_lr": {"layr_0": 0.5}}):
         with pytest.raises(InputError, match="layer"):
             train.prepare(model, make_optimizer("sgd", **kw), ds, epochs=1, batch_size=8)
+
+
+def test_values_that_need_a_pass_the_chain_lacks_are_refused():
+    from jaxdl import train
+
+    model = jaxdl.MLP(hidden=(4,), num_classes=2)
+    plain = make_optimizer("sgd")
+    with pytest.raises(InputError, match="weight_decay"):
+        train.make_hparams(model, plain, (3,), weight_decay=0.1)
+    with pytest.raises(InputError, match="clip_norm"):
+        train.make_hparams(model, plain, (3,), clip_norm=1.0)
+    hp = train.make_hparams(model, make_optimizer("sgd", weight_decay=1e-3), (3,), weight_decay=0.0)
+    assert float(hp.opt["weight_decay"]) == 0.0  # a decay chain may sweep down to 0

@@ -308,6 +308,8 @@ def test_sanity_check_on_100_real_mnist_images():
         pytest.skip(f"MNIST could not be fetched: {e}")
     small = jaxdl.data.subset(splits.train, 100)
     model = jaxdl.MLP(hidden=(500, 500))
-    state, hist = jaxdl.fit(model, jaxdl.make_optimizer("adam", learning_rate=1e-3), small, epochs=30, batch_size=20)
+    state, hist = jaxdl.fit(
+        model, jaxdl.make_optimizer("adam", learning_rate=1e-3), small, epochs=30, batch_size=20
+    )
     assert jaxdl.evaluate(model, state, small)["accuracy"] == 1.0
     assert hist["train_loss"][-1] < 0.01
