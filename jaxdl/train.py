@@ -270,26 +270,25 @@ def evaluate_arrays(setup: Setup, params, batch_stats, rates, x, y) -> dict[str,
     }
 
 
-def gradient_norms(setup: Setup, params, batch_stats, rates, x, y) -> dict[str, jax.Array]:
-    """Per-layer norms of the data-loss gradient on a probe batch (deterministic network).
+def probe_stats(setup: Setup, params, batch_stats, rates, x, y) -> dict[str, jax.Array]:
+    """Diagnostics on a fixed probe batch with the deterministic network, once per epoch:
 
-    Taken once per epoch on a fixed batch rather than at every step: reductions over
-    every gradient in every step would cost about a tenth of the training time.
+    - ``grad_norm/<layer>``: norm of the data-loss gradient per layer (taken here rather
+      than at every step, where the extra reductions cost about a tenth of the epoch);
+    - ``act_std/<layer>``, and ``dead_fraction/<layer>`` (ReLU units never positive) or
+      ``saturated_fraction/<layer>`` (sigmoid outside (0.01, 0.99), tanh |h| > 0.99).
     """
 
     def loss(p):
-        return losses.data_loss(setup.loss, _apply(setup.model, p, batch_stats, x, rates=rates), y)
+        logits, inter = _apply(
+            setup.model, p, batch_stats, x, rates=rates, mutable=["intermediates"]
+        )
+        return losses.data_loss(setup.loss, logits, y), inter["intermediates"]
 
-    return {f"grad_norm/{k}": v for k, v in layer_norms(jax.grad(loss)(params)).items()}
-
-
-def activation_stats(setup: Setup, params, batch_stats, rates, x) -> dict[str, jax.Array]:
-    """Per hidden layer on a probe batch: std, and dead (ReLU: never positive) or
-    saturated (sigmoid outside (0.01, 0.99), tanh |h| > 0.99) fractions."""
-    _, inter = _apply(setup.model, params, batch_stats, x, rates=rates, mutable=["intermediates"])
+    grads, inter = jax.grad(loss, has_aux=True)(params)
+    out = {f"grad_norm/{k}": v for k, v in layer_norms(grads).items()}
     act = setup.model.activation
-    out = {}
-    for sown, (h,) in inter["intermediates"].items():
+    for sown, (h,) in inter.items():
         name = sown.removeprefix("act_")
         h = h.reshape(h.shape[0], -1)
         out[f"act_std/{name}"] = h.std()
@@ -308,13 +307,8 @@ def run_epoch(setup: Setup, state: TrainState, train: Batch, valid: Batch | None
     if valid is not None:
         ev = evaluate_arrays(setup, state.params, state.batch_stats, state.rates, valid.x, valid.y)
         metrics["val_loss"], metrics["val_accuracy"] = ev["loss"], ev["accuracy"]
-    probe = train.x[: setup.probe_size]
-    metrics.update(activation_stats(setup, state.params, state.batch_stats, state.rates, probe))
-    metrics.update(
-        gradient_norms(
-            setup, state.params, state.batch_stats, state.rates, probe, train.y[: setup.probe_size]
-        )
-    )
+    probe = train.x[: setup.probe_size], train.y[: setup.probe_size]
+    metrics.update(probe_stats(setup, state.params, state.batch_stats, state.rates, *probe))
     metrics["learning_rate"] = optim.get_hyperparams(state.opt_state)["learning_rate"]
     epoch = state.epoch + 1
     plateau = state.plateau
