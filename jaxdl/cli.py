@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxdl import data, inits, losses, models, optim, report, stopping, train, validate
+from jaxdl import data, inits, losses, models, optim, report, stopping, sweep, train, validate
 from jaxdl.validate import InputError
 
 
@@ -42,6 +42,13 @@ def _names(text: str) -> tuple[str, ...]:
     return tuple(t.strip() for t in text.split(",") if t.strip())
 
 
+def _values(text: str) -> list[float]:
+    try:
+        return sweep.parse_values(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("values: ")) from None
+
+
 def _multipliers(text: str) -> dict[str, float]:
     out = {}
     for item in _names(text):
@@ -55,7 +62,8 @@ def _multipliers(text: str) -> dict[str, float]:
     return out
 
 
-def _add_train_flags(p: argparse.ArgumentParser) -> None:
+def _add_train_flags(p: argparse.ArgumentParser, number=float) -> None:
+    """The flags of ``train``; ``number`` parses the sweepable ones (a list in ``sweep``)."""
     g = p.add_argument_group("model")
     g.add_argument("--model", choices=("mlp", "cnn"), default="mlp", help="architecture")
     g.add_argument(
@@ -66,7 +74,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g.add_argument("--init", default="xavier_uniform", help=f"one of {', '.join(inits.NAMES)}")
     g.add_argument(
         "--init-scale",
-        type=float,
+        type=number,
         default=None,
         help="kernel multiplier (σ for 'normal'; default: the init's own)",
     )
@@ -81,12 +89,12 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("regularisation")
     g.add_argument(
         "--dropout-input",
-        type=float,
+        type=number,
         default=0.0,
         help="dropout rate on the input (CNN: on the conv features)",
     )
     g.add_argument(
-        "--dropout-hidden", type=float, default=0.0, help="dropout rate on each hidden layer"
+        "--dropout-hidden", type=number, default=0.0, help="dropout rate on each hidden layer"
     )
     g.add_argument(
         "--dropout-convention",
@@ -94,11 +102,11 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         default="inverted",
         help="scale at train time (inverted) or at test time (classic)",
     )
-    g.add_argument("--l1", type=float, default=0.0, help="L1 coefficient on the kernels")
-    g.add_argument("--l2", type=float, default=0.0, help="L2 coefficient on the kernels (× Σw²)")
+    g.add_argument("--l1", type=number, default=0.0, help="L1 coefficient on the kernels")
+    g.add_argument("--l2", type=number, default=0.0, help="L2 coefficient on the kernels (× Σw²)")
     g.add_argument(
         "--input-noise",
-        type=float,
+        type=number,
         default=0.0,
         help="σ of Gaussian noise added to training inputs",
     )
@@ -126,7 +134,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", default="adam", help=f"one of {', '.join(optim.FAMILIES)}")
     g.add_argument(
-        "--lr", type=float, default=None, help="learning rate (default: the optimizer's)"
+        "--lr", type=number, default=None, help="learning rate (default: the optimizer's)"
     )
     for name, text in (
         ("momentum", "momentum μ (momentum, momentum_ema, nesterov)"),
@@ -138,7 +146,7 @@ def _add_train_flags(p: argparse.ArgumentParser) -> None:
         ("lr-patience", "plateau patience (epochs)"), ("warmup-epochs", "warm-up length (epochs)"),
         ("lr-min-ratio", "cosine floor as a fraction of the learning rate"),
     ):  # fmt: skip
-        g.add_argument(f"--{name}", type=float, default=None, help=text)
+        g.add_argument(f"--{name}", type=number, default=None, help=text)
     g.add_argument(
         "--schedule", choices=optim.SCHEDULES, default="constant", help="learning-rate schedule"
     )
@@ -194,6 +202,16 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train one model. With no flags: the course's Keras example "
                        "(784-500-500-10 ReLU, cross-entropy, Adam 1e-3, batch 100, 20 epochs) on MNIST.")  # fmt: skip
     _add_train_flags(t)
+    w = sub.add_parser(
+        "sweep",
+        help="train many models at once (one compiled program per structure)",
+        formatter_class=fmt,
+        description="Train every combination of the given values × seeds as one vmapped "
+        "program. Sweepable flags take lists: --lr 1e-4,3e-4,1e-3 or logspace:1e-4:1e-1:16 "
+        "or linspace:0:0.5:6.",
+    )
+    _add_train_flags(w, number=_values)
+    w.add_argument("--seeds", type=int, default=1, help="seeds per configuration (0..N-1)")
     d = sub.add_parser("data", help="data sets", formatter_class=fmt)
     dsub = d.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     f = dsub.add_parser(
@@ -246,7 +264,8 @@ def make_opt(a: argparse.Namespace) -> optim.Optimizer:
     )
 
 
-def cmd_train(a: argparse.Namespace) -> dict:
+def _common(a: argparse.Namespace):
+    """Model, optimizer, early stopping and data from the flags shared by train and sweep."""
     model = models.check_model(make_model(a))  # fail fast, before loading data
     optimizer = make_opt(a)
     validate.positive_int("--early-stopping", a.early_stopping, allow_zero=True)
@@ -255,8 +274,16 @@ def cmd_train(a: argparse.Namespace) -> dict:
     splits = data.standardize(data.load(a.data, directory=a.data_dir), a.preprocess)
     model = models.check_model(model.clone(num_classes=num_classes(a, splits)))
     tr = splits.train if a.train_size is None else data.subset(splits.train, a.train_size)
-    n_hidden = len(models.masked_widths(model, tr.x.shape[1:])) - 1
-    dropout = [a.dropout_input] + [a.dropout_hidden] * n_hidden
+    return model, optimizer, es, splits, tr
+
+
+def _dropout(model: models.Model, feature_shape, inp: float, hidden: float) -> list[float]:
+    return [inp] + [hidden] * (len(models.masked_widths(model, feature_shape)) - 1)
+
+
+def cmd_train(a: argparse.Namespace) -> dict:
+    model, optimizer, es, splits, tr = _common(a)
+    dropout = _dropout(model, tr.x.shape[1:], a.dropout_input, a.dropout_hidden)
     setup, hp = train.prepare(
         model, optimizer, tr, epochs=a.epochs, batch_size=a.batch_size, validation=splits.valid,
         early_stopping=es, loss=a.loss, l1=a.l1, l2=a.l2, dropout=dropout,
@@ -297,6 +324,83 @@ def cmd_train(a: argparse.Namespace) -> dict:
     return results
 
 
+# Sweepable flags (dest) and the setting each sets.
+_SWEEPABLE = {"lr": "learning_rate", **{k: k for k in _OPT_FLAGS},
+              **{k: k for k in ("l1", "l2", "input_noise", "init_scale", "dropout_input", "dropout_hidden")}}  # fmt: skip
+
+
+_ROW_RESULTS = ("best_val_accuracy", "best_epoch", "test_accuracy", "test_loss", "epochs_run",
+                "diverged", "stopped")  # fmt: skip
+
+
+def cmd_sweep(a: argparse.Namespace) -> dict:
+    validate.positive_int("--seeds", a.seeds)
+    lists = {d: getattr(a, d) for d in _SWEEPABLE if isinstance(getattr(a, d), list)}
+    first = argparse.Namespace(**{**vars(a), **{d: v[0] for d, v in lists.items()}})
+    model, optimizer, es, splits, tr = _common(first)
+    axes = {_SWEEPABLE[d]: v for d, v in lists.items()}
+    drop_in = axes.pop("dropout_input", [a.dropout_input])
+    drop_hid = axes.pop("dropout_hidden", [a.dropout_hidden])
+    configs = []
+    for cfg in sweep.grid(**axes, dropout_input=drop_in, dropout_hidden=drop_hid):
+        d_in, d_hid = cfg.pop("dropout_input"), cfg.pop("dropout_hidden")
+        cfg["dropout"] = _dropout(model, tr.x.shape[1:], d_in, d_hid)
+        configs.append((cfg, d_in, d_hid))
+    base = {k: getattr(a, k) for k in ("l1", "l2", "input_noise", "init_scale") if k not in axes}
+    run_dir = report.make_run_dir(a.runs_dir, a.name, prefix="sweep")
+    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
+    report.write_json(run_dir / "config.json", config)
+    n = len(configs) * a.seeds
+    with report.Progress(a.epochs, enabled=not a.no_progress, stream=sys.stderr) as prog:
+        res = sweep.sweep(
+            model, optimizer, tr, [c for c, _, _ in configs], seeds=a.seeds, epochs=a.epochs,
+            batch_size=a.batch_size, validation=splits.valid, test=splits.test, early_stopping=es,
+            loss=a.loss, on_epoch=lambda e, m: prog.update(e, _median(m)), **base,
+        )  # fmt: skip
+        prog.finish()
+    rows = []
+    for row, (_, d_in, d_hid) in zip(
+        res.rows, [c for c in configs for _ in range(a.seeds)], strict=True
+    ):
+        row = {k: v for k, v in row.items() if k != "dropout"}
+        given = {"dropout_input": d_in, "dropout_hidden": d_hid}
+        row = {**{k: v for k, v in given.items() if k in lists}, **row}
+        rows.append(row)
+    swept = [k for k in rows[0] if k in lists or k in axes]
+    swept = [k for k in swept if len({r[k] for r in rows}) > 1]  # axes that vary
+    report.write_csv(run_dir / "results.csv", rows)
+    report.write_json(run_dir / "results.json", rows)
+    report.write_json(run_dir / "history.json", {k: v.tolist() for k, v in res.history.items()})
+    if not a.no_plots:
+        report.plot_sweep(rows, swept, res.history, run_dir)
+    best = max(
+        (r for r in rows if not r["diverged"]),
+        key=lambda r: r["best_val_accuracy"],
+        default=rows[0],
+    )
+    summary = {
+        "members": n,
+        "compiles": res.compiles,
+        "best": best,
+        "results_path": str(run_dir / "results.csv"),
+        "model_samples_per_second": res.samples_per_second,
+        "compile_seconds": res.compile_seconds,
+        "train_seconds": res.seconds,
+        "diverged": sum(r["diverged"] for r in rows),
+        "run_dir": str(run_dir),
+    }
+    report.write_json(run_dir / "summary.json", summary)
+    return summary
+
+
+def _median(metrics: dict) -> dict[str, float]:
+    """Per-epoch progress for a sweep: the median over the members still training."""
+    return {
+        k: float(np.nanmedian(v)) if np.isfinite(v).any() else float("nan")
+        for k, v in metrics.items()
+    }
+
+
 def cmd_fetch(a: argparse.Namespace) -> dict:
     t0 = time.perf_counter()
     path = data.fetch_mnist(a.data_dir, force=a.force)
@@ -307,7 +411,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
     a = parser.parse_args(argv)
     try:
-        if a.command == "train":
+        if a.command == "sweep":
+            results = cmd_sweep(a)
+            b = results["best"]
+            summary = (f"{results['members']} members, {results['compiles']} compile(s), "
+                       f"{results['diverged']} diverged; best val accuracy "
+                       f"{b['best_val_accuracy']:.4f} (test {b['test_accuracy']:.4f}) with "
+                       f"{ {k: v for k, v in b.items() if k not in _ROW_RESULTS} }; "
+                       f"results {results['results_path']}")  # fmt: skip
+        elif a.command == "train":
             results = cmd_train(a)
             summary = (f"test accuracy {results['test_accuracy']:.4f}  test loss {results['test_loss']:.4f}  "
                        f"best epoch {results['best_epoch']}/{results['epochs_run']}  "

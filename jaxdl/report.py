@@ -213,6 +213,57 @@ def plot_layer_stats(history: History, path: PathLike) -> list[Path]:
     return [_save_figure(fig, path)]
 
 
+def plot_sweep(
+    rows: Sequence[Mapping[str, Any]],
+    swept: Sequence[str],
+    history: Mapping[str, np.ndarray],
+    run_dir: PathLike,
+    *,
+    metric: str = "best_val_accuracy",
+) -> list[Path]:
+    """Writes ``sweep.png`` (``metric`` against each swept setting: mean over seeds with
+    min-max bars, one line per combination of the other settings, log axis when the
+    values span a decade or more) and ``curves.png`` (every member's learning curve)."""
+    run_dir = Path(run_dir)
+    paths = []
+    if swept:
+        fig = Figure(figsize=(5.2 * len(swept), 4.2), layout="tight")
+        for ax, name in zip(fig.subplots(1, len(swept), squeeze=False)[0], swept, strict=True):
+            others = [k for k in swept if k != name]
+            groups: dict[tuple, dict[float, list[float]]] = {}
+            for r in rows:
+                key = tuple(r[k] for k in others)
+                groups.setdefault(key, {}).setdefault(r[name], []).append(r.get(metric, math.nan))
+            for key, by_x in groups.items():
+                xs = sorted(by_x)
+                ys = [np.asarray(by_x[x], float) for x in xs]
+                mean = np.array([np.nanmean(y) if np.isfinite(y).any() else np.nan for y in ys])
+                lo = mean - np.array([np.nanmin(y) if np.isfinite(y).any() else np.nan for y in ys])
+                hi = np.array([np.nanmax(y) if np.isfinite(y).any() else np.nan for y in ys]) - mean
+                label = ", ".join(f"{k}={v:g}" for k, v in zip(others, key, strict=True)) or None
+                ax.errorbar(xs, mean, yerr=[lo, hi], marker="o", ms=4, capsize=3, label=label)
+            values = [r[name] for r in rows]
+            if min(values) > 0 and max(values) >= 10 * min(values):
+                ax.set_xscale("log")
+            ax.set(title=f"{metric} vs {name}", xlabel=name, ylabel=metric)
+            ax.grid(True, alpha=0.3)
+            if len(groups) > 1:
+                ax.legend(fontsize=7)
+        n_seeds = max(len(v) for g in groups.values() for v in g.values())
+        fig.suptitle(f"mean over {n_seeds} seed(s); bars: min to max")
+        paths.append(_save_figure(fig, run_dir / "sweep.png"))
+    key = "val_accuracy" if "val_accuracy" in history else "train_accuracy"
+    fig = Figure(figsize=(6.5, 4.2), layout="tight")
+    ax = fig.subplots()
+    for curve in np.asarray(history[key], float):
+        ax.plot(np.arange(1, len(curve) + 1), curve, alpha=0.5, lw=1)
+    ax.set(title=f"{key} per epoch, all {len(history[key])} members", xlabel="epoch", ylabel=key)
+    ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+    ax.grid(True, alpha=0.3)
+    paths.append(_save_figure(fig, run_dir / "curves.png"))
+    return paths
+
+
 def _timestamp() -> str:
     return time.strftime("%Y%m%d-%H%M%S")
 

@@ -182,3 +182,57 @@ def test_default_model_one_epoch_on_real_mnist(tmp_path, capsys):
     assert code == 0, err
     res = json.loads(out.splitlines()[-1])
     assert res["test_accuracy"] > 0.95
+
+
+def test_sweep_end_to_end_one_compile_and_outputs(tmp_path, tiny_npz, capsys):
+    code, out, err = _run(
+        capsys, "sweep", "--data", str(tiny_npz), "--hidden", "16", "--epochs", "2", "--batch-size", "50",
+        "--optimizer", "sgd", "--lr", "logspace:1e-3:1e-1:3", "--dropout-hidden", "0,0.5", "--seeds", "2",
+        "--runs-dir", str(tmp_path), "--name", "s", "--json", "--no-progress",
+    )  # fmt: skip
+    assert code == 0, err
+    res = json.loads(out.strip().splitlines()[-1])
+    assert res["members"] == 12 and res["compiles"] == 1 and res["diverged"] == 0
+    assert {"learning_rate", "dropout_hidden", "seed", "best_val_accuracy", "test_accuracy"} <= set(
+        res["best"]
+    )
+    run = tmp_path / "s"
+    rows = (run / "results.csv").read_text().splitlines()
+    assert len(rows) == 13 and rows[0].startswith("dropout_hidden,learning_rate,seed,")
+    for f in (
+        "config.json",
+        "results.json",
+        "history.json",
+        "summary.json",
+        "sweep.png",
+        "curves.png",
+    ):
+        assert (run / f).stat().st_size > 0, f
+    best = max(json.loads((run / "results.json").read_text()), key=lambda r: r["best_val_accuracy"])
+    assert best["best_val_accuracy"] == res["best"]["best_val_accuracy"]
+
+
+@pytest.mark.parametrize(
+    "flags, expect",
+    [
+        (["--lr", "logspace:0:1:3"], "logspace bounds"),
+        (["--lr", "1e-3,abc"], "--lr"),
+        (["--lr", "linspace:0:1"], "--lr"),
+        (["--seeds", "0"], "--seeds"),
+        (["--dropout-hidden", "0.2,1.5"], "dropout"),
+    ],
+)
+def test_sweep_bad_ranges_exit_2(flags, expect, tmp_path, tiny_npz, capsys):
+    argv = [
+        "sweep",
+        "--data",
+        str(tiny_npz),
+        "--epochs",
+        "1",
+        "--runs-dir",
+        str(tmp_path),
+        "--no-progress",
+    ]
+    code, _, err = _run_exit(capsys, [*argv, *flags])
+    assert code == 2 and len(err.strip().splitlines()) == 1 and "Traceback" not in err, err
+    assert expect in err

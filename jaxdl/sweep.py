@@ -1,0 +1,319 @@
+"""Vectorised sweeps: many models trained as one compiled program.
+
+A sweep is ``vmap`` of the pure training functions over ``(key, HParams)``: every member
+shares the model structure, the optimizer family and the data (passed once, never copied
+per member); each member has its own hyperparameters, seed, initialisation, data order
+and dropout masks. One program is compiled per structure, whatever the number of values.
+
+Per member, and without Python branching on traced values:
+
+- early stopping: a member whose patience ran out is frozen (``jnp.where``) while the
+  others go on; the sweep ends when every member is done or at ``epochs``;
+- divergence isolation: a member whose training loss becomes NaN/Inf is frozen at its
+  last finite state and marked ``diverged``; the others are unaffected.
+
+Member k equals a standalone ``fit`` with the same settings and seed (same RNG streams);
+the tests check this.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import functools
+import itertools
+import math
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from jaxdl import optim, train, validate
+from jaxdl.data import Dataset
+from jaxdl.models import Model
+from jaxdl.optim import Optimizer
+from jaxdl.stopping import EarlyStopping
+
+# Settings a member may set besides the optimizer's own numbers (optim.defaults).
+MEMBER_KEYS = ("l1", "l2", "dropout", "input_noise", "init_scale")
+
+
+def grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:
+    """The cartesian product of the given value lists, as one dict per configuration.
+
+    >>> grid(learning_rate=[1e-3, 1e-2], l2=[0.0, 1e-4])[1]
+    {'learning_rate': 0.001, 'l2': 0.0001}
+    """
+    for name, values in axes.items():
+        if isinstance(values, str) or not isinstance(values, Sequence) or not values:
+            validate.fail(f"sweep values of {name}", "a non-empty list of values", values)
+    names = list(axes)
+    return [dict(zip(names, combo, strict=True)) for combo in itertools.product(*axes.values())]
+
+
+def parse_values(text: str, *, what: str = "values") -> list[float]:
+    """Parses ``"1e-4,3e-4,1e-3"``, ``"logspace:1e-4:1e-1:16"`` or ``"linspace:0:0.5:6"``."""
+    text = text.strip()
+    try:
+        if text.startswith(("logspace:", "linspace:")):
+            kind, lo, hi, n = text.split(":")
+            lo, hi, n = float(lo), float(hi), int(n)
+            if n < 1:
+                raise ValueError
+            if kind == "logspace":
+                if lo <= 0 or hi <= 0:
+                    validate.fail(what, "logspace bounds > 0", text)
+                return [float(v) for v in np.geomspace(lo, hi, n)]
+            return [float(v) for v in np.linspace(lo, hi, n)]
+        values = [float(t) for t in text.split(",") if t.strip()]
+        if not values:
+            raise ValueError
+        return values
+    except validate.InputError:
+        raise
+    except ValueError:
+        validate.fail(what, "comma-separated numbers, logspace:LO:HI:N or linspace:LO:HI:N", text)
+        raise  # unreachable: fail raises
+
+
+def random_configs(seed: int, n: int, **ranges: tuple[float, float, str]) -> list[dict[str, float]]:
+    """``n`` random configurations; each range is ``(lo, hi, "log" | "linear")``.
+
+    Log-uniform is the natural prior for learning rates and regularisation strengths.
+    """
+    validate.positive_int("random configurations", n)
+    rng = np.random.default_rng(seed)
+    out: list[dict[str, float]] = [{} for _ in range(n)]
+    for name, (lo, hi, scale) in ranges.items():
+        validate.choice(f"scale of {name}", scale, ("log", "linear"))
+        if scale == "log":
+            validate.positive(f"{name} lower bound", lo)
+            draws = np.exp(rng.uniform(np.log(lo), np.log(hi), n))
+        else:
+            draws = rng.uniform(lo, hi, n)
+        for cfg, v in zip(out, draws, strict=True):
+            cfg[name] = float(v)
+    return out
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """What a sweep returns (host side).
+
+    ``rows``: one dict per member (its settings, seed, best validation accuracy and
+    epoch, test accuracy, epochs run, diverged, stopped). ``history[metric]``: float64
+    (members, epochs_run) arrays, NaN where a member was frozen. ``states``: the final
+    ``TrainState`` of every member stacked on a leading axis (best parameters restored
+    where early stopping asks for it). ``compiles``: programs traced for this sweep.
+    """
+
+    rows: list[dict[str, Any]]
+    history: dict[str, np.ndarray]
+    states: train.TrainState
+    compiles: int
+    seconds: float
+    compile_seconds: float
+    samples_per_second: float  # training examples per second summed over members
+
+    def best(self, metric: str = "best_val_accuracy") -> dict[str, Any]:
+        """The row of the member with the highest ``metric`` among those not diverged."""
+        ok = [r for r in self.rows if not r["diverged"] and math.isfinite(r.get(metric, math.nan))]
+        return max(ok or self.rows, key=lambda r: r.get(metric, -math.inf))
+
+
+def _member_hparams(
+    setup: train.Setup, optimizer: Optimizer, cfg: Mapping[str, Any], base: Mapping[str, Any]
+) -> train.HParams:
+    merged = {**base, **cfg}
+    kw = {k: merged[k] for k in MEMBER_KEYS if k in merged and merged[k] is not None}
+    overrides = {k: v for k, v in merged.items() if k not in MEMBER_KEYS}
+    return train.make_hparams(setup, optimizer, setup.feature_shape, **kw, **overrides)
+
+
+def _structure_for(optimizer: Optimizer, configs: Sequence[Mapping[str, Any]]) -> Optimizer:
+    """The optimizer with clipping / decay passes on if any member needs them."""
+
+    def needs(key, test):
+        return any(test(c[key]) for c in configs if key in c)
+
+    decay = optimizer.decay or needs("weight_decay", lambda v: v > 0)
+    clip = optimizer.clip or needs("clip_norm", math.isfinite)
+    return dataclasses.replace(optimizer, decay=decay, clip=clip)
+
+
+def _largest(value) -> float:
+    """The largest number in a setting (a scalar or a per-layer list); 0 if unset."""
+    return 0.0 if value is None else float(np.max(np.asarray(value, np.float64)))
+
+
+def _freeze(keep, new, old):
+    """Per member: ``new`` where ``keep`` (members,), else ``old``."""
+
+    def pick(n, o):
+        k = keep.reshape(keep.shape + (1,) * (n.ndim - 1))
+        return jnp.where(k, n, o)
+
+    return jax.tree_util.tree_map(pick, new, old)
+
+
+def sweep_epoch(setup: train.Setup, states, active, data: train.Batch, valid, hps):
+    """One epoch for every member (vmapped), then freezing of finished or diverged ones.
+
+    Returns ``(states, active, diverged_now, metrics)``; ``metrics[k]`` is (members,).
+    """
+    new, metrics = jax.vmap(lambda s, h: train.run_epoch(setup, s, data, valid, h))(states, hps)
+    finite = jnp.isfinite(metrics["train_loss"])
+    if "val_loss" in metrics:
+        finite &= jnp.isfinite(metrics["val_loss"])
+    keep = active & finite
+    states = _freeze(keep, new, states)
+    diverged_now = active & ~finite
+    stopped = new.stopping.stopped if new.stopping is not None else jnp.zeros_like(active)
+    active = keep & ~stopped
+    metrics = {k: jnp.where(keep, v, jnp.nan) for k, v in metrics.items()}
+    return states, active, diverged_now, metrics
+
+
+@functools.lru_cache(maxsize=16)
+def programs(setup: train.Setup) -> train.Programs:
+    """Jitted vmapped init and sweep epoch for ``setup`` (cached per setup)."""
+    traces: collections.Counter = collections.Counter()
+    init = jax.vmap(functools.partial(train.init_state, setup))
+    return train.Programs(
+        init=jax.jit(train._counted(traces, "init", init)),
+        epoch=jax.jit(
+            train._counted(traces, "epoch", functools.partial(sweep_epoch, setup)),
+            donate_argnums=(0,),
+        ),
+        traces=traces,
+        executables={},
+    )
+
+
+def sweep(
+    model: Model,
+    optimizer: Optimizer,
+    train_data: Dataset,
+    configs: Sequence[Mapping[str, Any]],
+    *,
+    seeds: int | Sequence[int] = 1,
+    epochs: int,
+    batch_size: int = 100,
+    validation: Dataset | None = None,
+    test: Dataset | None = None,
+    early_stopping: EarlyStopping | None = None,
+    loss: str = "cross_entropy",
+    on_epoch=None,
+    **base: Any,
+) -> SweepResult:
+    """Trains ``len(configs) × seeds`` members of one structure as one program.
+
+    Args:
+      configs: one dict per configuration: optimizer numbers (``learning_rate``,
+        ``momentum``, ``b1``, ``weight_decay``, …) and ``l1``, ``l2``, ``dropout``
+        (one rate or one per masked layer), ``input_noise``, ``init_scale``. See
+        ``grid`` and ``random_configs``.
+      seeds: a count (seeds 0…n-1) or explicit seeds; every configuration runs with each.
+      **base: settings shared by all members unless a configuration sets them.
+      on_epoch: ``on_epoch(epoch, metrics)`` with (members,) arrays, after each epoch.
+    """
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if not seeds:
+        validate.fail("seeds", "at least one seed", seeds)
+    if not configs:
+        validate.fail("configs", "at least one configuration", configs)
+    for key in {k for c in configs for k in c} | set(base):
+        validate.choice("sweep setting", key, [*MEMBER_KEYS, *optim.defaults(optimizer.name)])
+    optimizer = _structure_for(optimizer, [*configs, base])
+    members = [(dict(c), s) for c in configs for s in seeds]
+    # Static switches (dropout, noise, penalties) are on if any member needs them.
+    flags = {
+        k: max(
+            (np.max(np.asarray({**base, **c}.get(k, 0.0) or 0.0)) for c, _ in members), default=0.0
+        )
+        for k in ("dropout", "input_noise", "l1", "l2")
+    }
+    setup, _ = train.prepare(
+        model, optimizer, train_data, epochs=epochs, batch_size=batch_size, validation=validation,
+        early_stopping=early_stopping, loss=loss, l1=flags["l1"], l2=flags["l2"],
+        dropout=flags["dropout"], input_noise=flags["input_noise"],
+    )  # fmt: skip
+    hps = [_member_hparams(setup, optimizer, c, base) for c, _ in members]
+    hp = jax.tree_util.tree_map(lambda *v: jnp.stack(v), *hps)
+    keys = jnp.stack([train.as_key(s) for _, s in members])
+    progs = programs(setup)
+    data = train.to_device(train_data)  # one copy on the device, shared by every member
+    valid = None if validation is None else train.to_device(validation)
+    t0 = time.perf_counter()
+    states = progs.init(keys, hp)
+    n = len(members)
+    active = jnp.ones((n,), bool)
+    diverged = np.zeros(n, bool)
+    epochs_run = np.zeros(n, int)
+    history: dict[str, list[np.ndarray]] = collections.defaultdict(list)
+    compile_t = time.perf_counter()
+    exe = progs.epoch.lower(states, active, data, valid, hp).compile()
+    compile_seconds = time.perf_counter() - compile_t
+    for epoch in range(1, epochs + 1):
+        was_active = np.asarray(active)
+        states, active, diverged_now, metrics = exe(states, active, data, valid, hp)
+        metrics = {k: np.asarray(v, np.float64) for k, v in jax.device_get(metrics).items()}
+        diverged |= np.asarray(diverged_now)
+        epochs_run += was_active & ~np.asarray(diverged_now)
+        for k, v in metrics.items():
+            history[k].append(v)
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        if not bool(jnp.any(active)):
+            break
+    seconds = time.perf_counter() - t0 - compile_seconds
+    if early_stopping is not None and early_stopping.restore_best:
+        has_best = states.stopping.tracker.best_epoch > 0
+        states = states.replace(
+            params=_freeze(has_best, states.stopping.best_params, states.params),
+            batch_stats=_freeze(has_best, states.stopping.best_batch_stats, states.batch_stats),
+        )
+    hist = {k: np.stack(v, axis=1) for k, v in history.items()}
+    rows = _rows(members, hist, diverged, epochs_run, states, setup, test)
+    return SweepResult(
+        rows=rows,
+        history=hist,
+        states=states,
+        compiles=progs.traces["epoch"],
+        seconds=seconds,
+        compile_seconds=compile_seconds,
+        samples_per_second=float(epochs_run.sum() * setup.n_train / max(seconds, 1e-9)),
+    )
+
+
+def _rows(members, hist, diverged, epochs_run, states, setup, test) -> list[dict[str, Any]]:
+    acc = hist.get("val_accuracy", hist["train_accuracy"])
+    if test is not None:
+        test = train.to_device(train.check_data(test, "test", setup.model.num_classes))
+        ev = jax.jit(
+            jax.vmap(lambda p, b, r: train.evaluate_arrays(setup, p, b, r, test.x, test.y))
+        )
+        test_metrics = jax.device_get(ev(states.params, states.batch_stats, states.rates))
+    rows = []
+    tracked = None if states.stopping is None else np.asarray(states.stopping.tracker.best_epoch)
+    for i, (cfg, seed) in enumerate(members):
+        a = np.where(np.isnan(acc[i]), -np.inf, acc[i])
+        best = int(np.argmax(a)) if np.isfinite(a).any() else -1
+        if tracked is not None:  # the epoch early stopping kept (and restored)
+            best = int(tracked[i]) - 1
+        row = {**cfg, "seed": seed}
+        row["best_val_accuracy" if "val_accuracy" in hist else "best_train_accuracy"] = (
+            float(acc[i, best]) if best >= 0 else math.nan
+        )
+        row["best_epoch"] = best + 1 if best >= 0 else 0
+        if test is not None:
+            row["test_accuracy"] = float(test_metrics["accuracy"][i])
+            row["test_loss"] = float(test_metrics["loss"][i])
+        row["epochs_run"] = int(epochs_run[i])
+        row["diverged"] = bool(diverged[i])
+        row["stopped"] = bool(states.stopping.stopped[i]) if states.stopping is not None else False
+        rows.append(row)
+    return rows

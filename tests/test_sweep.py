@@ -1,0 +1,197 @@
+"""Sweeps: one program for many members, equal to standalone runs, isolated failures."""
+
+from __future__ import annotations
+
+import jax
+import numpy as np
+import pytest
+
+import jaxdl
+from jaxdl import report, sweep
+from jaxdl.validate import InputError
+
+
+def _close(a, b, **kw):
+    jax.tree_util.tree_map(
+        lambda x, y: np.testing.assert_allclose(x, y, rtol=2e-5, atol=2e-6, **kw), a, b
+    )
+
+
+def _member(tree, i):
+    return jax.tree_util.tree_map(lambda v: v[i], tree)
+
+
+MODEL = jaxdl.MLP(hidden=(16,), num_classes=3)
+
+
+def test_members_equal_standalone_fits_and_compile_once(blobs):
+    opt = jaxdl.make_optimizer("momentum", learning_rate=0.05)
+    configs = sweep.grid(learning_rate=[0.02, 0.1], dropout=[0.0, 0.3])
+    res = sweep.sweep(
+        MODEL,
+        opt,
+        blobs.train,
+        configs,
+        seeds=[3, 4],
+        epochs=3,
+        batch_size=50,
+        validation=blobs.valid,
+        l2=1e-4,
+    )
+    assert len(res.rows) == 8 and res.compiles == 1
+    for i, row in enumerate(res.rows):
+        o = jaxdl.make_optimizer("momentum", learning_rate=row["learning_rate"])
+        state, hist = jaxdl.fit(
+            MODEL,
+            o,
+            blobs.train,
+            epochs=3,
+            batch_size=50,
+            validation=blobs.valid,
+            key=row["seed"],
+            dropout=row["dropout"],
+            l2=1e-4,
+        )
+        _close(_member(res.states.params, i), state.params)
+        np.testing.assert_allclose(res.history["val_loss"][i], hist["val_loss"], rtol=1e-4)
+    # Seeds give different initialisations (and orders, and masks).
+    assert report.params_digest(_member(res.states.params, 0)) != report.params_digest(
+        _member(res.states.params, 1)
+    )
+    # New values, same structure: the same program.
+    res2 = sweep.sweep(
+        MODEL,
+        opt,
+        blobs.train,
+        sweep.grid(learning_rate=[0.3, 0.5], dropout=[0.1, 0.2]),
+        seeds=[3, 4],
+        epochs=3,
+        batch_size=50,
+        validation=blobs.valid,
+        l2=1e-3,
+    )
+    assert res2.compiles == 1
+
+
+def test_diverging_member_is_frozen_and_the_others_are_unaffected(blobs):
+    opt = jaxdl.make_optimizer("sgd", learning_rate=0.1)
+    kw = dict(seeds=1, epochs=3, batch_size=64, validation=blobs.valid)
+    with_bad = sweep.sweep(
+        MODEL, opt, blobs.train, [{"learning_rate": 0.1}, {"learning_rate": 1e6}], **kw
+    )
+    alone = sweep.sweep(MODEL, opt, blobs.train, [{"learning_rate": 0.1}], **kw)
+    good, bad = with_bad.rows
+    assert bad["diverged"] and not good["diverged"]
+    assert bad["epochs_run"] < 3 and good["epochs_run"] == 3
+    _close(_member(with_bad.states.params, 0), _member(alone.states.params, 0))
+    bad_params = _member(with_bad.states.params, 1)
+    assert all(np.isfinite(v).all() for v in jax.tree_util.tree_leaves(bad_params))
+    assert np.isnan(with_bad.history["train_loss"][1, -1])
+    assert with_bad.best()["learning_rate"] == 0.1
+
+
+def test_per_member_early_stopping_freezes_finished_members(blobs):
+    opt = jaxdl.make_optimizer("adam", learning_rate=1e-3)
+    es = jaxdl.EarlyStopping(monitor="val_loss", patience=1)
+    small = jaxdl.data.subset(blobs.train, 64)
+    configs = [{"learning_rate": 0.3}, {"learning_rate": 1e-4}]  # overfits fast / barely moves
+    res = sweep.sweep(
+        MODEL,
+        opt,
+        small,
+        configs,
+        epochs=15,
+        batch_size=16,
+        validation=blobs.valid,
+        early_stopping=es,
+    )
+    runs = [r["epochs_run"] for r in res.rows]
+    assert runs[0] < runs[1], runs
+    assert res.rows[0]["stopped"]
+    # The stopped member equals its standalone fit, which breaks at the same epoch and
+    # restores the same best epoch.
+    state, hist = jaxdl.fit(
+        MODEL,
+        jaxdl.make_optimizer("adam", learning_rate=0.3),
+        small,
+        epochs=15,
+        batch_size=16,
+        validation=blobs.valid,
+        early_stopping=es,
+    )
+    assert len(hist["val_loss"]) == runs[0]
+    assert res.rows[0]["best_epoch"] == jaxdl.best_epoch(state)
+    _close(_member(res.states.params, 0), state.params)
+    assert np.isnan(res.history["val_loss"][0, runs[0] :]).all()
+
+
+def test_weight_decay_sweep_switches_the_decay_pass_on(blobs):
+    opt = jaxdl.make_optimizer("sgd", learning_rate=0.1)
+    res = sweep.sweep(
+        MODEL, opt, blobs.train, sweep.grid(weight_decay=[0.0, 0.5]), epochs=2, batch_size=64
+    )
+    norms = [float(np.linalg.norm(res.states.params["layer_0"]["kernel"][i])) for i in range(2)]
+    assert norms[1] < norms[0]
+
+
+def test_test_set_metrics_in_rows(blobs):
+    res = sweep.sweep(
+        MODEL,
+        jaxdl.make_optimizer("adam", learning_rate=1e-2),
+        blobs.train,
+        [{}],
+        seeds=2,
+        epochs=2,
+        batch_size=64,
+        test=blobs.test,
+    )
+    for i, row in enumerate(res.rows):
+        state = jaxdl.TrainState(
+            **{
+                f: _member(getattr(res.states, f), i)
+                for f in (
+                    "step",
+                    "epoch",
+                    "params",
+                    "opt_state",
+                    "batch_stats",
+                    "key",
+                    "rates",
+                    "plateau",
+                    "stopping",
+                )
+            }
+        )
+        assert row["test_accuracy"] == pytest.approx(
+            jaxdl.evaluate(MODEL, state, blobs.test)["accuracy"], abs=1e-6
+        )
+
+
+def test_value_parsing_and_grids():
+    assert sweep.parse_values("1e-4,3e-4") == [1e-4, 3e-4]
+    np.testing.assert_allclose(sweep.parse_values("logspace:1e-4:1e-1:4"), [1e-4, 1e-3, 1e-2, 1e-1])
+    np.testing.assert_allclose(sweep.parse_values("linspace:0:0.5:3"), [0.0, 0.25, 0.5])
+    for bad in ("", "a,b", "logspace:0:1:3", "logspace:1e-4:1e-1", "linspace:0:1:0"):
+        with pytest.raises(InputError):
+            sweep.parse_values(bad, what="--lr")
+    g = sweep.grid(learning_rate=[1, 2, 3], l2=[0, 1])
+    assert len(g) == 6 and g[-1] == {"learning_rate": 3, "l2": 1}
+    with pytest.raises(InputError):
+        sweep.grid(learning_rate=[])
+    r = sweep.random_configs(
+        0, 200, learning_rate=(1e-4, 1e-1, "log"), dropout=(0.0, 0.5, "linear")
+    )
+    lrs = np.log10([c["learning_rate"] for c in r])
+    assert lrs.min() >= -4 and lrs.max() <= -1 and abs(np.median(lrs) + 2.5) < 0.3  # log-uniform
+    assert sweep.random_configs(0, 5, l2=(1e-5, 1e-2, "log")) == sweep.random_configs(
+        0, 5, l2=(1e-5, 1e-2, "log")
+    )
+
+
+def test_unknown_sweep_setting_is_refused(blobs):
+    with pytest.raises(InputError, match="did you mean 'learning_rate'"):
+        sweep.sweep(
+            MODEL, jaxdl.make_optimizer("sgd"), blobs.train, [{"learning_rat": 0.1}], epochs=1
+        )
+    with pytest.raises(InputError, match="momentum"):
+        sweep.sweep(MODEL, jaxdl.make_optimizer("adam"), blobs.train, [{"momentum": 0.9}], epochs=1)
