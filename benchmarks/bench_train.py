@@ -19,7 +19,6 @@ Usage: ``python benchmarks/bench_train.py [--json] [--rounds 5]``.
 from __future__ import annotations
 
 import argparse
-import functools
 import os
 import sys
 import time
@@ -29,11 +28,9 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
-from flax import linen as nn
-from flax.training import train_state
 
 sys.path.insert(0, os.path.dirname(__file__))
+import peers  # noqa: E402
 from common import (  # noqa: E402
     device_name,
     emit,
@@ -68,60 +65,15 @@ def bench_jaxdl(ds):
     return epoch, compile_s, time.perf_counter() - t0
 
 
-class _FlaxMLP(nn.Module):
-    @nn.compact
-    def __call__(self, x):
-        for w in SIZES[1:-1]:
-            x = nn.relu(nn.Dense(w)(x))
-        return nn.Dense(SIZES[-1])(x)
-
-
-def _flax_state():
-    model = _FlaxMLP()
-    params = model.init(jax.random.key(0), jnp.zeros((1, SIZES[0])))["params"]
-    return train_state.TrainState.create(apply_fn=model.apply, params=params, tx=optax.adam(1e-3))
-
-
-def _flax_step(state, x, y):
-    def loss_fn(p):
-        logits = state.apply_fn({"params": p}, x)
-        return optax.softmax_cross_entropy_with_integer_labels(logits, y).mean()
-
-    loss, grads = jax.value_and_grad(loss_fn)(state.params)
-    return state.apply_gradients(grads=grads), loss
-
-
 def bench_flax_scan(ds):
-    x, y = jnp.asarray(ds.x), jnp.asarray(ds.y)
-    steps = len(ds.x) // BATCH
-
-    @functools.partial(jax.jit, donate_argnums=0)
-    def epoch(state, key):
-        perm = jax.random.permutation(key, len(x))[: steps * BATCH].reshape(steps, BATCH)
-        xs, ys = x[perm], y[perm]
-
-        def body(s, b):
-            return _flax_step(s, *b)
-
-        return jax.lax.scan(body, state, (xs, ys))
-
-    holder = {"state": _flax_state(), "key": jax.random.key(1)}
-
-    def run():
-        holder["key"], k = jax.random.split(holder["key"])
-        holder["state"], losses = epoch(holder["state"], k)
-        losses.block_until_ready()
-
-    t0 = time.perf_counter()
-    run()
-    return run, time.perf_counter() - t0
+    return peers.flax_scan(ds, SIZES, BATCH)
 
 
 def bench_flax_per_batch(ds):
     x, y = jnp.asarray(ds.x), jnp.asarray(ds.y)
     steps = len(ds.x) // BATCH
-    step = jax.jit(_flax_step, donate_argnums=0)
-    holder = {"state": _flax_state(), "rng": np.random.default_rng(0)}
+    step = jax.jit(peers.flax_step, donate_argnums=0)
+    holder = {"state": peers.flax_state(SIZES), "rng": np.random.default_rng(0)}
 
     def run():
         perm = holder["rng"].permutation(len(ds.x))
@@ -164,16 +116,11 @@ def bench_keras(ds):
 
 
 def bench_torch(ds):
-    try:
-        import torch
-    except ImportError:
-        print("  torch: not installed; PyTorch eager skipped (pip install torch to include it)")
+    torch = peers.torch_available()
+    if torch is None:
         return None
     torch.manual_seed(0)
-    layers = []
-    for a, b in zip(SIZES[:-2], SIZES[1:-1], strict=True):
-        layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
-    net = torch.nn.Sequential(*layers, torch.nn.Linear(SIZES[-2], SIZES[-1]))
+    net = peers.torch_mlp(torch, SIZES)
     opt = torch.optim.Adam(net.parameters(), lr=1e-3)
     x, y = torch.from_numpy(ds.x), torch.from_numpy(ds.y.astype(np.int64))
     lossf = torch.nn.CrossEntropyLoss()

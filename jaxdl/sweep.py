@@ -193,6 +193,47 @@ def programs(setup: train.Setup) -> train.Programs:
     )
 
 
+def prepare_sweep(
+    model: Model,
+    optimizer: Optimizer,
+    train_data: Dataset,
+    configs: Sequence[Mapping[str, Any]],
+    *,
+    seeds: int | Sequence[int] = 1,
+    epochs: int,
+    batch_size: int = 100,
+    validation: Dataset | None = None,
+    early_stopping: EarlyStopping | None = None,
+    loss: str = "cross_entropy",
+    **base: Any,
+) -> tuple[train.Setup, train.HParams, jax.Array, list[tuple[dict, int]]]:
+    """Validates a sweep on the host: the shared ``Setup``, the members' stacked
+    ``HParams`` and PRNG keys (leading axis: members), and the (config, seed) pairs."""
+    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
+    if not seeds:
+        validate.fail("seeds", "at least one seed", seeds)
+    if not configs:
+        validate.fail("configs", "at least one configuration", configs)
+    for key in {k for c in configs for k in c} | set(base):
+        validate.choice("sweep setting", key, [*MEMBER_KEYS, *optim.defaults(optimizer.name)])
+    optimizer = _structure_for(optimizer, [*configs, base])
+    members = [(dict(c), s) for c in configs for s in seeds]
+    # Static switches (dropout, noise, penalties) are on if any member needs them.
+    flags = {
+        k: max(_largest({**base, **c}.get(k)) for c, _ in members)
+        for k in ("dropout", "input_noise", "l1", "l2")
+    }
+    setup, _ = train.prepare(
+        model, optimizer, train_data, epochs=epochs, batch_size=batch_size, validation=validation,
+        early_stopping=early_stopping, loss=loss, l1=flags["l1"], l2=flags["l2"],
+        dropout=flags["dropout"], input_noise=flags["input_noise"],
+    )  # fmt: skip
+    hps = [_member_hparams(setup, optimizer, c, base) for c, _ in members]
+    hp = jax.tree_util.tree_map(lambda *v: jnp.stack(v), *hps)
+    keys = jnp.stack([train.as_key(s) for _, s in members])
+    return setup, hp, keys, members
+
+
 def sweep(
     model: Model,
     optimizer: Optimizer,
@@ -220,30 +261,11 @@ def sweep(
       **base: settings shared by all members unless a configuration sets them.
       on_epoch: ``on_epoch(epoch, metrics)`` with (members,) arrays, after each epoch.
     """
-    seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
-    if not seeds:
-        validate.fail("seeds", "at least one seed", seeds)
-    if not configs:
-        validate.fail("configs", "at least one configuration", configs)
-    for key in {k for c in configs for k in c} | set(base):
-        validate.choice("sweep setting", key, [*MEMBER_KEYS, *optim.defaults(optimizer.name)])
-    optimizer = _structure_for(optimizer, [*configs, base])
-    members = [(dict(c), s) for c in configs for s in seeds]
-    # Static switches (dropout, noise, penalties) are on if any member needs them.
-    flags = {
-        k: max(
-            (np.max(np.asarray({**base, **c}.get(k, 0.0) or 0.0)) for c, _ in members), default=0.0
-        )
-        for k in ("dropout", "input_noise", "l1", "l2")
-    }
-    setup, _ = train.prepare(
-        model, optimizer, train_data, epochs=epochs, batch_size=batch_size, validation=validation,
-        early_stopping=early_stopping, loss=loss, l1=flags["l1"], l2=flags["l2"],
-        dropout=flags["dropout"], input_noise=flags["input_noise"],
+    setup, hp, keys, members = prepare_sweep(
+        model, optimizer, train_data, configs, seeds=seeds, epochs=epochs,
+        batch_size=batch_size, validation=validation, early_stopping=early_stopping,
+        loss=loss, **base,
     )  # fmt: skip
-    hps = [_member_hparams(setup, optimizer, c, base) for c, _ in members]
-    hp = jax.tree_util.tree_map(lambda *v: jnp.stack(v), *hps)
-    keys = jnp.stack([train.as_key(s) for _, s in members])
     progs = programs(setup)
     data = train.to_device(train_data)  # one copy on the device, shared by every member
     valid = None if validation is None else train.to_device(validation)

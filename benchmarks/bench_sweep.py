@@ -1,0 +1,130 @@
+"""Sweeps: many models in one compiled program against running them one after another.
+
+Two scenarios, one epoch of MNIST (50k) per member, Adam, batch 100, members differing
+in learning rate (and seed):
+
+- seed MLP 784-500-500-10, 8 members: jaxdl's sweep; the hand-written Flax scan loop run
+  8 times in sequence; PyTorch's ``torch.func`` ensembling (``stack_module_state`` +
+  ``vmap``), if torch is installed.
+- small MLP 784-64-10, 32 members: jaxdl's sweep against 32 sequential runs.
+
+Reported per way: model-samples/s (training examples × members per second), ratios,
+the sweep's aggregate FLOP rate against the peak-matmul rate and the step-GEMM
+roofline, compile time, and device memory per member from XLA's memory analysis.
+Usage: ``python benchmarks/bench_sweep.py [--json] [--rounds 3]``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+import time
+
+import jax
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(__file__))
+import peers  # noqa: E402
+from common import (  # noqa: E402
+    device_name,
+    emit,
+    interleaved,
+    matmul_flops_per_second,
+    mlp_step_gemm_seconds,
+    mlp_train_flops,
+)
+
+import jaxdl  # noqa: E402
+from jaxdl import sweep, train  # noqa: E402
+
+BATCH = 100
+
+
+def jaxdl_sweep(ds, sizes, members: int):
+    """Returns (run_one_epoch, compile_seconds, bytes_per_member)."""
+    model = jaxdl.MLP(hidden=sizes[1:-1], num_classes=sizes[-1])
+    lrs = np.geomspace(1e-4, 1e-2, members)
+    configs = [{"learning_rate": float(lr)} for lr in lrs]
+    setup, hp, keys, _ = sweep.prepare_sweep(
+        model, jaxdl.make_optimizer("adam"), ds, configs, seeds=[0], epochs=1000, batch_size=BATCH
+    )
+    progs = sweep.programs(setup)
+    states = progs.init(keys, hp)
+    data = train.to_device(ds)
+    active = jax.numpy.ones((members,), bool)
+    t0 = time.perf_counter()
+    exe = progs.epoch.lower(states, active, data, None, hp).compile()
+    compile_s = time.perf_counter() - t0
+    mem = exe.memory_analysis()
+    data_bytes = data.x.nbytes + data.y.nbytes
+    per_member = None
+    if mem is not None:
+        total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
+        per_member = (total - data_bytes - mem.alias_size_in_bytes) / members
+    holder = {"s": states}
+
+    def run():
+        holder["s"], _, _, m = exe(holder["s"], active, data, None, hp)
+        jax.block_until_ready(m)
+
+    run()
+    return run, compile_s, per_member
+
+
+def scenario(ds, sizes, members, rounds, with_torch):
+    runs, extra = {}, {}
+    runs["jaxdl_sweep"], extra["compile_seconds"], extra["bytes_per_member"] = jaxdl_sweep(
+        ds, sizes, members
+    )
+    single, _ = peers.flax_scan(ds, sizes, BATCH)
+    runs["sequential_flax_scan"] = single  # one member; scaled by the member count below
+    if with_torch:
+        t = peers.torch_func_ensemble(ds, sizes, BATCH, members)
+        if t is not None:
+            runs["torch_func_vmap"] = t
+    best = interleaved(runs, rounds)
+    n = len(ds.x)
+    rows = {
+        "jaxdl_sweep": members * n / best["jaxdl_sweep"],
+        "sequential_flax_scan": n / best["sequential_flax_scan"],  # same rate for any count
+    }
+    if "torch_func_vmap" in best:
+        rows["torch_func_vmap"] = members * n / best["torch_func_vmap"]
+    flops = mlp_train_flops(sizes)
+    rows["roofline"] = members * 0 + BATCH / mlp_step_gemm_seconds(sizes, BATCH)
+    extra["aggregate_gflops"] = rows["jaxdl_sweep"] * flops / 1e9
+    return rows, extra
+
+
+def main(argv=None):
+    p = argparse.ArgumentParser(
+        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    p.add_argument("--rounds", type=int, default=3, help="timed epochs per way, interleaved")
+    a = p.parse_args(argv)
+    ds = jaxdl.load("mnist").train
+    peak = matmul_flops_per_second()
+    results, ratios, extra = {}, {}, {"device": device_name(), "matmul_gflops": peak / 1e9}
+    for label, sizes, members, with_torch in (
+        ("seed_mlp_8", (784, 500, 500, 10), 8, True),
+        ("small_mlp_32", (784, 64, 10), 32, False),
+    ):
+        rows, ex = scenario(ds, sizes, members, a.rounds, with_torch)
+        for k, v in rows.items():
+            results[f"{label}/{k}"] = v
+        for peer in ("sequential_flax_scan", "torch_func_vmap"):
+            if peer in rows:
+                ratios[f"jaxdl_vs_{peer}/{label}"] = rows["jaxdl_sweep"] / rows[peer]
+        extra[f"{label}/roofline_fraction"] = rows["jaxdl_sweep"] / rows["roofline"]
+        extra[f"{label}/peak_fraction"] = ex["aggregate_gflops"] * 1e9 / peak
+        extra[f"{label}/compile_seconds"] = ex["compile_seconds"]
+        if ex["bytes_per_member"] is not None:
+            extra[f"{label}/mib_per_member"] = ex["bytes_per_member"] / 2**20
+    extra["roofline_fraction"] = extra["seed_mlp_8/roofline_fraction"]
+    emit("Sweeps: model-samples/s, one epoch of MNIST per member", results, ratios, extra, a.json)
+
+
+if __name__ == "__main__":
+    main()
