@@ -23,13 +23,17 @@ import dataclasses
 import functools
 import itertools
 import math
+import os
 import time
+import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 from jaxdl import optim, train, validate
 from jaxdl.data import Dataset
@@ -107,7 +111,8 @@ class SweepResult:
     epoch, test accuracy, epochs run, diverged, stopped). ``history[metric]``: float64
     (members, epochs_run) arrays, NaN where a member was frozen. ``states``: the final
     ``TrainState`` of every member stacked on a leading axis (best parameters restored
-    where early stopping asks for it). ``compiles``: programs traced for this sweep.
+    where early stopping asks for it). ``compiles``: programs traced by this call (0 when
+    an earlier sweep of the same structure and shapes compiled it).
     """
 
     rows: list[dict[str, Any]]
@@ -117,6 +122,7 @@ class SweepResult:
     seconds: float
     compile_seconds: float
     samples_per_second: float  # training examples per second summed over members
+    chunks: int = 1  # how many groups of members ran one after another (memory)
 
     def best(self, metric: str = "best_val_accuracy") -> dict[str, Any]:
         """The row of the member with the highest ``metric`` among those not diverged."""
@@ -178,15 +184,29 @@ def sweep_epoch(setup: train.Setup, states, active, data: train.Batch, valid, hp
 
 
 @functools.lru_cache(maxsize=16)
-def programs(setup: train.Setup) -> train.Programs:
-    """Jitted vmapped init and sweep epoch for ``setup`` (cached per setup)."""
+def programs(setup: train.Setup, mesh: Mesh | None = None) -> train.Programs:
+    """Jitted vmapped init and sweep epoch for ``setup`` (cached per setup and mesh).
+
+    With a ``mesh``, everything with a member axis is sharded over its ``members`` axis
+    and the data replicated, on the way in and on the way out, so each epoch's output
+    feeds the next without resharding.
+    """
     traces: collections.Counter = collections.Counter()
     init = jax.vmap(functools.partial(train.init_state, setup))
+    shard: dict[str, dict] = {"init": {}, "epoch": {}}
+    if mesh is not None:
+        by_member, replicated = NamedSharding(mesh, P("members")), NamedSharding(mesh, P())
+        shard["init"] = {"in_shardings": by_member, "out_shardings": by_member}
+        shard["epoch"] = {
+            "in_shardings": (by_member, by_member, replicated, replicated, by_member),
+            "out_shardings": by_member,
+        }
     return train.Programs(
-        init=jax.jit(train._counted(traces, "init", init)),
+        init=jax.jit(train._counted(traces, "init", init), **shard["init"]),
         epoch=jax.jit(
             train._counted(traces, "epoch", functools.partial(sweep_epoch, setup)),
             donate_argnums=(0,),
+            **shard["epoch"],
         ),
         traces=traces,
         executables={},
@@ -248,6 +268,8 @@ def sweep(
     early_stopping: EarlyStopping | None = None,
     loss: str = "cross_entropy",
     on_epoch=None,
+    devices: Sequence[jax.Device] | None = None,
+    max_memory_bytes: int | None = None,
     **base: Any,
 ) -> SweepResult:
     """Trains ``len(configs) × seeds`` members of one structure as one program.
@@ -260,55 +282,155 @@ def sweep(
       seeds: a count (seeds 0…n-1) or explicit seeds; every configuration runs with each.
       **base: settings shared by all members unless a configuration sets them.
       on_epoch: ``on_epoch(epoch, metrics)`` with (members,) arrays, after each epoch.
+      devices: where to run (default: all of ``jax.devices()``). With more than one, the
+        member axis is sharded over a ``members`` mesh axis (``NamedSharding``) and the
+        data replicated; members are padded to a multiple of the device count. Results
+        equal the single-device run. For several hosts, call
+        ``jax.distributed.initialize()`` first in every process: ``jax.devices()`` then
+        lists every host's devices and each host runs its share of the members.
+      max_memory_bytes: per-device budget (default: see ``memory_budget``). Members that
+        do not fit together run in chunks, one after another, with a warning.
     """
     setup, hp, keys, members = prepare_sweep(
         model, optimizer, train_data, configs, seeds=seeds, epochs=epochs,
         batch_size=batch_size, validation=validation, early_stopping=early_stopping,
         loss=loss, **base,
     )  # fmt: skip
-    progs = programs(setup)
-    data = train.to_device(train_data)  # one copy on the device, shared by every member
+    data = train.to_device(train_data)  # one copy per device, shared by every member
     valid = None if validation is None else train.to_device(validation)
-    t0 = time.perf_counter()
-    states = progs.init(keys, hp)
     n = len(members)
-    active = jnp.ones((n,), bool)
-    diverged = np.zeros(n, bool)
-    epochs_run = np.zeros(n, int)
-    history: dict[str, list[np.ndarray]] = collections.defaultdict(list)
-    compile_t = time.perf_counter()
-    exe = progs.epoch.lower(states, active, data, valid, hp).compile()
-    compile_seconds = time.perf_counter() - compile_t
-    for epoch in range(1, epochs + 1):
-        was_active = np.asarray(active)
-        states, active, diverged_now, metrics = exe(states, active, data, valid, hp)
-        metrics = {k: np.asarray(v, np.float64) for k, v in jax.device_get(metrics).items()}
-        diverged |= np.asarray(diverged_now)
-        epochs_run += was_active & ~np.asarray(diverged_now)
-        for k, v in metrics.items():
-            history[k].append(v)
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
-        if not bool(jnp.any(active)):
-            break
-    seconds = time.perf_counter() - t0 - compile_seconds
+    devices = list(jax.devices() if devices is None else devices)
+    mesh = Mesh(np.asarray(devices), ("members",)) if len(devices) > 1 else None
+    size = chunk_size(setup, hp, n, len(devices), max_memory_bytes, data_bytes=data.x.nbytes)
+    progs = programs(setup, mesh)
+    traced_before = progs.traces["epoch"]
+    chunks = [
+        _run_chunk(
+            progs, keys[i : i + size], _slice(hp, i, i + size), size, data, valid, epochs, on_epoch
+        )
+        for i in range(0, n, size)
+    ]
+    states = jax.tree_util.tree_map(lambda *v: jnp.concatenate(v), *[c.states for c in chunks])
     if early_stopping is not None and early_stopping.restore_best:
         has_best = states.stopping.tracker.best_epoch > 0
         states = states.replace(
             params=_freeze(has_best, states.stopping.best_params, states.params),
             batch_stats=_freeze(has_best, states.stopping.best_batch_stats, states.batch_stats),
         )
-    hist = {k: np.stack(v, axis=1) for k, v in history.items()}
+    ran = max(c.epochs for c in chunks)
+    hist = {k: np.concatenate([c.history[k][:, :ran] for c in chunks]) for k in chunks[0].history}
+    diverged = np.concatenate([c.diverged for c in chunks])
+    epochs_run = np.concatenate([c.epochs_run for c in chunks])
+    seconds = sum(c.seconds for c in chunks)
     rows = _rows(members, hist, diverged, epochs_run, states, setup, test)
     return SweepResult(
         rows=rows,
         history=hist,
         states=states,
-        compiles=progs.traces["epoch"],
+        compiles=progs.traces["epoch"] - traced_before,
         seconds=seconds,
-        compile_seconds=compile_seconds,
+        compile_seconds=sum(c.compile_seconds for c in chunks),
         samples_per_second=float(epochs_run.sum() * setup.n_train / max(seconds, 1e-9)),
+        chunks=len(chunks),
     )
+
+
+class _Chunk(NamedTuple):
+    states: train.TrainState
+    history: dict[str, np.ndarray]  # (members, epochs), NaN after a member stopped
+    diverged: np.ndarray
+    epochs_run: np.ndarray
+    epochs: int
+    seconds: float
+    compile_seconds: float
+
+
+def _run_chunk(progs, keys, hp, size, data, valid, epochs, on_epoch) -> _Chunk:
+    """Trains one chunk of members (padded to ``size``) to the end; drops the padding."""
+    n = keys.shape[0]
+    keys, hp, active = _pad(keys, hp, n, size)
+    states = progs.init(keys, hp)
+    exe, compile_seconds = train.compiled(progs, states, active, data, valid, hp)
+    diverged = np.zeros(size, bool)
+    epochs_run = np.zeros(size, int)
+    history: dict[str, np.ndarray] = {}
+    t0 = time.perf_counter()
+    for epoch in range(1, epochs + 1):
+        was_active = np.asarray(active)
+        states, active, diverged_now, metrics = exe(states, active, data, valid, hp)
+        metrics = {k: np.asarray(v, np.float64)[:n] for k, v in jax.device_get(metrics).items()}
+        diverged |= np.asarray(diverged_now)
+        epochs_run += was_active & ~np.asarray(diverged_now)
+        for k, v in metrics.items():
+            history.setdefault(k, np.full((n, epochs), np.nan))[:, epoch - 1] = v
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+        if not bool(jnp.any(active)):
+            break
+    seconds = time.perf_counter() - t0
+    states = jax.tree_util.tree_map(lambda v: v[:n], states)
+    return _Chunk(states, history, diverged[:n], epochs_run[:n], epoch, seconds, compile_seconds)
+
+
+def _slice(tree, start: int, stop: int):
+    return jax.tree_util.tree_map(lambda v: v[start:stop], tree)
+
+
+def member_bytes(setup: train.Setup, hp: train.HParams) -> int:
+    """Estimated device bytes one member needs: its ``TrainState`` (parameters, optimizer
+    state, best parameters for early stopping), its gradients, and the activations of a
+    training step and of the per-epoch probe pass."""
+    one = jax.tree_util.tree_map(lambda v: v[0], hp)
+    state = jax.eval_shape(lambda: train.init_state(setup, jax.random.key(0), one))
+    nbytes = sum(v.size * v.dtype.itemsize for v in jax.tree_util.tree_leaves(state))
+    params = sum(v.size * v.dtype.itemsize for v in jax.tree_util.tree_leaves(state.params))
+    units = math.prod(setup.feature_shape) + sum(setup.widths) + setup.model.num_classes
+    pieces = setup.model.maxout_pieces if setup.model.activation == "maxout" else 1
+    acts = 4 * units * pieces * 3 * (setup.batch_size + setup.probe_size)  # pre, post, grad
+    return int(nbytes + params + acts)
+
+
+def memory_budget(data_bytes: int = 0) -> int:
+    """Bytes a sweep may use on one device: its memory limit where the backend reports
+    one (GPU, TPU), else half the host's RAM (CPU), less the data set."""
+    stats = jax.devices()[0].memory_stats() or {}
+    if "bytes_limit" in stats:
+        limit = int(stats["bytes_limit"] * 0.9)
+    else:
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+    return max(limit - data_bytes, 0)
+
+
+def chunk_size(
+    setup, hp, n: int, n_devices: int, max_bytes: int | None, data_bytes: int = 0
+) -> int:
+    """How many members to train at once: all of them if they fit, else as many as fit
+    (a multiple of the device count), with a warning saying so."""
+    budget = memory_budget(data_bytes) if max_bytes is None else max_bytes
+    per = member_bytes(setup, hp)
+    fit = max(1, budget // per) * n_devices
+    total = -(-n // n_devices) * n_devices
+    if fit >= total:
+        return total
+    size = max(n_devices, fit // n_devices * n_devices)
+    warnings.warn(
+        f"sweep: {n} members need about {n * per / 2**20:.0f} MiB, more than the "
+        f"{budget / 2**20:.0f} MiB available per device; running {-(-n // size)} chunks of "
+        f"{size} members one after another (one compiled program)",
+        stacklevel=3,
+    )
+    return size
+
+
+def _pad(keys, hp, n: int, size: int):
+    """Pads the member axis from ``n`` to ``size`` with inactive copies of the last
+    member (to fill the last chunk or device); returns (keys, hparams, active)."""
+    pad = size - n
+
+    def padded(v):
+        return jnp.concatenate([v, jnp.repeat(v[-1:], pad, axis=0)]) if pad else v
+
+    return padded(keys), jax.tree_util.tree_map(padded, hp), jnp.arange(n + pad) < n
 
 
 def _rows(members, hist, diverged, epochs_run, states, setup, test) -> list[dict[str, Any]]:

@@ -356,13 +356,15 @@ def programs(setup: Setup) -> Programs:
     )
 
 
-def compile_epoch(setup: Setup, *args) -> tuple[Callable, float]:
-    """The compiled epoch for these argument shapes and the seconds compiling took
-    (0.0 when it was compiled before)."""
-    progs = programs(setup)
+def compiled(progs: Programs, *args) -> tuple[Callable, float]:
+    """``progs.epoch`` compiled for these arguments' shapes (and shardings), with the
+    seconds compiling took (0.0 when it was compiled before)."""
     sig = (
         jax.tree_util.tree_structure(args),
-        tuple((a.shape, a.dtype) for a in jax.tree_util.tree_leaves(args)),
+        tuple(
+            (a.shape, a.dtype, getattr(a, "sharding", None))
+            for a in jax.tree_util.tree_leaves(args)
+        ),
     )
     if sig in progs.executables:
         return progs.executables[sig], 0.0
@@ -370,6 +372,11 @@ def compile_epoch(setup: Setup, *args) -> tuple[Callable, float]:
     exe = progs.epoch.lower(*args).compile()
     progs.executables[sig] = exe
     return exe, time.perf_counter() - t0
+
+
+def compile_epoch(setup: Setup, *args) -> tuple[Callable, float]:
+    """The compiled single-run epoch of ``setup`` for these arguments (see ``compiled``)."""
+    return compiled(programs(setup), *args)
 
 
 def as_key(seed_or_key: int | jax.Array) -> PRNGKey:
