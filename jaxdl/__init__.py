@@ -4,6 +4,7 @@ The pure functions are the API: ``fit`` is a convenience built from ``init_state
 ``train_step`` and ``run_epoch``; every sweepable number is a traced array (``HParams``).
 """
 
+from jaxdl import sweep
 from jaxdl.data import Dataset, Splits, load, standardize, synthetic, synthetic_splits
 from jaxdl.models import CNN, MLP, masked_widths, sample_masks
 from jaxdl.optim import Optimizer, make_optimizer
@@ -56,6 +57,7 @@ __all__ = [
     "run_epoch",
     "sample_masks",
     "standardize",
+    "sweep",
     "synthetic",
     "synthetic_splits",
     "train_step",
