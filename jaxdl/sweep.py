@@ -461,3 +461,38 @@ def _rows(members, hist, diverged, epochs_run, states, setup, test) -> list[dict
         row["stopped"] = bool(states.stopping.stopped[i]) if states.stopping is not None else False
         rows.append(row)
     return rows
+
+
+def sweep_structures(
+    structures: Mapping[str, tuple[Model, Optimizer]],
+    train_data: Dataset,
+    configs: Sequence[Mapping[str, Any]],
+    **kwargs: Any,
+) -> dict[str, SweepResult]:
+    """Sweeps over structural choices too (width, depth, activation, batch norm,
+    optimizer family), which cannot be vmapped: one program per named structure, run
+    one after another, each over every configuration × seed. Settings a structure's
+    optimizer does not take (``momentum`` for Adam, say) are dropped for that structure,
+    and configurations that become identical run once.
+    Each result's rows carry a ``structure`` column.
+
+    Example::
+
+      sweep_structures({"relu": (MLP(activation="relu"), make_optimizer("adam")),
+                        "sigmoid": (MLP(activation="sigmoid"), make_optimizer("adam"))},
+                       data.train, grid(learning_rate=[1e-4, 1e-3]), epochs=5)
+    """
+    if not structures:
+        validate.fail("structures", "at least one (model, optimizer) pair", structures)
+    results = {}
+    for name, (model, optimizer) in structures.items():
+        known = {*MEMBER_KEYS, *optim.defaults(optimizer.name)}
+        own = []
+        for c in configs:  # dropping settings may leave duplicates: keep the first
+            mine = {k: v for k, v in c.items() if k in known}
+            if mine not in own:
+                own.append(mine)
+        res = sweep(model, optimizer, train_data, own, **kwargs)
+        res.rows = [{"structure": name, **r} for r in res.rows]
+        results[name] = res
+    return results

@@ -247,3 +247,24 @@ def test_sweep_that_does_not_fit_runs_in_chunks_with_the_same_results(blobs):
     _close(chunked.states.params, whole.states.params)
     np.testing.assert_allclose(chunked.history["val_loss"], whole.history["val_loss"], rtol=1e-5)
     assert [r["learning_rate"] for r in chunked.rows] == [c["learning_rate"] for c in configs]
+
+
+def test_structures_are_swept_one_program_each(blobs):
+    structures = {
+        "relu-sgd": (jaxdl.MLP(hidden=(16,), num_classes=3), jaxdl.make_optimizer("momentum")),
+        "tanh-adam": (
+            jaxdl.MLP(hidden=(8, 8), num_classes=3, activation="tanh"),
+            jaxdl.make_optimizer("adam"),
+        ),
+    }
+    configs = sweep.grid(learning_rate=[1e-2, 1e-1], momentum=[0.5, 0.9])
+    out = sweep.sweep_structures(
+        structures, blobs.train, configs, epochs=2, batch_size=64, validation=blobs.valid
+    )
+    assert set(out) == set(structures)
+    assert len(out["relu-sgd"].rows) == 4 and out["relu-sgd"].rows[0]["structure"] == "relu-sgd"
+    # Adam takes no momentum: that axis is dropped and the duplicates run once.
+    assert [r["learning_rate"] for r in out["tanh-adam"].rows] == [1e-2, 1e-1]
+    assert all("momentum" not in r for r in out["tanh-adam"].rows)
+    assert out["tanh-adam"].states.params["layer_1"]["kernel"].shape == (2, 8, 8)
+    assert all(r.compiles <= 1 for r in out.values())
