@@ -92,7 +92,7 @@ def scenario(ds, sizes, members, rounds, with_torch):
     if "torch_func_vmap" in best:
         rows["torch_func_vmap"] = members * n / best["torch_func_vmap"]
     flops = mlp_train_flops(sizes)
-    rows["roofline"] = members * 0 + BATCH / mlp_step_gemm_seconds(sizes, BATCH)
+    rows["roofline"] = BATCH / mlp_step_gemm_seconds(sizes, BATCH)  # per member, any count
     extra["aggregate_gflops"] = rows["jaxdl_sweep"] * flops / 1e9
     return rows, extra
 

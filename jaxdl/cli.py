@@ -347,15 +347,22 @@ def cmd_sweep(a: argparse.Namespace) -> dict:
         cfg["dropout"] = _dropout(model, tr.x.shape[1:], d_in, d_hid)
         configs.append((cfg, d_in, d_hid))
     base = {k: getattr(a, k) for k in ("l1", "l2", "input_noise", "init_scale") if k not in axes}
+    member_configs = [c for c, _, _ in configs]
+    settings = dict(
+        seeds=a.seeds, epochs=a.epochs, batch_size=a.batch_size, validation=splits.valid,
+        early_stopping=es, loss=a.loss, **base,
+    )  # fmt: skip
+    sweep.prepare_sweep(
+        model, optimizer, tr, member_configs, **settings
+    )  # check all, write nothing
     run_dir = report.make_run_dir(a.runs_dir, a.name, prefix="sweep")
     config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
     report.write_json(run_dir / "config.json", config)
     n = len(configs) * a.seeds
     with report.Progress(a.epochs, enabled=not a.no_progress, stream=sys.stderr) as prog:
         res = sweep.sweep(
-            model, optimizer, tr, [c for c, _, _ in configs], seeds=a.seeds, epochs=a.epochs,
-            batch_size=a.batch_size, validation=splits.valid, test=splits.test, early_stopping=es,
-            loss=a.loss, on_epoch=lambda e, m: prog.update(e, _median(m)), **base,
+            model, optimizer, tr, member_configs, test=splits.test,
+            on_epoch=lambda e, m: prog.update(e, _median(m)), **settings,
         )  # fmt: skip
         prog.finish()
     rows = []
