@@ -4,7 +4,7 @@ The pure functions are the API: ``fit`` is a convenience built from ``init_state
 ``train_step`` and ``run_epoch``; every sweepable number is a traced array (``HParams``).
 """
 
-from jaxdl import sweep
+from jaxdl import checkpoint, ensemble, sweep
 from jaxdl.data import Dataset, Splits, load, standardize, synthetic, synthetic_splits
 from jaxdl.models import CNN, MLP, masked_widths, sample_masks
 from jaxdl.optim import Optimizer, make_optimizer
@@ -14,6 +14,7 @@ from jaxdl.train import (
     Batch,
     FitInfo,
     HParams,
+    NonFiniteError,
     Setup,
     TrainState,
     best_epoch,
@@ -39,11 +40,14 @@ __all__ = [
     "FitInfo",
     "HParams",
     "InputError",
+    "NonFiniteError",
     "Optimizer",
     "Setup",
     "Splits",
     "TrainState",
     "best_epoch",
+    "checkpoint",
+    "ensemble",
     "evaluate",
     "fit",
     "init_state",

@@ -7,15 +7,36 @@ and one line naming the flag and what was expected, never a traceback.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
+import signal
 import sys
+import threading
 import time
 from collections.abc import Sequence
 from pathlib import Path
 
+import jax
 import numpy as np
 
-from jaxdl import data, inits, losses, models, optim, report, stopping, sweep, train, validate
+from jaxdl import (
+    checkpoint,
+    data,
+    ensemble,
+    htmlreport,
+    inits,
+    losses,
+    models,
+    optim,
+    report,
+    runs,
+    stopping,
+    sweep,
+    tracking,
+    train,
+    validate,
+)
+from jaxdl import config as run_config
 from jaxdl.validate import InputError
 
 
@@ -192,6 +213,53 @@ def _add_train_flags(p: argparse.ArgumentParser, number=float) -> None:
     )
     g.add_argument("--no-progress", action="store_true", help="no progress display")
     g.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    g.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="write TensorBoard event files into the run directory "
+        "(needs tensorboardX: pip install 'jaxdl[tensorboard]')",
+    )
+    g.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="read settings from a TOML or JSON file (a run's config.json reruns it); "
+        "flags given on the command line override the file",
+    )
+
+
+def _add_checkpoint_flags(p: argparse.ArgumentParser, *, skip: bool = True) -> None:
+    g = p.add_argument_group("checkpoints and faults")
+    g.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its latest checkpoint, with the settings of "
+        "its config.json (only --json, --no-progress, --no-plots, --data-dir may be given)",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=1,
+        metavar="N",
+        help="checkpoint every N epochs, at each new best epoch and at the last (0: never)",
+    )
+    g.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=2,
+        metavar="K",
+        help="keep the K latest checkpoints (and the best one)",
+    )
+    if skip:
+        g.add_argument(
+            "--skip-nonfinite",
+            action="store_true",
+            help="skip optimizer steps whose loss or gradient is NaN/Inf (default: stop the "
+            "run at the first one, exit status 3)",
+        )
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -202,6 +270,7 @@ def build_parser() -> argparse.ArgumentParser:
                        description="Train one model. With no flags: the course's Keras example "
                        "(784-500-500-10 ReLU, cross-entropy, Adam 1e-3, batch 100, 20 epochs) on MNIST.")  # fmt: skip
     _add_train_flags(t)
+    _add_checkpoint_flags(t)
     w = sub.add_parser(
         "sweep",
         help="train many models at once (one compiled program per structure)",
@@ -211,7 +280,11 @@ def build_parser() -> argparse.ArgumentParser:
         "or linspace:0:0.5:6.",
     )
     _add_train_flags(w, number=_values)
+    _add_checkpoint_flags(w, skip=False)
     w.add_argument("--seeds", type=int, default=1, help="seeds per configuration (0..N-1)")
+    _add_view_commands(sub, fmt)
+    e = _add_ensemble_command(sub, fmt)
+    p.commands = {"train": t, "sweep": w, "ensemble": e}  # for --config: set a command's defaults
     d = sub.add_parser("data", help="data sets", formatter_class=fmt)
     dsub = d.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
     f = dsub.add_parser(
@@ -281,25 +354,128 @@ def _dropout(model: models.Model, feature_shape, inp: float, hidden: float) -> l
     return [inp] + [hidden] * (len(models.masked_widths(model, feature_shape)) - 1)
 
 
+def _check_checkpoint_flags(a: argparse.Namespace) -> None:
+    validate.positive_int("--checkpoint-every", a.checkpoint_every, allow_zero=True)
+    validate.positive_int("--keep-checkpoints", a.keep_checkpoints)
+    if a.resume is not None and not a.checkpoint_every:
+        raise InputError(f"--resume: {str(a.resume)!r} was run with --checkpoint-every 0, so "
+                         "it has no checkpoints to resume from")  # fmt: skip
+
+
+def _checkpointer(a: argparse.Namespace, run_dir: Path, config) -> checkpoint.Checkpointer | None:
+    if not a.checkpoint_every:
+        return None
+    return checkpoint.Checkpointer(
+        run_dir / "checkpoints", config, every=a.checkpoint_every, max_to_keep=a.keep_checkpoints
+    )
+
+
+@contextlib.contextmanager
+def _faults(ckpt: checkpoint.Checkpointer | None, run_dir: Path):
+    """Catches SIGINT/SIGTERM from here to the end of the command (``main`` restores the
+    handlers): during training the run is saved at the end of the epoch and stops; once
+    training is done it finishes writing its results. On a NaN/Inf loss writes the
+    history so far and says where the last good checkpoint is."""
+    with ckpt.catch_signals(restore=False) if ckpt is not None else contextlib.nullcontext():
+        try:
+            yield
+        except train.NonFiniteError as e:
+            report.save_history(run_dir, e.history)
+            kept = [] if ckpt is None else ckpt.epochs()
+            where = (f"the last good checkpoint is epoch {kept[-1]} in {ckpt.directory}" if kept
+                     else "no checkpoint was kept")  # fmt: skip
+            e.args = (f"{e}; {where}; history in {run_dir}; lower --lr, add --clip-norm or "
+                      "--skip-nonfinite and start a new run",)  # fmt: skip
+            raise
+        except checkpoint.Interrupted as e:
+            e.run_dir = run_dir
+            raise
+
+
+# Flags a resumed run may set: they change what is shown, not what is computed.
+_RESUME_MAY_SET = ("resume", "json", "no_progress", "no_plots", "data_dir")
+
+
+def _given_flags(argv: Sequence[str]) -> dict:
+    """The flags given on the command line (not their defaults), by dest."""
+    p = build_parser()
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                for act in sub._actions:
+                    act.default = argparse.SUPPRESS
+    return vars(p.parse_args(argv))
+
+
+def _resumed(a: argparse.Namespace, argv: Sequence[str]) -> argparse.Namespace:
+    """``a`` with the settings of the run being resumed (its config.json); refuses
+    flags that would change what is computed."""
+    run_dir = Path(a.resume)
+    path = run_dir / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except OSError:
+        raise InputError(f"--resume: expected a run directory with a config.json, got "
+                         f"{str(run_dir)!r}") from None  # fmt: skip
+    except ValueError as e:
+        raise InputError(f"--resume: {str(path)!r} is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("command") != a.command:
+        raise InputError(f"--resume: {str(run_dir)!r} is not a {a.command} run")
+    if (run_dir / ("results.json" if a.command == "train" else "summary.json")).exists():
+        raise InputError(f"--resume: {str(run_dir)!r} has finished already; nothing to resume")
+    given = _given_flags(argv)
+    for dest, value in given.items():
+        if dest in (*_RESUME_MAY_SET, "command") or report.to_jsonable(value) == config.get(dest):
+            continue
+        flag = "--" + dest.replace("_", "-")
+        raise InputError(f"{flag}: {str(run_dir)!r} was started with {config.get(dest)!r}, got "
+                         f"{value!r}; a resumed run keeps its settings (only --json, "
+                         "--no-progress, --no-plots and --data-dir may be given)")  # fmt: skip
+    out = vars(a).copy()
+    for dest, value in config.items():
+        if dest in out and dest not in given:
+            if value is not None and dest in ("runs_dir", "data_dir"):
+                value = Path(value)
+            elif isinstance(out[dest], tuple) and isinstance(value, list):
+                value = tuple(value)
+            out[dest] = value
+    out["resume"] = run_dir
+    return argparse.Namespace(**out)
+
+
 def cmd_train(a: argparse.Namespace) -> dict:
     model, optimizer, es, splits, tr = _common(a)
     dropout = _dropout(model, tr.x.shape[1:], a.dropout_input, a.dropout_hidden)
     setup, hp = train.prepare(
         model, optimizer, tr, epochs=a.epochs, batch_size=a.batch_size, validation=splits.valid,
         early_stopping=es, loss=a.loss, l1=a.l1, l2=a.l2, dropout=dropout,
-        input_noise=a.input_noise, init_scale=a.init_scale,
+        input_noise=a.input_noise, init_scale=a.init_scale, skip_nonfinite=a.skip_nonfinite,
     )  # fmt: skip
-    run_dir = report.make_run_dir(a.runs_dir, a.name)
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
-    config["resolved"] = {"hyperparams": {k: float(v) for k, v in hp.opt.items()},
-                          "dropout": [float(r) for r in hp.dropout], "init_scale": float(hp.init_scale)}  # fmt: skip
-    report.write_json(run_dir / "config.json", config)
+    _check_checkpoint_flags(a)
+    if a.resume is None:
+        run_dir = report.make_run_dir(a.runs_dir, a.name)
+        config = {**run_config.settings(a), "run_dir": str(run_dir)}
+        config["resolved"] = {"hyperparams": {k: float(v) for k, v in hp.opt.items()},
+                              "dropout": [float(r) for r in hp.dropout], "init_scale": float(hp.init_scale)}  # fmt: skip
+        report.write_json(run_dir / "config.json", config)
+    else:
+        run_dir = a.resume
     info = train.FitInfo()
     state = train.programs(setup).init(train.as_key(a.seed), hp)
+    tb = None
+    if a.tensorboard:
+        tb = tracking.RunWriter(run_dir, model, tr.x[: setup.probe_size], run_config.settings(a))
+    ckpt = _checkpointer(a, run_dir, checkpoint.describe(setup, hp, tr.x, tr.y))
+    history = None
+    if ckpt is not None and a.resume is not None and (saved := ckpt.restore(state)) is not None:
+        state, history = saved.state, saved.host
     with report.Progress(a.epochs, enabled=not a.no_progress, stream=sys.stderr) as prog:
-        state, history = train.fit_state(
-            setup, state, hp, tr, splits.valid, on_epoch=prog.update, info=info
-        )
+        with _faults(ckpt, run_dir):
+            state, history = train.fit_state(
+                setup, state, hp, tr, splits.valid, on_epoch=_each(prog.update, tb and tb.epoch),
+                on_state=tb and tb.state, info=info,
+                checkpointer=ckpt, history=history,
+            )  # fmt: skip
         best = train.best_epoch(state) or None  # 0: no epoch improved (all NaN)
         prog.finish(stopped_early=len(history["train_loss"]) < a.epochs, best_epoch=best)
     test = train.evaluate(model, state, splits.test, loss=a.loss)
@@ -321,7 +497,20 @@ def cmd_train(a: argparse.Namespace) -> dict:
         "run_dir": str(run_dir),
     }
     report.write_json(run_dir / "results.json", results)
+    if tb is not None:
+        tb.close(results)
     return results
+
+
+def _each(*callbacks):
+    """One callback that calls each of ``callbacks`` that is not None, in order."""
+    active = [c for c in callbacks if c is not None]
+
+    def call(*args) -> None:
+        for c in active:
+            c(*args)
+
+    return call
 
 
 # Sweepable flags (dest) and the setting each sets.
@@ -352,18 +541,24 @@ def cmd_sweep(a: argparse.Namespace) -> dict:
         seeds=a.seeds, epochs=a.epochs, batch_size=a.batch_size, validation=splits.valid,
         early_stopping=es, loss=a.loss, **base,
     )  # fmt: skip
-    sweep.prepare_sweep(
+    setup, hp, _, members = sweep.prepare_sweep(
         model, optimizer, tr, member_configs, **settings
     )  # check all, write nothing
-    run_dir = report.make_run_dir(a.runs_dir, a.name, prefix="sweep")
-    config = {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items()}
-    report.write_json(run_dir / "config.json", config)
+    _check_checkpoint_flags(a)
+    if a.resume is None:
+        run_dir = report.make_run_dir(a.runs_dir, a.name, prefix="sweep")
+        config = {**run_config.settings(a), "run_dir": str(run_dir)}
+        report.write_json(run_dir / "config.json", config)
+    else:
+        run_dir = a.resume
+    ckpt = _checkpointer(a, run_dir, checkpoint.describe(setup, hp, tr.x, tr.y, members=members))
     n = len(configs) * a.seeds
     with report.Progress(a.epochs, enabled=not a.no_progress, stream=sys.stderr) as prog:
-        res = sweep.sweep(
-            model, optimizer, tr, member_configs, test=splits.test,
-            on_epoch=lambda e, m: prog.update(e, _median(m)), **settings,
-        )  # fmt: skip
+        with _faults(ckpt, run_dir):
+            res = sweep.sweep(
+                model, optimizer, tr, member_configs, test=splits.test,
+                on_epoch=lambda e, m: prog.update(e, _median(m)), checkpointer=ckpt, **settings,
+            )  # fmt: skip
         prog.finish()
     rows = []
     for row, (_, d_in, d_hid) in zip(
@@ -380,6 +575,12 @@ def cmd_sweep(a: argparse.Namespace) -> dict:
     report.write_json(run_dir / "history.json", {k: v.tolist() for k, v in res.history.items()})
     if not a.no_plots:
         report.plot_sweep(rows, swept, res.history, run_dir)
+    if a.tensorboard:
+        result_keys = [k for k in rows[0] if k in _ROW_RESULTS or k.startswith("best_")]
+        tracking.write_sweep(
+            run_dir, rows, res.history, params=res.states.params, results=result_keys,
+            settings=[k for k in rows[0] if k not in result_keys],
+        )  # fmt: skip
     best = max(
         (r for r in rows if not r["diverged"]),
         key=lambda r: r["best_val_accuracy"],
@@ -414,10 +615,160 @@ def cmd_fetch(a: argparse.Namespace) -> dict:
     return {"dataset": a.name, "path": str(path), "seconds": time.perf_counter() - t0}
 
 
+def _add_ensemble_command(sub, fmt) -> argparse.ArgumentParser:
+    e = sub.add_parser(
+        "ensemble",
+        help="train a dropout net and measure it as an ensemble of subnetworks",
+        formatter_class=fmt,
+        description="Train a dropout net (the train flags; dropout 0.2 on the input and 0.5 "
+        "on hidden layers by default), then compare weight scaling with Monte-Carlo "
+        "averages of k sampled subnetworks (arithmetic and geometric), the exact ensemble "
+        "of all subnetworks when they are few, and optionally explicit ensembles.",
+    )
+    _add_train_flags(e)
+    e.set_defaults(dropout_input=0.2, dropout_hidden=0.5)
+    g = e.add_argument_group("ensemble")
+    g.add_argument("--k", type=int, default=100, help="subnetworks sampled (curve for k=1..K)")
+    g.add_argument("--repeats", type=int, default=5, help="independent k-samples (spread)")
+    g.add_argument(
+        "--exact",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="enumerate all 2^M subnetworks (auto: when M <= --max-units)",
+    )
+    g.add_argument("--max-units", type=int, default=20, help="most masked units to enumerate")
+    g.add_argument(
+        "--explicit",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also train N independent nets and N fixed-mask subnetworks (0: skip)",
+    )
+    g.add_argument("--test-size", type=int, default=None, help="use the first N test examples")
+    g.add_argument(
+        "--ood-size", type=int, default=1000, help="test images turned out-of-distribution"
+    )
+    return e
+
+
+def cmd_ensemble(a: argparse.Namespace) -> dict:
+    for flag in ("k", "repeats", "max_units", "ood_size"):
+        validate.positive_int("--" + flag.replace("_", "-"), getattr(a, flag))
+    validate.positive_int("--explicit", a.explicit, allow_zero=True)
+    if a.test_size is not None:
+        validate.positive_int("--test-size", a.test_size)
+    if a.tensorboard:
+        raise InputError("--tensorboard: not available for ensemble (use jaxdl train)")
+    model, optimizer, es, splits, tr = _common(a)
+    rates = _dropout(model, tr.x.shape[1:], a.dropout_input, a.dropout_hidden)
+    if max(rates) <= 0:
+        raise InputError("--dropout-input/--dropout-hidden: the ensemble view needs dropout; "
+                         "expected a rate above 0, got 0")  # fmt: skip
+    widths = models.masked_widths(model, tr.x.shape[1:])
+    units = sum(w for w, r in zip(widths, rates, strict=True) if r > 0)
+    if a.exact == "on" and units > a.max_units:
+        raise InputError(f"--exact on: {units} masked units are more than --max-units "
+                         f"{a.max_units}; mask fewer units or use --exact auto")  # fmt: skip
+    setup, hp = train.prepare(
+        model, optimizer, tr, epochs=a.epochs, batch_size=a.batch_size, validation=splits.valid,
+        early_stopping=es, loss=a.loss, l1=a.l1, l2=a.l2, dropout=rates,
+        input_noise=a.input_noise, init_scale=a.init_scale,
+    )  # fmt: skip
+    test = splits.test if a.test_size is None else data.subset(splits.test, a.test_size)
+    run_dir = report.make_run_dir(a.runs_dir, a.name, prefix="ensemble")
+    report.write_json(run_dir / "config.json", {**run_config.settings(a), "run_dir": str(run_dir)})
+    state = train.programs(setup).init(train.as_key(a.seed), hp)
+    with report.Progress(a.epochs, enabled=not a.no_progress, stream=sys.stderr) as prog:
+        state, history = train.fit_state(setup, state, hp, tr, splits.valid, on_epoch=prog.update)
+        prog.finish(best_epoch=train.best_epoch(state) or None)
+    report.save_history(run_dir, history)
+    key = jax.random.fold_in(train.as_key(a.seed), 7)
+    exact = {"auto": None, "on": True, "off": False}[a.exact]
+    result = ensemble.analyse(
+        model, ensemble.variables_of(state), rates, test, key=key, k=a.k, repeats=a.repeats,
+        exact=exact, max_units=a.max_units, ood_size=min(a.ood_size, len(test.x)),
+    )  # fmt: skip
+    explicit = {}
+    if a.explicit:
+        trained = ensemble.train_explicit(
+            model, optimizer, tr, n=a.explicit, rates=rates, key=jax.random.fold_in(key, 1),
+            epochs=a.epochs, seed=a.seed + 1, batch_size=a.batch_size, validation=splits.valid,
+            early_stopping=es, loss=a.loss,
+        )  # fmt: skip
+        for name in ("independent", "bagging"):
+            masks = trained["masks"] if name == "bagging" else None
+            explicit[name] = ensemble.member_stats(
+                model, trained[name].states, test.x, test.y, masks=masks
+            )
+    summary = ensemble.summary(result)
+    for name, stats in explicit.items():
+        summary[f"{name}_accuracy"] = {
+            str(j + 1): float(v) for j, v in enumerate(stats["accuracy"])
+        }
+    summary["run_dir"] = str(run_dir)
+    report.write_json(run_dir / "ensemble.json", {**result, "explicit": explicit})
+    report.write_json(run_dir / "summary.json", summary)
+    if not a.no_plots:
+        report.plot_ensemble(result, run_dir, explicit=explicit)
+    return summary
+
+
+def _add_view_commands(sub, fmt) -> None:
+    """``runs``, ``compare`` and ``report``: read run directories, train nothing."""
+    r = sub.add_parser("runs", help="list run directories, newest first", formatter_class=fmt)
+    r.add_argument("runs_dir", nargs="?", type=Path, default=Path("runs"), help="where runs are")
+    r.add_argument("--limit", type=int, default=0, help="show only the N newest (0: all)")
+    c = sub.add_parser(
+        "compare", help="print the settings and results that differ", formatter_class=fmt
+    )
+    c.add_argument("paths", nargs="+", type=Path, metavar="RUN_DIR", help="two or more runs")
+    h = sub.add_parser(
+        "report", help="write one self-contained HTML page about runs", formatter_class=fmt
+    )
+    h.add_argument(
+        "paths", nargs="+", type=Path, metavar="RUN_DIR", help="runs, or directories of runs"
+    )
+    h.add_argument("--out", type=Path, default=Path("report.html"), help="the HTML file")
+    h.add_argument("--title", default="jaxdl report", help="page title")
+    for q in (r, c, h):
+        q.add_argument(
+            "--json", action="store_true", help="print a JSON summary as the last line of stdout"
+        )
+
+
+def cmd_runs(a: argparse.Namespace) -> tuple[dict, str]:
+    validate.positive_int("--limit", a.limit, allow_zero=True)
+    found = runs.find_runs(a.runs_dir)[: a.limit or None]
+    table = runs.run_table(found) if found else f"no runs in {a.runs_dir}"
+    return {"runs": [runs.summary_row(r) for r in found], "runs_dir": str(a.runs_dir)}, table
+
+
+def cmd_compare(a: argparse.Namespace) -> tuple[dict, str]:
+    found = [runs.load_run(p) for p in a.paths]
+    diff = runs.differences(found)
+    return {"runs": [str(r.path) for r in found], **diff}, runs.compare_text(found, diff)
+
+
+def cmd_report(a: argparse.Namespace) -> tuple[dict, str]:
+    res = htmlreport.write(a.paths, a.out, title=a.title)
+    return res, f"report {res['report']}: {res['runs']} run(s), {res['plots']} plot(s)"
+
+
+_VIEWS = {"runs": cmd_runs, "compare": cmd_compare, "report": cmd_report}
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
     a = parser.parse_args(argv)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
+        if getattr(a, "config", None) is not None:
+            a = run_config.reparse(parser, parser.commands[a.command], argv, a)
+        if getattr(a, "tensorboard", False):
+            tracking.require()  # before anything is written
+        if getattr(a, "resume", None) is not None:
+            a = _resumed(a, argv)
         if a.command == "sweep":
             results = cmd_sweep(a)
             b = results["best"]
@@ -431,12 +782,36 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = (f"test accuracy {results['test_accuracy']:.4f}  test loss {results['test_loss']:.4f}  "
                        f"best epoch {results['best_epoch']}/{results['epochs_run']}  "
                        f"{results['samples_per_second']:,.0f} samples/s  run {results['run_dir']}")  # fmt: skip
+        elif a.command == "ensemble":
+            results = cmd_ensemble(a)
+            summary = (f"weight scaling {results['weight_scaling_accuracy']:.4f}; MC "
+                       + ", ".join(f"k={k}: {v:.4f}" for k, v in results["mc_accuracy"].items())
+                       + (f"; exact {results['exact_accuracy']:.4f}" if "exact_accuracy" in results else "")
+                       + f"; run {results['run_dir']}")  # fmt: skip
+        elif a.command in _VIEWS:
+            results, summary = _VIEWS[a.command](a)
         else:
             results = cmd_fetch(a)
             summary = f"{results['dataset']} ready at {results['path']}"
     except InputError as e:
         print(f"jaxdl {a.command}: error: {e}", file=sys.stderr)
         return 2
+    except train.NonFiniteError as e:
+        print(f"jaxdl {a.command}: error: {e}", file=sys.stderr)
+        return 3
+    except checkpoint.Interrupted as e:
+        run = getattr(e, "run_dir", e.directory)
+        print(f"jaxdl {a.command}: {e}; continue with: jaxdl {a.command} --resume {run}",
+              file=sys.stderr)  # fmt: skip
+        return 128 + e.signum
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        print(f"jaxdl {a.command}: interrupted; checkpoints already written are kept",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for s, h in handlers.items():  # as they were: the command may have caught them
+                signal.signal(s, h)
     print(summary)
     if getattr(a, "json", False):
         print(json.dumps(report.to_jsonable(results)))

@@ -264,7 +264,7 @@ def _load_npz(path: Path) -> Splits:
     try:
         with np.load(path) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error) as e:
+    except (OSError, EOFError, ValueError, KeyError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as e:  # fmt: skip
         raise InputError(f"{corrupt} ({e})") from e
     sets = []
     for split, n in zip(("train", "valid", "test"), _SPLIT_SIZES, strict=True):
@@ -287,7 +287,8 @@ def load_file(path: str | os.PathLike) -> Splits:
     try:
         with np.load(path) as z:
             arrays = {k: z[k] for k in z.files}
-    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error) as e:
+    except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as e:  # fmt: skip
+        # A damaged zip header can read as an unknown compression method or encryption.
         raise InputError(f"data file {path}: unreadable ({e})") from e
     sets = []
     for split in ("train", "valid", "test"):

@@ -59,6 +59,7 @@ def apply_dropout(
 
 
 def _dropout_at(masks: Masks | None, rates: jax.Array | None, i: int):
+    # A mask entry may be None: that layer is not masked (kept whole).
     return (None if masks is None else masks[i]), (None if rates is None else rates[i])
 
 
@@ -86,11 +87,17 @@ class MLP(nn.Module):
         masks: Masks | None = None,
         rates: jax.Array | None = None,
         example_mask: jax.Array | None = None,
+        start: int = 0,
+        stop: int | None = None,
     ) -> jax.Array:
         """``rates``: (len(hidden)+1,) dropout rates or None; ``example_mask``: (B,) bool
-        marking real (not padding) examples, used by batch-norm statistics."""
-        h = x.reshape((x.shape[0], -1))
-        return _dense_head(self, h, self.hidden, train, masks, rates, example_mask)
+        marking real (not padding) examples, used by batch-norm statistics.
+
+        ``stop=i`` returns the input of masked layer ``i`` (before its dropout) instead of
+        the logits; ``start=i`` takes ``x`` to be that input and runs the rest. Together
+        they split the network so the part before a masked layer is computed once."""
+        h = x.reshape((x.shape[0], -1)) if start == 0 else x
+        return _dense_head(self, h, self.hidden, train, masks, rates, example_mask, start, stop)
 
 
 class CNN(nn.Module):
@@ -121,7 +128,12 @@ class CNN(nn.Module):
         masks: Masks | None = None,
         rates: jax.Array | None = None,
         example_mask: jax.Array | None = None,
+        start: int = 0,
+        stop: int | None = None,
     ) -> jax.Array:
+        """As ``MLP.__call__``; masked layer 0 is the flattened conv output."""
+        if start > 0:
+            return _dense_head(self, x, self.dense, train, masks, rates, example_mask, start, stop)
         kernel_init = inits.unit_initializer(self.weight_init)
         pieces = self.maxout_pieces if self.activation == "maxout" else 1
         pool = nn.max_pool if self.pool == "max" else nn.avg_pool
@@ -135,24 +147,30 @@ class CNN(nn.Module):
             self.sow("intermediates", f"act_conv_{i}", h)
             h = pool(h, (2, 2), strides=(2, 2))
         h = h.reshape((h.shape[0], -1))
-        return _dense_head(self, h, self.dense, train, masks, rates, example_mask)
+        return _dense_head(self, h, self.dense, train, masks, rates, example_mask, 0, stop)
 
 
-def _dense_head(module, h, widths, train, masks, rates, example_mask) -> jax.Array:
-    """Dropout on ``h`` (B, features), then dense → [batch norm] → activation → dropout
-    per width, then the output layer. Called inside ``module``'s compact ``__call__``,
-    so the layers it creates belong to ``module``."""
+def _dense_head(
+    module, h, widths, train, masks, rates, example_mask, start=0, stop=None
+) -> jax.Array:
+    """From masked layer ``start`` on: dropout on ``h`` (B, features), then dense →
+    [batch norm] → activation → dropout per width, then the output layer; returns early
+    with the input of masked layer ``stop``. Called inside ``module``'s compact
+    ``__call__``, so the layers it creates belong to ``module``."""
     m = module
     kernel_init = inits.unit_initializer(m.weight_init)
     pieces = m.maxout_pieces if m.activation == "maxout" else 1
-    h = apply_dropout(h, *_dropout_at(masks, rates, 0), m.dropout_convention)
-    for i, width in enumerate(widths):
-        h = nn.Dense(width * pieces, kernel_init=kernel_init, name=f"layer_{i}")(h)
+    for i in range(start, len(widths) + 1):
+        if i == stop:
+            return h
+        h = apply_dropout(h, *_dropout_at(masks, rates, i), m.dropout_convention)
+        if i == len(widths):
+            break
+        h = nn.Dense(widths[i] * pieces, kernel_init=kernel_init, name=f"layer_{i}")(h)
         if m.batch_norm:
             h = _batch_norm(h, train, example_mask, f"bn_{i}")
         h = activate(m.activation, h, pieces)
         m.sow("intermediates", f"act_layer_{i}", h)
-        h = apply_dropout(h, *_dropout_at(masks, rates, i + 1), m.dropout_convention)
     return nn.Dense(m.num_classes, kernel_init=kernel_init, name="output")(h)
 
 

@@ -425,3 +425,60 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> s
     return "\n".join(
         [line(list(columns)), line(["-" * w for w in widths]), *(line(r) for r in cells)]
     )
+
+
+def plot_ensemble(
+    result: Mapping[str, Any],
+    run_dir: PathLike,
+    *,
+    explicit: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+) -> list[Path]:
+    """Plots of ``ensemble.analyse``'s result into ``run_dir``:
+
+    - ``k_curve.png``: test error (%) and NLL of the Monte-Carlo ensemble of k subnetworks
+      against k (mean over repeats, band min to max; arithmetic and geometric means),
+      with weight scaling and, when enumerated, the exact ensemble as horizontal lines,
+      and ``explicit`` ensembles ({name: member_stats}) against their number of members;
+    - ``subnetworks.png``: the accuracy of single subnetworks, and the predictive entropy
+      of the Monte-Carlo ensemble on test and out-of-distribution inputs.
+    """
+    run_dir = Path(run_dir)
+    fig = Figure(figsize=(11, 4.4), layout="tight")
+    panels = (("accuracy", "test error (%)", lambda a: 100 * (1 - a)), ("nll", "test NLL", None))
+    for ax, (metric, label, f) in zip(fig.subplots(1, 2), panels, strict=True):
+        f = f or (lambda v: v)
+        for mean, color in (("arithmetic", "C0"), ("geometric", "C1")):
+            curves = f(np.asarray(result[f"{mean}_{metric}"], float))
+            ks = np.arange(1, curves.shape[1] + 1)
+            ax.plot(ks, curves.mean(0), color=color, label=f"MC, {mean} mean")
+            ax.fill_between(ks, curves.min(0), curves.max(0), color=color, alpha=0.2, lw=0)
+        ax.axhline(f(result["weight_scaling"][metric]), color="k", ls="--", label="weight scaling")
+        if "exact" in result:
+            exact = f(result["exact"]["arithmetic"][metric])
+            ax.axhline(exact, color="C2", ls=":", label=f"exact ({result['exact_units']} units)")
+        for i, (name, stats) in enumerate((explicit or {}).items()):
+            values = f(np.asarray(stats[metric], float))
+            n = np.arange(1, len(values) + 1)
+            ax.plot(n, values, marker="o", ms=3, color=f"C{i + 3}", label=f"{name} (members)")
+        ax.set_xscale("log")
+        ax.set(xlabel="k subnetworks (or members)", ylabel=label, title=f"{label} vs k")
+        ax.grid(True, alpha=0.3, which="both")
+        ax.legend(fontsize=8)
+    n = len(np.asarray(result["arithmetic_accuracy"]))
+    fig.suptitle(f"Dropout ensemble, {n} repeats; band: min to max")
+    paths = [_save_figure(fig, run_dir / "k_curve.png")]
+    fig = Figure(figsize=(11, 4.2), layout="tight")
+    left, right = fig.subplots(1, 2)
+    single = 100 * (1 - np.asarray(result["single_accuracy"], float))
+    left.hist(single, bins=30, color="C0", alpha=0.8)
+    left.axvline(100 * (1 - result["weight_scaling"]["accuracy"]), color="k", ls="--",
+                 label="weight scaling")  # fmt: skip
+    left.set(title="Single subnetworks", xlabel="test error (%)", ylabel="subnetworks")
+    left.legend(fontsize=8)
+    for name, values in result["entropy"].items():
+        right.hist(np.asarray(values, float), bins=40, alpha=0.5, density=True, label=name)
+    right.set(title="Predictive entropy of the MC ensemble", xlabel="entropy (nats)",
+              ylabel="density")  # fmt: skip
+    right.legend(fontsize=8)
+    paths.append(_save_figure(fig, run_dir / "subnetworks.png"))
+    return paths

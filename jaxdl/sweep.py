@@ -27,7 +27,7 @@ import os
 import time
 import warnings
 from collections.abc import Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -35,11 +35,14 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxdl import optim, train, validate
+from jaxdl import models, optim, train, validate
 from jaxdl.data import Dataset
 from jaxdl.models import Model
 from jaxdl.optim import Optimizer
 from jaxdl.stopping import EarlyStopping
+
+if TYPE_CHECKING:
+    from jaxdl.checkpoint import Checkpointer
 
 # Settings a member may set besides the optimizer's own numbers (optim.defaults).
 MEMBER_KEYS = ("l1", "l2", "dropout", "input_noise", "init_scale")
@@ -270,6 +273,8 @@ def sweep(
     on_epoch=None,
     devices: Sequence[jax.Device] | None = None,
     max_memory_bytes: int | None = None,
+    masks: models.Masks | None = None,
+    checkpointer: Checkpointer | None = None,
     **base: Any,
 ) -> SweepResult:
     """Trains ``len(configs) × seeds`` members of one structure as one program.
@@ -290,12 +295,19 @@ def sweep(
         lists every host's devices and each host runs its share of the members.
       max_memory_bytes: per-device budget (default: see ``memory_budget``). Members that
         do not fit together run in chunks, one after another, with a warning.
+      masks: fixed subnetworks, one 0/1 array per masked layer with a leading member
+        axis, (members, width_i): member m trains and is evaluated with its own mask at
+        every step instead of sampled dropout masks ("dropout bagging").
+      checkpointer: saves every member (frozen and diverged ones too) as the sweep goes,
+        one checkpoint directory per chunk, and resumes each chunk from its latest one.
     """
     setup, hp, keys, members = prepare_sweep(
         model, optimizer, train_data, configs, seeds=seeds, epochs=epochs,
         batch_size=batch_size, validation=validation, early_stopping=early_stopping,
         loss=loss, **base,
     )  # fmt: skip
+    if masks is not None:
+        hp = hp._replace(masks=_check_masks(masks, len(members), setup.widths))
     data = train.to_device(train_data)  # one copy per device, shared by every member
     valid = None if validation is None else train.to_device(validation)
     n = len(members)
@@ -306,7 +318,15 @@ def sweep(
     traced_before = progs.traces["epoch"]
     chunks = [
         _run_chunk(
-            progs, keys[i : i + size], _slice(hp, i, i + size), size, data, valid, epochs, on_epoch
+            progs,
+            keys[i : i + size],
+            _slice(hp, i, i + size),
+            size,
+            data,
+            valid,
+            epochs,
+            on_epoch,
+            None if checkpointer is None else checkpointer.sub(f"chunk-{i // size}", size=size),
         )
         for i in range(0, n, size)
     ]
@@ -322,7 +342,7 @@ def sweep(
     diverged = np.concatenate([c.diverged for c in chunks])
     epochs_run = np.concatenate([c.epochs_run for c in chunks])
     seconds = sum(c.seconds for c in chunks)
-    rows = _rows(members, hist, diverged, epochs_run, states, setup, test)
+    rows = _rows(members, hist, diverged, epochs_run, states, setup, test, hp)
     return SweepResult(
         rows=rows,
         history=hist,
@@ -345,8 +365,9 @@ class _Chunk(NamedTuple):
     compile_seconds: float
 
 
-def _run_chunk(progs, keys, hp, size, data, valid, epochs, on_epoch) -> _Chunk:
-    """Trains one chunk of members (padded to ``size``) to the end; drops the padding."""
+def _run_chunk(progs, keys, hp, size, data, valid, epochs, on_epoch, ckpt=None) -> _Chunk:
+    """Trains one chunk of members (padded to ``size``) to the end; drops the padding.
+    With a checkpointer ``ckpt``, continues from the chunk's latest checkpoint if any."""
     n = keys.shape[0]
     keys, hp, active = _pad(keys, hp, n, size)
     states = progs.init(keys, hp)
@@ -354,19 +375,35 @@ def _run_chunk(progs, keys, hp, size, data, valid, epochs, on_epoch) -> _Chunk:
     diverged = np.zeros(size, bool)
     epochs_run = np.zeros(size, int)
     history: dict[str, np.ndarray] = {}
+    epoch = 0
+    saved = None if ckpt is None else ckpt.restore({"states": states, "active": active})
+    if saved is not None:
+        states, active, epoch = saved.state["states"], saved.state["active"], saved.epoch
+        diverged = np.asarray(saved.host["diverged"], bool)
+        epochs_run = np.asarray(saved.host["epochs_run"], int)
+        history = {k: np.asarray(v, np.float64) for k, v in saved.host["history"].items()}
     t0 = time.perf_counter()
-    for epoch in range(1, epochs + 1):
+    while epoch < epochs and bool(jnp.any(active)):
+        epoch += 1
         was_active = np.asarray(active)
         states, active, diverged_now, metrics = exe(states, active, data, valid, hp)
-        metrics = {k: np.asarray(v, np.float64)[:n] for k, v in jax.device_get(metrics).items()}
+        metrics = jax.device_get(metrics)
+        metrics.pop("nonfinite_step")  # divergence is isolated per member (``diverged``)
+        metrics = {k: np.asarray(v, np.float64)[:n] for k, v in metrics.items()}
         diverged |= np.asarray(diverged_now)
         epochs_run += was_active & ~np.asarray(diverged_now)
         for k, v in metrics.items():
             history.setdefault(k, np.full((n, epochs), np.nan))[:, epoch - 1] = v
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-        if not bool(jnp.any(active)):
-            break
+        if ckpt is not None:
+            host = {
+                "history": {k: v.tolist() for k, v in history.items()},
+                "diverged": diverged.tolist(),
+                "epochs_run": epochs_run.tolist(),
+            }
+            done = epoch == epochs or not bool(jnp.any(active))
+            ckpt.after_epoch(epoch, {"states": states, "active": active}, host, last=done)
     seconds = time.perf_counter() - t0
     states = jax.tree_util.tree_map(lambda v: v[:n], states)
     return _Chunk(states, history, diverged[:n], epochs_run[:n], epoch, seconds, compile_seconds)
@@ -433,14 +470,27 @@ def _pad(keys, hp, n: int, size: int):
     return padded(keys), jax.tree_util.tree_map(padded, hp), jnp.arange(n + pad) < n
 
 
-def _rows(members, hist, diverged, epochs_run, states, setup, test) -> list[dict[str, Any]]:
+def _check_masks(masks, members: int, widths: Sequence[int]) -> models.Masks:
+    if not isinstance(masks, tuple | list) or len(masks) != len(widths):
+        validate.fail("masks", f"a tuple of {len(widths)} arrays, one per masked layer", masks)
+    out = []
+    for i, (m, w) in enumerate(zip(masks, widths, strict=True)):
+        m = np.asarray(m, np.float32)
+        if m.shape != (members, w) or not np.isin(m, (0.0, 1.0)).all():
+            validate.fail(f"masks[{i}]", f"0/1 values of shape ({members}, {w})", m.shape)
+        out.append(jnp.asarray(m))
+    return tuple(out)
+
+
+def _rows(members, hist, diverged, epochs_run, states, setup, test, hp) -> list[dict[str, Any]]:
     acc = hist.get("val_accuracy", hist["train_accuracy"])
     if test is not None:
         test = train.to_device(train.check_data(test, "test", setup.model.num_classes))
         ev = jax.jit(
-            jax.vmap(lambda p, b, r: train.evaluate_arrays(setup, p, b, r, test.x, test.y))
+            jax.vmap(lambda p, b, r, m: train.evaluate_arrays(setup, p, b, r, test.x, test.y, m))
         )
-        test_metrics = jax.device_get(ev(states.params, states.batch_stats, states.rates))
+        rates = states.rates if hp.masks is None else hp.dropout
+        test_metrics = jax.device_get(ev(states.params, states.batch_stats, rates, hp.masks))
     rows = []
     tracked = None if states.stopping is None else np.asarray(states.stopping.tracker.best_epoch)
     for i, (cfg, seed) in enumerate(members):

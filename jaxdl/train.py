@@ -19,7 +19,7 @@ import functools
 import math
 import time
 from collections.abc import Callable, Mapping, Sequence
-from typing import Any, NamedTuple
+from typing import TYPE_CHECKING, Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -32,6 +32,9 @@ from jaxdl.data import Dataset
 from jaxdl.models import Model
 from jaxdl.optim import Optimizer
 from jaxdl.stopping import EarlyStopping
+
+if TYPE_CHECKING:
+    from jaxdl.checkpoint import Checkpointer
 
 PRNGKey = jax.Array
 
@@ -51,6 +54,9 @@ class HParams(NamedTuple):
     dropout: jax.Array  # (n_masked,) rates: input, then each hidden layer
     input_noise: jax.Array  # () σ of additive Gaussian input noise while training
     init_scale: jax.Array  # () multiplier of the initial kernels
+    # A fixed subnetwork: one 0/1 mask per masked layer, (width_i,), used at every step and
+    # at evaluation instead of sampled masks ("dropout bagging"); None: sample or no dropout.
+    masks: models.Masks | None = None
 
 
 @dataclasses.dataclass(frozen=True)
@@ -70,6 +76,7 @@ class Setup:
     early_stopping: EarlyStopping | None = None
     eval_batch_size: int = 1000
     probe_size: int = 1000  # training examples for per-epoch activation and gradient statistics
+    skip_nonfinite: bool = False  # skip steps whose loss or gradient is NaN/Inf (apply_if_finite)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -181,10 +188,10 @@ def train_step(setup: Setup, state: TrainState, batch: Batch, hp: HParams):
     x = batch.x
     if setup.input_noise:
         x = x + hp.input_noise * jax.random.normal(k_noise, x.shape, x.dtype)
-    rates = hp.dropout if setup.dropout else None
-    masks = (
-        models.sample_masks(k_mask, hp.dropout, setup.widths, x.shape[0]) if setup.dropout else None
-    )
+    rates = hp.dropout if setup.dropout or hp.masks is not None else None
+    masks = hp.masks
+    if masks is None and setup.dropout:
+        masks = models.sample_masks(k_mask, hp.dropout, setup.widths, x.shape[0])
     example_mask = None if batch.weight is None else batch.weight > 0
 
     def loss_fn(params):
@@ -207,16 +214,24 @@ def train_step(setup: Setup, state: TrainState, batch: Batch, hp: HParams):
     opt_state = optim.set_hyperparams(state.opt_state, hyper)
     updates, opt_state = setup.optimizer.tx.update(grads, opt_state, state.params)
     weight = jnp.float32(x.shape[0]) if batch.weight is None else batch.weight.sum()
+    params = optax.apply_updates(state.params, updates)
+    skipped = None
+    if setup.skip_nonfinite:  # like optax.apply_if_finite: a bad step changes nothing but `step`
+        ok = jnp.isfinite(data) & _all_finite(grads)
+        params, opt_state, batch_stats = jax.tree_util.tree_map(
+            lambda new, old: jnp.where(ok, new, old),
+            (params, opt_state, batch_stats),
+            (state.params, state.opt_state, state.batch_stats),
+        )
+        weight, skipped = jnp.where(ok, weight, 0.0), ~ok
     metrics = {
         "loss": data,
         "accuracy": losses.accuracy(logits, batch.y, batch.weight),
-        "weight": weight,
+        "weight": weight,  # 0 for a skipped step: it is left out of the epoch's means
+        **({} if skipped is None else {"skipped": skipped}),
     }
     new = state.replace(
-        step=state.step + 1,
-        params=optax.apply_updates(state.params, updates),
-        opt_state=opt_state,
-        batch_stats=batch_stats,
+        step=state.step + 1, params=params, opt_state=opt_state, batch_stats=batch_stats
     )
     return new, metrics
 
@@ -233,8 +248,17 @@ def epoch_order(setup: Setup, key: PRNGKey, epoch: jax.Array) -> tuple[jax.Array
     return idx.astype(jnp.int32), weights
 
 
+def _all_finite(tree) -> jax.Array:
+    return jnp.stack([jnp.isfinite(v).all() for v in jax.tree_util.tree_leaves(tree)]).all()
+
+
 def train_epoch(setup: Setup, state: TrainState, train: Batch, hp: HParams):
-    """One pass over ``train`` as a ``lax.scan``; returns (state, epoch-mean metrics)."""
+    """One pass over ``train`` as a ``lax.scan``; returns (state, epoch-mean metrics).
+
+    ``nonfinite_step`` is the 1-based step number (counted from the run's start) of the
+    epoch's first step whose loss was NaN/Inf, else the epoch's last step if the
+    parameters ended non-finite, else 0; ``skipped_steps`` (with
+    ``setup.skip_nonfinite``) counts the steps skipped."""
     idx, weights = epoch_order(setup, state.key, state.epoch)
 
     def body(st, xs):
@@ -242,35 +266,53 @@ def train_epoch(setup: Setup, state: TrainState, train: Batch, hp: HParams):
         return train_step(setup, st, Batch(train.x[i], train.y[i], w), hp)
 
     state, m = jax.lax.scan(body, state, (idx, weights))
-    w = m["weight"]
+    w, loss = m["weight"], m["loss"]
+    bad = ~jnp.isfinite(loss) & (w > 0)  # (steps,) steps that were applied with a bad loss
+    if setup.skip_nonfinite:
+        loss = jnp.where(w > 0, loss, 0.0)
     out = {
-        "train_loss": (m["loss"] * w).sum() / w.sum(),
+        "train_loss": (loss * w).sum() / w.sum(),
         "train_accuracy": (m["accuracy"] * w).sum() / w.sum(),
+        "nonfinite_step": jnp.where(
+            bad.any(),
+            state.step - bad.shape[0] + jnp.argmax(bad) + 1,
+            jnp.where(_all_finite(state.params), 0, state.step),
+        ),
     }
+    if setup.skip_nonfinite:
+        out["skipped_steps"] = m["skipped"].sum()
     return state, out
 
 
-def chunked_logits(model: Model, params, batch_stats, rates, x, batch_size: int) -> jax.Array:
-    """Logits (N, C) of the deterministic network, computed ``batch_size`` rows at a time
-    so memory stays bounded whatever N (traceable)."""
+def chunked_logits(
+    model: Model, params, batch_stats, rates, x, batch_size: int, masks=None
+) -> jax.Array:
+    """Logits (N, C) of the deterministic network (or of the fixed subnetwork ``masks``),
+    computed ``batch_size`` rows at a time so memory stays bounded whatever N (traceable)."""
     n = x.shape[0]
     b = min(batch_size, n)
     steps = math.ceil(n / b)
     idx = jnp.minimum(jnp.arange(steps * b), n - 1).reshape(steps, b)
-    out = jax.lax.map(lambda i: _apply(model, params, batch_stats, x[i], rates=rates), idx)
+    out = jax.lax.map(
+        lambda i: _apply(model, params, batch_stats, x[i], rates=rates, masks=masks), idx
+    )
     return out.reshape(steps * b, -1)[:n]
 
 
-def evaluate_arrays(setup: Setup, params, batch_stats, rates, x, y) -> dict[str, jax.Array]:
+def evaluate_arrays(
+    setup: Setup, params, batch_stats, rates, x, y, masks=None
+) -> dict[str, jax.Array]:
     """Mean loss and accuracy over (x, y) (traceable)."""
-    logits = chunked_logits(setup.model, params, batch_stats, rates, x, setup.eval_batch_size)
+    logits = chunked_logits(
+        setup.model, params, batch_stats, rates, x, setup.eval_batch_size, masks
+    )
     return {
         "loss": losses.data_loss(setup.loss, logits, y),
         "accuracy": losses.accuracy(logits, y),
     }
 
 
-def probe_stats(setup: Setup, params, batch_stats, rates, x, y) -> dict[str, jax.Array]:
+def probe_stats(setup: Setup, params, batch_stats, rates, x, y, masks=None) -> dict[str, jax.Array]:
     """Diagnostics on a fixed probe batch with the deterministic network, once per epoch:
 
     - ``grad_norm/<layer>``: norm of the data-loss gradient per layer (taken here rather
@@ -281,7 +323,7 @@ def probe_stats(setup: Setup, params, batch_stats, rates, x, y) -> dict[str, jax
 
     def loss(p):
         logits, inter = _apply(
-            setup.model, p, batch_stats, x, rates=rates, mutable=["intermediates"]
+            setup.model, p, batch_stats, x, rates=rates, masks=masks, mutable=["intermediates"]
         )
         return losses.data_loss(setup.loss, logits, y), inter["intermediates"]
 
@@ -304,11 +346,14 @@ def probe_stats(setup: Setup, params, batch_stats, rates, x, y) -> dict[str, jax
 def run_epoch(setup: Setup, state: TrainState, train: Batch, valid: Batch | None, hp: HParams):
     """A training epoch, then validation, schedules and early stopping (all traced)."""
     state, metrics = train_epoch(setup, state, train, hp)
+    # A fixed subnetwork is evaluated as itself; otherwise the deterministic network.
+    rates = state.rates if hp.masks is None else hp.dropout
+    variables = (state.params, state.batch_stats, rates)
     if valid is not None:
-        ev = evaluate_arrays(setup, state.params, state.batch_stats, state.rates, valid.x, valid.y)
+        ev = evaluate_arrays(setup, *variables, valid.x, valid.y, hp.masks)
         metrics["val_loss"], metrics["val_accuracy"] = ev["loss"], ev["accuracy"]
     probe = train.x[: setup.probe_size], train.y[: setup.probe_size]
-    metrics.update(probe_stats(setup, state.params, state.batch_stats, state.rates, *probe))
+    metrics.update(probe_stats(setup, *variables, *probe, hp.masks))
     metrics["learning_rate"] = optim.get_hyperparams(state.opt_state)["learning_rate"]
     epoch = state.epoch + 1
     plateau = state.plateau
@@ -429,21 +474,28 @@ def fit(
     eval_batch_size: int = 1000,
     on_epoch: Callable[[int, Mapping[str, float]], None] | None = None,
     info: FitInfo | None = None,
+    skip_nonfinite: bool = False,
+    checkpointer: Checkpointer | None = None,
 ) -> tuple[TrainState, dict[str, list[float]]]:
     """Trains ``model`` and returns ``(state, history)``.
 
     ``history[metric]`` has one float per epoch run. With ``early_stopping`` the loop ends
     once it triggers and, with ``restore_best``, ``state.params`` are the best epoch's.
     ``on_epoch(epoch, metrics)`` is called on the host after each epoch (progress,
-    logging). ``info``, if given, receives compile and training times.
+    logging). ``info``, if given, receives compile and training times. A NaN/Inf loss
+    raises ``NonFiniteError``, unless ``skip_nonfinite`` skips such steps. With a
+    ``checkpointer`` (``jaxdl.checkpoint``) the run is saved as it goes; see ``fit_state``.
     """
     setup, hp = prepare(
         model, optimizer, train, epochs=epochs, batch_size=batch_size, validation=validation,
         early_stopping=early_stopping, loss=loss, l1=l1, l2=l2, dropout=dropout,
         input_noise=input_noise, init_scale=init_scale, eval_batch_size=eval_batch_size,
+        skip_nonfinite=skip_nonfinite,
     )  # fmt: skip
     state = programs(setup).init(as_key(key), hp)
-    return fit_state(setup, state, hp, train, validation, on_epoch=on_epoch, info=info)
+    return fit_state(
+        setup, state, hp, train, validation, on_epoch=on_epoch, info=info, checkpointer=checkpointer
+    )
 
 
 def prepare(
@@ -462,6 +514,7 @@ def prepare(
     input_noise: float = 0.0,
     init_scale: float | None = None,
     eval_batch_size: int = 1000,
+    skip_nonfinite: bool = False,
 ) -> tuple[Setup, HParams]:
     """Validates everything on the host and splits it into (static Setup, traced HParams)."""
     if not isinstance(optimizer, Optimizer):
@@ -510,6 +563,7 @@ def prepare(
         early_stopping=early_stopping,
         eval_batch_size=eval_batch_size,
         probe_size=min(1000, n),
+        skip_nonfinite=bool(skip_nonfinite),
     )
     return setup, hp
 
@@ -522,18 +576,35 @@ def fit_state(
     validation: Dataset | None = None,
     *,
     on_epoch: Callable[[int, Mapping[str, float]], None] | None = None,
+    on_state: Callable[[int, TrainState], None] | None = None,
     info: FitInfo | None = None,
+    checkpointer: Checkpointer | None = None,
+    history: Mapping[str, Sequence[float]] | None = None,
 ) -> tuple[TrainState, dict[str, list[float]]]:
-    """Runs the epochs from ``state.epoch`` to ``setup.epochs`` (or until stopped)."""
+    """Runs the epochs from ``state.epoch`` to ``setup.epochs`` (or until stopped).
+
+    ``on_epoch(epoch, metrics)`` and ``on_state(epoch, state)`` are called on the host
+    after each epoch. ``history``: the metrics of the epochs before ``state.epoch`` (a
+    resumed run); the returned history continues it. A NaN/Inf loss or non-finite
+    parameters raise ``NonFiniteError`` naming the epoch and step, before that epoch is
+    checkpointed. ``checkpointer`` (``jaxdl.checkpoint.Checkpointer``) saves ``state``
+    and the history after each epoch that is due, and stops the run (``Interrupted``)
+    once a caught signal is saved.
+    """
     info = FitInfo() if info is None else info
     tr = to_device(train)
     va = None if validation is None else to_device(validation)
     exe, info.compile_seconds = compile_epoch(setup, state, tr, va, hp)
-    history: dict[str, list[float]] = collections.defaultdict(list)
+    history = collections.defaultdict(list, {k: list(v) for k, v in (history or {}).items()})
+    stopped = state.stopping is not None and bool(state.stopping.stopped)
     for epoch in range(int(state.epoch) + 1, setup.epochs + 1):
+        if stopped:  # a resumed run that had already stopped early
+            break
         t0 = time.perf_counter()
         state, metrics = exe(state, tr, va, hp)
-        metrics = {k: float(v) for k, v in jax.device_get(metrics).items()}
+        metrics = jax.device_get(metrics)
+        bad_step = int(metrics.pop("nonfinite_step"))
+        metrics = {k: float(v) for k, v in metrics.items()}
         dt = time.perf_counter() - t0
         info.epoch_seconds.append(dt)
         info.train_seconds += dt
@@ -542,14 +613,45 @@ def fit_state(
             history[k].append(v)
         if on_epoch is not None:
             on_epoch(epoch, metrics)
-        if state.stopping is not None and bool(state.stopping.stopped):
-            break
+        if on_state is not None:  # e.g. weight histograms (jaxdl.tracking)
+            on_state(epoch, state)
+        if bad_step or not all(math.isfinite(metrics.get(k, 0.0)) for k in _LOSSES):
+            raise NonFiniteError(setup, epoch, bad_step or int(state.step), metrics, dict(history))
+        stopped = state.stopping is not None and bool(state.stopping.stopped)
+        if checkpointer is not None:
+            es = setup.early_stopping
+            score = None if es is None else -float(stopping.score(es.monitor, metrics))
+            best = state.stopping is not None and int(state.stopping.tracker.best_epoch) == epoch
+            checkpointer.after_epoch(
+                epoch, state, dict(history), score=score, best=best,
+                last=stopped or epoch == setup.epochs,
+            )  # fmt: skip
     es = setup.early_stopping
     if es is not None and es.restore_best and int(state.stopping.tracker.best_epoch) > 0:
         state = state.replace(
             params=state.stopping.best_params, batch_stats=state.stopping.best_batch_stats
         )
     return state, dict(history)
+
+
+_LOSSES = ("train_loss", "val_loss")
+
+
+class NonFiniteError(RuntimeError):
+    """Training produced a NaN/Inf loss or parameters. ``epoch`` and ``step`` (1-based,
+    counted from the run's start) say where; ``history`` holds every epoch run, the bad
+    one last."""
+
+    def __init__(self, setup: Setup, epoch: int, step: int, metrics, history) -> None:
+        self.epoch, self.step, self.history = epoch, step, history
+        finite = {k: math.isfinite(metrics.get(k, 0.0)) for k in _LOSSES}
+        what = ("training loss" if not finite["train_loss"] else
+                "validation loss" if not finite["val_loss"] else "parameters")  # fmt: skip
+        batch = step - (epoch - 1) * setup.steps_per_epoch
+        super().__init__(
+            f"{what} became NaN/Inf at epoch {epoch}, step {step} "
+            f"(batch {batch} of {setup.steps_per_epoch})"
+        )
 
 
 def best_epoch(state: TrainState) -> int | None:

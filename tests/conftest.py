@@ -23,3 +23,25 @@ def random_images() -> jaxdl.Dataset:
     x = rng.uniform(size=(100, 784)).astype(np.float32)
     y = rng.integers(0, 10, size=100).astype(np.int32)
     return jaxdl.Dataset(x, y)
+
+
+@pytest.fixture(scope="session")
+def tiny_runs(tmp_path_factory):
+    """A directory of finished runs made by the CLI on a tiny 784-feature data set: ``t``
+    (train, TensorBoard on, plots), ``p`` (train, no plots), ``s`` (a 2×2 sweep,
+    TensorBoard on). Returns ``(runs_root, data_path)``."""
+    from jaxdl import cli
+
+    s = jaxdl.synthetic_splits(200, 60, 60, num_features=784, num_classes=4, seed=2, separation=8.0)
+    data_path = tmp_path_factory.mktemp("data") / "tiny.npz"
+    np.savez(data_path, **{f"{v}_{k}": getattr(getattr(s, k), v) for k in ("train", "valid", "test") for v in "xy"})  # fmt: skip
+    root = tmp_path_factory.mktemp("runs")
+    common = ["--data", str(data_path), "--batch-size", "50", "--runs-dir", str(root), "--no-progress"]  # fmt: skip
+    for argv in (
+        ["train", *common, "--hidden", "32,16", "--epochs", "3", "--name", "t", "--tensorboard"],
+        ["train", *common, "--hidden", "8", "--epochs", "2", "--name", "p", "--no-plots", "--lr", "0.01"],
+        ["sweep", *common, "--hidden", "16", "--epochs", "2", "--optimizer", "sgd", "--lr", "0.01,0.1",
+         "--seeds", "2", "--name", "s", "--tensorboard"],
+    ):  # fmt: skip
+        assert cli.main(argv) == 0, argv
+    return root, data_path

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import subprocess
 import sys
@@ -100,6 +101,10 @@ def test_same_flags_same_digest_and_existing_name_refused(tmp_path, tiny_npz, ca
         (["--layer-lr", "output:3"], "--layer-lr"),
         (["--layer-lr", "outptu=3"], "did you mean 'output'"),
         (["--freeze", "layer_7"], "freeze layer"),
+        (["--checkpoint-every", "-1"], "--checkpoint-every"),
+        (["--keep-checkpoints", "0"], "--keep-checkpoints"),
+        (["--data", "."], "data set"),
+        (["--resume", "nowhere"], "--resume"),
     ],
 )
 def test_bad_flags_exit_2_with_one_line(flags, expect, tmp_path, tiny_npz, capsys):
@@ -144,6 +149,78 @@ def test_bad_labels_in_data_file_exit_2(tmp_path, capsys):
         capsys, ["train", "--data", str(tmp_path / "bad.npz"), "--runs-dir", str(tmp_path / "r")]
     )
     assert code == 2 and "integer" in err and len(err.strip().splitlines()) == 1
+
+
+def _splits(n=30, f=4, **change):
+    rng = np.random.default_rng(0)
+    arrays = {}
+    for k in ("train", "valid", "test"):
+        arrays[f"x_{k}"] = rng.uniform(size=(n, f)).astype(np.float32)
+        arrays[f"y_{k}"] = (np.arange(n) % 3).astype(np.int32)
+    arrays.update(change)
+    return {k: v for k, v in arrays.items() if v is not None}
+
+
+def _nan_x():
+    x = np.random.default_rng(0).uniform(size=(30, 4)).astype(np.float32)
+    x[4, 1] = np.inf
+    return x
+
+
+BAD_FILES = {
+    "truncated": (lambda p: p.write_bytes(_npz_bytes(_splits())[:700]), "unreadable"),
+    "empty file": (lambda p: p.write_bytes(b""), "unreadable"),
+    "not a zip": (lambda p: p.write_text("x,y\n1,2\n"), "unreadable"),
+    "a directory": (lambda p: p.mkdir(), "not found"),
+    "missing split": (lambda p: np.savez(p, **_splits(y_test=None)), "missing y_test"),
+    "Inf feature": (lambda p: np.savez(p, **_splits(x_train=_nan_x())), "NaN/Inf"),
+    "no examples": (
+        lambda p: np.savez(
+            p, **_splits(x_train=np.zeros((0, 4), np.float32), y_train=np.zeros(0, np.int32))
+        ),
+        "at least one example",
+    ),  # fmt: skip
+    "1-D features": (lambda p: np.savez(p, **_splits(x_train=np.zeros(30, np.float32))), "shape"),
+    "integer features": (
+        lambda p: np.savez(p, **_splits(x_train=np.zeros((30, 4), np.int64))),
+        "floating dtype",
+    ),
+    "feature count differs": (
+        lambda p: np.savez(p, **_splits(x_valid=np.zeros((30, 5), np.float32))),
+        "validation x shape",
+    ),
+    "negative label": (
+        lambda p: np.savez(p, **_splits(y_valid=np.full(30, -1, np.int32))),
+        "expected labels in",
+    ),
+    "label/example count": (
+        lambda p: np.savez(p, **_splits(y_train=np.zeros(29, np.int32))),
+        "29 labels for 30 examples",
+    ),
+}
+
+
+def _npz_bytes(arrays) -> bytes:
+    buf = io.BytesIO()
+    np.savez(buf, **arrays)
+    return buf.getvalue()
+
+
+@pytest.mark.parametrize("command", ["train", "sweep"])
+@pytest.mark.parametrize("case", list(BAD_FILES))
+def test_bad_data_files_exit_2_with_one_line(case, command, tmp_path, capsys):
+    make, expect = BAD_FILES[case]
+    path = tmp_path / "in" / "d.npz"
+    path.parent.mkdir()
+    make(path)
+    runs = tmp_path / "runs"
+    code, _, err = _run_exit(capsys, [command, "--data", str(path), "--runs-dir", str(runs), "--epochs", "1", "--batch-size", "10", "--no-progress"])  # fmt: skip
+    lines = err.strip().splitlines()
+    assert code == 2 and len(lines) == 1 and "Traceback" not in err, err
+    assert expect in lines[0], lines[0]
+    assert not runs.exists() or not any(runs.iterdir()), (
+        "a failed run must not leave a run directory"
+    )
 
 
 def test_help_shows_defaults():

@@ -367,6 +367,48 @@ def test_synthetic_and_subset_properties(n, num_features, num_classes, seed, k):
             data.subset(ds, k)
 
 
+@settings(max_examples=40, deadline=None)
+@given(
+    n=st.integers(1, 20),
+    f=st.integers(1, 5),
+    xdtype=st.sampled_from(["float32", "float64", "uint8"]),
+    seed=st.integers(0, 2**31),
+    cut=st.floats(0.0, 1.0, exclude_max=True),
+    flip=st.floats(0.0, 1.0, exclude_max=True),
+)
+def test_load_file_property_round_trip_and_damage(tmp_path_factory, n, f, xdtype, seed, cut, flip):
+    """Any .npz of splits reads back exactly; the same file truncated anywhere is an
+    InputError; with any one byte flipped it is an InputError or reads back (bytes that
+    do not matter), never another exception."""
+    rng = np.random.default_rng(seed)
+    arrays = {}
+    for split in ("train", "valid", "test"):
+        arrays[f"x_{split}"] = (rng.uniform(0, 255, size=(n, f))).astype(xdtype)
+        arrays[f"y_{split}"] = rng.integers(0, 10, size=n).astype(np.int64)
+    path = tmp_path_factory.mktemp("npz") / "d.npz"
+    np.savez(path, **arrays)
+    splits = data.load_file(path)
+    for split, ds in zip(("train", "valid", "test"), splits, strict=True):
+        np.testing.assert_array_equal(ds.x, arrays[f"x_{split}"])
+        np.testing.assert_array_equal(ds.y, arrays[f"y_{split}"])
+    raw = path.read_bytes()
+    path.write_bytes(raw[: int(cut * len(raw))])
+    with pytest.raises(InputError, match="data file"):
+        data.load_file(path)
+    damaged = bytearray(raw)
+    damaged[int(flip * len(raw))] ^= 0xFF
+    path.write_bytes(bytes(damaged))
+    try:
+        data.load_file(path)
+    except InputError as e:
+        assert str(e).startswith("data file")
+    damaged = bytearray(raw)
+    damaged[raw.index(b"PK\x01\x02") + 10] = 99  # a compression method zipfile does not know
+    path.write_bytes(bytes(damaged))
+    with pytest.raises(InputError, match="compression method"):
+        data.load_file(path)
+
+
 # ---------------------------------------------------------------------------- real MNIST
 
 

@@ -65,6 +65,27 @@ def test_crash_during_replace_keeps_old_file(tmp_path, monkeypatch):
     assert [p.name for p in tmp_path.iterdir()] == ["history.json"]  # temp file cleaned up
 
 
+def test_crash_mid_write_keeps_the_complete_old_history(tmp_path, monkeypatch):
+    """The process dies after part of the new bytes reached the temp file: history.json
+    and history.csv still hold the complete previous history; no temp file is left."""
+    old = {"train_loss": [0.5, 0.25], "val_accuracy": [0.9, 0.95]}
+    report.save_history(tmp_path, old)
+    before = {p.name: p.read_bytes() for p in tmp_path.iterdir()}
+    written = []
+
+    def dies_half_way(fd):
+        written.append(os.fstat(fd).st_size)  # the new content is partly on disk here
+        raise OSError("killed")
+
+    monkeypatch.setattr(report.os, "fsync", dies_half_way)
+    new = {k: [*v, 0.1] * 1000 for k, v in old.items()}
+    with pytest.raises(OSError, match="killed"):
+        report.save_history(tmp_path, new)
+    assert written and written[0] > 0
+    assert {p.name: p.read_bytes() for p in tmp_path.iterdir()} == before
+    assert json.loads((tmp_path / "history.json").read_text()) == old
+
+
 def test_to_jsonable_numpy_jax_and_non_finite():
     obj = {
         "np_f": np.float32(0.5),

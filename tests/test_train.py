@@ -7,6 +7,8 @@ import jax.numpy as jnp
 import numpy as np
 import optax
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jaxdl
 from jaxdl import losses, report, train
@@ -77,6 +79,31 @@ def test_epoch_order_sees_every_example_once(blobs, n, batch):
     idx2, _ = train.epoch_order(setup, jax.random.key(0), jnp.int32(1))
     if n > 5:
         assert not np.array_equal(idx, idx2), "the order must be reshuffled every epoch"
+
+
+@settings(max_examples=60, deadline=None)
+@given(
+    n=st.integers(1, 400),
+    data=st.data(),
+    seed=st.integers(0, 2**31 - 1),
+    epoch=st.integers(0, 1000),
+)
+def test_epoch_order_property_every_example_exactly_once(n, data, seed, epoch):
+    """Whatever N and batch size: each example once per epoch, padding (weight 0) only in
+    the last batch, and a run's order is a function of (key, epoch) alone."""
+    batch = data.draw(st.integers(1, n), label="batch")
+    setup = train.Setup(_mlp(), jaxdl.make_optimizer("sgd"), (20,), n_train=n, batch_size=batch)
+    key = jax.random.key(seed)
+    idx, w = train.epoch_order(setup, key, jnp.int32(epoch))
+    steps = -(-n // batch)
+    assert idx.shape == (steps, batch)
+    w = np.ones(idx.shape) if w is None else np.asarray(w)
+    assert np.isin(w, (0.0, 1.0)).all() and w.sum() == n
+    assert (w.reshape(-1)[:n] == 1).all(), "padding only after the n real slots"
+    seen = np.bincount(np.asarray(idx).reshape(-1)[w.reshape(-1) > 0], minlength=n)
+    assert (seen == 1).all()
+    again, _ = train.epoch_order(setup, key, jnp.int32(epoch))
+    np.testing.assert_array_equal(idx, again)
 
 
 def test_second_fit_with_new_numbers_does_not_retrace(blobs):

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 import jaxdl
 from jaxdl import train, validate
@@ -90,6 +92,38 @@ def test_bad_input_is_an_input_error_raised_before_tracing(case):
         call()
     assert expected in str(info.value), str(info.value)
     assert train.programs.cache_info().currsize == before, "nothing may be compiled for a bad input"
+
+
+@settings(max_examples=80, deadline=None)
+@given(
+    n=st.integers(0, 12),
+    f=st.integers(1, 4),
+    classes=st.integers(2, 5),
+    dtype=st.sampled_from([np.float32, np.float64, np.float16]),
+    data=st.data(),
+)
+def test_check_data_property_refuses_exactly_the_bad_arrays(n, f, classes, dtype, data):
+    """``check_data`` accepts an array iff it is non-empty, finite and its labels are in
+    range; its error names the array at fault. Accepted data comes back as float32/int32
+    with the same values."""
+    x = np.asarray(data.draw(st.lists(st.floats(-1e3, 1e3), min_size=n * f, max_size=n * f)))
+    x = x.reshape(n, f).astype(dtype)
+    if n and data.draw(st.booleans(), label="poison"):
+        i = data.draw(st.integers(0, x.size - 1), label="where")
+        x.reshape(-1)[i] = data.draw(st.sampled_from([np.nan, np.inf, -np.inf]), label="value")
+    y = np.asarray(data.draw(st.lists(st.integers(-2, classes + 1), min_size=n, max_size=n)))
+    y = y.astype(np.int32)
+    empty, nonfinite = n == 0, not np.isfinite(x).all()
+    out_of_range = bool(n) and (y.min() < 0 or y.max() >= classes)
+    if empty or nonfinite or out_of_range:
+        with pytest.raises(InputError) as info:
+            train.check_data(jaxdl.Dataset(x, y), "train", classes)
+        assert str(info.value).startswith("train x" if empty or nonfinite else "train y")
+    else:
+        ds = train.check_data(jaxdl.Dataset(x, y), "train", classes)
+        assert ds.x.dtype == np.float32 and ds.y.dtype == np.int32
+        np.testing.assert_array_equal(ds.x, x.astype(np.float32))
+        np.testing.assert_array_equal(ds.y, y)
 
 
 def test_choice_suggests_nearest_and_lists_options():

@@ -1,0 +1,178 @@
+"""The experiment scripts in quick mode on real MNIST: they run, write their plots and a
+JSON of numbers that hold what the study is about."""
+
+from __future__ import annotations
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent / "experiments"
+
+
+def _load(name: str):
+    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+@pytest.mark.e2e
+def test_ensemble_k_curve_quick(tmp_path):
+    summary = _load("ensemble_k_curve").main(["--quick", "--out", str(tmp_path)])
+    for f in ("k_curve.png", "subnetworks.png", "results.json"):
+        assert (tmp_path / f).stat().st_size > 0
+    assert json.loads((tmp_path / "results.json").read_text())["mc_accuracy"] == pytest.approx(
+        summary["mc_accuracy"]
+    )
+    mc = summary["mc_error_percent"]
+    assert mc["1"] > mc["20"]  # averaging subnetworks beats one subnetwork
+    assert summary["weight_scaling_error_percent"] < mc["1"]
+    assert summary["mean_entropy"]["noise"] > summary["mean_entropy"]["test"]
+
+
+@pytest.mark.e2e
+def test_sanity_check_quick(tmp_path):
+    summary = _load("sanity_check").main(["--quick", "--out", str(tmp_path)])
+    for f in ("train_accuracy.png", "final_accuracy.png", "results.json"):
+        assert (tmp_path / f).stat().st_size > 0
+    c = summary["conditions"]
+    assert summary["memorised"] and c["none"]["train_accuracy"] == 1.0  # 100 images memorised
+    assert c["none"]["train_accuracy_while_training"] == 1.0
+    assert c["l2=1e-1"]["train_accuracy"] < 0.9  # a strong penalty prevents it
+    assert c["dropout 0.5/0.8"]["train_accuracy"] < 0.9  # so does strong dropout
+    assert c["dropout 0.5/0.8"]["train_accuracy_while_training"] < 0.9
+    assert c["none"]["val_accuracy"] < 0.8  # memorising 100 images generalises poorly
+    assert summary["compiles"] <= 1  # every condition is a member of one sweep
+
+
+@pytest.mark.e2e
+def test_vanishing_gradients_quick(tmp_path):
+    summary = _load("vanishing_gradients").main(["--quick", "--out", str(tmp_path)])
+    for f in ("grad_norms.png", "accuracy.png", "results.json"):
+        assert (tmp_path / f).stat().st_size > 0
+    ratio = summary["first_to_last_ratio"]
+    # sigmoid: the first hidden layer gets a far smaller gradient than the last one
+    assert ratio["sigmoid"] < 0.01
+    assert ratio["sigmoid"] < 0.01 * ratio["relu"]
+    assert ratio["sigmoid"] < 0.01 * ratio["maxout"]
+    norms = summary["runs"]["sigmoid"]["grad_norm"]  # (layers, epochs): shrinks towards the input
+    assert norms[0][-1] < norms[3][-1] < norms[-1][-1]
+    acc = summary["test_accuracy"]
+    assert acc["relu"] > acc["sigmoid"] + 0.05 and acc["maxout"] > acc["sigmoid"] + 0.05
+
+
+@pytest.mark.e2e
+def test_initialisation_quick(tmp_path):
+    summary = _load("initialisation").main(["--quick", "--out", str(tmp_path)])
+    for f in ("histograms.png", "act_std.png", "accuracy.png", "results.json"):
+        assert (tmp_path / f).stat().st_size > 0
+    runs, acc = summary["runs"], summary["test_accuracy"]
+    zero = runs["zero"]  # symmetry: the units of every layer stay identical, though they learn
+    assert max(zero["unit_spread_trained"]) == 0.0 and zero["kernel_norm_trained"][-1] > 0
+    assert min(runs["he"]["unit_spread_trained"]) > 0
+    small = runs["small normal"]["act_std_init"]  # deep activations collapse towards 0
+    assert small[-1] < 1e-3 * small[0]
+    assert sum(runs["large normal"]["saturated_init"]) / summary["depth"] > 0.2  # sigmoid at 0/1
+    for good in ("xavier", "he"):
+        assert runs[good]["act_std_init"][-1] > 0.1  # the scale survives the depth
+        assert max(runs[good]["saturated_init"]) < 0.05
+        for bad in ("zero", "small normal", "large normal"):
+            assert acc[good] > acc[bad] + 0.3
+
+
+@pytest.mark.e2e
+def test_regularisation_quick(tmp_path):
+    summary = _load("regularisation").main(["--quick", "--out", str(tmp_path)])
+    for f in ("gap_curves.png", "final.png", "results.json"):
+        assert (tmp_path / f).stat().st_size > 0
+    c, gap = summary["conditions"], summary["gap"]
+    assert c["none"]["train_accuracy"] > 0.99 and gap["none"] > 0.08  # 1k images: over-fitting
+    for cure in ("l1", "l2", "dropout", "more data"):
+        assert gap[cure] < gap["none"] - 0.01, cure
+    assert c["more data"]["val_accuracy"] > c["none"]["val_accuracy"] + 0.02
+    es = summary["early_stopping"]  # restores the best epoch: the one with the least val loss
+    assert es["best_epoch"] == summary["none_min_val_loss_epoch"] < es["epochs_run"]
+    assert es["restored_val_loss"] == pytest.approx(es["best_epoch_val_loss"], rel=1e-5)
+    assert es["restored_val_loss"] < summary["none_final_val_loss"]
+    assert summary["sweep_compiles"] <= 1
+
+
+@pytest.mark.e2e
+def test_loss_choice_quick(tmp_path):
+    summary = _load("loss_choice").main(["--quick", "--out", str(tmp_path)])
+    for f in ("curves.png", "results.json"):
+        assert (tmp_path / f).stat().st_size > 0
+    train, test = summary["final_train_accuracy"], summary["test_accuracy"]
+    assert train["sigmoid + mse + sgd"] < 0.2 and test["sigmoid + mse + sgd"] < 0.2  # stalls
+    assert train["relu + cross-entropy + adam"] > 0.9 and test["relu + cross-entropy + adam"] > 0.8
+
+
+@pytest.mark.e2e
+def test_optimizers_quick(tmp_path):
+    summary = _load("optimizers").main(["--quick", "--out", str(tmp_path)])
+    for f in ("mnist_loss.png", "surfaces.png", "results.json"):
+        assert (tmp_path / f).stat().st_size > 0
+    loss = summary["final_train_loss"]  # per epoch: more updates, more progress
+    assert loss["sgd (batch 1)"] < loss["mini-batch sgd (100)"] < loss["gd (full batch)"]
+    steps = summary["steps_to_target"]
+    for fast in ("momentum", "adagrad", "adam"):  # plain GD leaves the saddle slowest
+        assert steps["saddle"][fast] < steps["saddle"]["sgd"] / 2
+    assert steps["ravine"]["sgd"] is None and steps["ravine"]["momentum"] is not None
+    assert steps["plateau"]["sgd"] is None  # the gradient is too small to get off the plateau
+    for adaptive in ("adagrad", "rmsprop", "adam"):  # normalised steps do
+        assert steps["plateau"][adaptive] is not None
+
+
+@pytest.mark.e2e
+def test_seeing_inside_quick(tmp_path):
+    summary = _load("seeing_inside").main(["--quick", "--out", str(tmp_path)])
+    for f in ("weights.png", "histograms.png", "dead_relu.png", "results.json"):
+        assert (tmp_path / f).stat().st_size > 0
+    dead = summary["final_dead_fraction"]
+    assert dead["lr 3e-2"]["layer_0"] > 0.5 > dead["lr 1e-3"]["layer_0"]  # big steps kill ReLUs
+    for r in summary["runs"].values():
+        assert len(r["histograms"]) == summary["epochs"]  # one histogram per layer per epoch
+        assert all(sum(h) == 1000 * 256 for h in r["histograms"][-1])
+        assert r["first_layer_change"] > 0.1
+    assert summary["test_accuracy"]["lr 1e-3"] > 0.85
+
+
+@pytest.mark.e2e
+def test_schedules_quick(tmp_path):
+    summary = _load("schedules").main(["--quick", "--out", str(tmp_path)])
+    for f in ("plateau.png", "weight_decay.png", "results.json"):
+        assert (tmp_path / f).stat().st_size > 0
+    const, halved = (
+        summary["plateau_runs"]["constant"],
+        summary["plateau_runs"]["halved on plateau"],
+    )
+    assert len(set(const["learning_rate"])) == 1
+    lr, val, k = halved["learning_rate"], halved["val_loss"], summary["patience"]
+    changes = [e for e in range(1, len(lr)) if lr[e] != lr[e - 1]]
+    assert changes and summary["plateau"]["halved on plateau"]["halvings"] >= 1
+    for e in changes:  # halved, and only after `patience` epochs without a new best
+        assert lr[e] == pytest.approx(lr[e - 1] / 2)
+        assert min(val[e - k : e]) >= min(val[: e - k])
+    first = changes[0]  # the same run until the first halving
+    assert const["val_loss"][:first] == halved["val_loss"][:first]
+    runs, start = summary["decay_runs"], summary["decay_start_epoch"]
+    late, none = runs[f"decay from epoch {start}"], runs["no decay"]
+    assert late["val_loss"][:start] == none["val_loss"][:start]  # no decay before the switch
+    assert late["val_loss"][-1] < none["val_loss"][-1]
+    assert late["first_layer_norm"] < none["first_layer_norm"]
+    assert runs["decay from the start"]["first_layer_norm"] < none["first_layer_norm"]
+
+
+@pytest.mark.e2e
+def test_batch_norm_quick(tmp_path):
+    summary = _load("batch_norm").main(["--quick", "--out", str(tmp_path)])
+    for f in ("grid.png", "results.json"):
+        assert (tmp_path / f).stat().st_size > 0
+    without, with_bn = (summary["structures"][k] for k in ("without batch norm", "with batch norm"))
+    assert with_bn["mean_accuracy"] > without["mean_accuracy"] + 0.2  # far less sensitive
+    assert with_bn["members_above_50_percent"] > without["members_above_50_percent"]
+    assert len(with_bn["val_accuracy"]) * len(with_bn["val_accuracy"][0]) == summary["members"]
+    assert with_bn["compiles"] <= 1 and without["compiles"] <= 1  # one program per structure
