@@ -180,15 +180,18 @@ def _mc(model, variables, rates, x, y, masks, valid_k, b, kc):
         xb, yb = x[i], y[i]
 
         def subnets(carry, inp):
-            sum_p, sum_lp, counts, sum_ent, seen = carry
+            log_sum_p, sum_lp, counts, sum_ent, seen = carry
             m, kv = inp
             lp = jax.nn.log_softmax(subnetwork_logits(model, variables, rates, xb, m))
             p = jnp.exp(lp)
             kw = kv[:, None, None]
-            cum_p = sum_p + jnp.cumsum(p * kw, axis=0)  # (kc, b, C)
-            cum_lp = sum_lp + jnp.cumsum(lp * kw, axis=0)
+            # The running sum of probabilities is kept as a log-sum-exp, so a true-class
+            # probability below float32's range still gives a finite NLL.
+            lp_kept = jnp.where(kw > 0, lp, -jnp.inf)
+            cum_log_p = jnp.logaddexp(log_sum_p, jax.lax.cumlogsumexp(lp_kept, axis=0))
+            cum_lp = sum_lp + jnp.cumsum(lp * kw, axis=0)  # (kc, b, C)
             k_now = (seen + jnp.cumsum(kv))[:, None, None]
-            a_nll, a_ok = _nll_correct(jnp.log(cum_p / k_now), yb)
+            a_nll, a_ok = _nll_correct(cum_log_p - jnp.log(k_now), yb)
             g_nll, g_ok = _nll_correct(jax.nn.log_softmax(cum_lp / k_now), yb)
             _, single = _nll_correct(lp, yb)
             per_k = {
@@ -201,12 +204,14 @@ def _mc(model, variables, rates, x, y, masks, valid_k, b, kc):
             per_k = {name: (v * w).sum(-1) for name, v in per_k.items()}  # (kc,)
             counts = counts + (jax.nn.one_hot(lp.argmax(-1), c) * kw).sum(0)
             sum_ent = sum_ent + (-(p * lp).sum(-1) * kv[:, None]).sum(0)
-            return (cum_p[-1], cum_lp[-1], counts, sum_ent, seen + kv.sum()), per_k
+            return (cum_log_p[-1], cum_lp[-1], counts, sum_ent, seen + kv.sum()), per_k
 
         zeros = jnp.zeros((b, c))
-        init = (zeros, zeros, zeros, jnp.zeros((b,)), jnp.zeros(()))
-        (sum_p, _, counts, sum_ent, seen), per_k = jax.lax.scan(subnets, init, (chunked, kv_chunks))
-        mean_p = sum_p / seen
+        init = (jnp.full((b, c), -jnp.inf), zeros, zeros, jnp.zeros((b,)), jnp.zeros(()))
+        (log_sum_p, _, counts, sum_ent, seen), per_k = jax.lax.scan(
+            subnets, init, (chunked, kv_chunks)
+        )
+        mean_p = jnp.exp(log_sum_p) / seen
         entropy = -(mean_p * jnp.log(jnp.maximum(mean_p, 1e-30))).sum(-1)
         pairs = seen * (seen - 1)
         agree = jnp.where(pairs > 0, (counts * (counts - 1)).sum(-1) / jnp.maximum(pairs, 1), 1.0)

@@ -87,17 +87,18 @@ class MLP(nn.Module):
         masks: Masks | None = None,
         rates: jax.Array | None = None,
         example_mask: jax.Array | None = None,
-        start: int = 0,
+        start: int | None = None,
         stop: int | None = None,
     ) -> jax.Array:
         """``rates``: (len(hidden)+1,) dropout rates or None; ``example_mask``: (B,) bool
         marking real (not padding) examples, used by batch-norm statistics.
 
         ``stop=i`` returns the input of masked layer ``i`` (before its dropout) instead of
-        the logits; ``start=i`` takes ``x`` to be that input and runs the rest. Together
-        they split the network so the part before a masked layer is computed once."""
-        h = x.reshape((x.shape[0], -1)) if start == 0 else x
-        return _dense_head(self, h, self.hidden, train, masks, rates, example_mask, start, stop)
+        the logits; ``start=i`` takes ``x`` to be that input and runs the rest (None: ``x``
+        is the network's input). Together they split the network so the part before a
+        masked layer is computed once."""
+        h = x.reshape((x.shape[0], -1)) if not start else x
+        return _dense_head(self, h, self.hidden, train, masks, rates, example_mask, start or 0, stop)
 
 
 class CNN(nn.Module):
@@ -128,11 +129,12 @@ class CNN(nn.Module):
         masks: Masks | None = None,
         rates: jax.Array | None = None,
         example_mask: jax.Array | None = None,
-        start: int = 0,
+        start: int | None = None,
         stop: int | None = None,
     ) -> jax.Array:
-        """As ``MLP.__call__``; masked layer 0 is the flattened conv output."""
-        if start > 0:
+        """As ``MLP.__call__``; masked layer 0 is the flattened conv output, so ``start=0``
+        takes ``x`` to be those features and skips the convolutions."""
+        if start is not None:
             return _dense_head(self, x, self.dense, train, masks, rates, example_mask, start, stop)
         kernel_init = inits.unit_initializer(self.weight_init)
         pieces = self.maxout_pieces if self.activation == "maxout" else 1

@@ -136,6 +136,38 @@ def test_mc_curve_equals_brute_force_at_every_k():
     np.testing.assert_allclose(st["mutual_information"], mi, atol=1e-5)
 
 
+def test_mc_nll_stays_finite_when_a_probability_underflows():
+    # Scaled-up weights make some true-class log-probabilities far below float32's range
+    # (exp underflows to 0): the NLL must be the log-sum-exp value, not inf.
+    model, variables = _net((8,))
+    variables = jax.tree_util.tree_map(lambda w: 300.0 * w, variables)
+    rates = jnp.asarray([0.0, 0.5])
+    masks = ensemble.sample_masks(jax.random.key(3), model, rates, 5, (4,))
+    st = ensemble.mc_stats(model, variables, rates, X, Y, masks)
+    lp = np.asarray(
+        jax.nn.log_softmax(ensemble.subnetwork_logits(model, variables, rates, X, masks)),
+        np.float64,
+    )
+    assert np.exp(lp.astype(np.float32)).min() == 0.0  # the case this guards against
+    want = -(np.logaddexp.reduce(lp, axis=0) - np.log(5))[np.arange(len(Y)), Y].mean()
+    assert np.isfinite(st["arithmetic_nll"]).all()
+    assert st["arithmetic_nll"][-1] == pytest.approx(want, rel=1e-4)
+
+
+def test_cnn_exact_enumeration_with_the_conv_features_masked():
+    # Masked layer 0 of a CNN is the flattened conv output: the convolutions run once and
+    # the masks go through the dense head only.
+    model = jaxdl.CNN(features=(1,), kernel_size=3, dense=(2,), num_classes=3,
+                      image_shape=(4, 4, 1))  # fmt: skip
+    x = np.random.default_rng(2).normal(size=(5, 16)).astype(np.float32)
+    variables = model.init(jax.random.key(0), x[:1])
+    rates = [0.5, 0.3]  # 4 conv features + 2 hidden units
+    got = ensemble.exact_probs(model, variables, rates, x)
+    probs, _, logits = _hand_enumeration(model, variables, rates, x)
+    np.testing.assert_allclose(got["arithmetic"], probs, atol=2e-6)
+    np.testing.assert_allclose(got["mean_logits"], logits, atol=1e-5)
+
+
 def test_mc_converges_to_the_exact_ensemble():
     model, variables = _net((4,))
     rates = [0.0, 0.5]
