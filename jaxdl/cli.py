@@ -13,7 +13,7 @@ import signal
 import sys
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -402,25 +402,45 @@ def _given_flags(argv: Sequence[str]) -> dict:
     for action in p._actions:
         if isinstance(action, argparse._SubParsersAction):
             for sub in action.choices.values():
+                sub._defaults.clear()  # set_defaults() values (e.g. ensemble's dropout rates)
                 for act in sub._actions:
                     act.default = argparse.SUPPRESS
     return vars(p.parse_args(argv))
+
+
+def _run_config(flag: str, run_dir: Path, command: str) -> dict:
+    """The config.json of the ``command`` run in ``run_dir`` (for ``flag``'s message)."""
+    path = run_dir / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except OSError:
+        raise InputError(f"{flag}: expected a run directory with a config.json, got "
+                         f"{str(run_dir)!r}") from None  # fmt: skip
+    except ValueError as e:
+        raise InputError(f"{flag}: {str(path)!r} is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("command") != command:
+        raise InputError(f"{flag}: {str(run_dir)!r} is not a {command} run")
+    return config
+
+
+def _with_settings(a: argparse.Namespace, config: Mapping, keep: Sequence[str]) -> dict:
+    """``a``'s values, with every setting of ``config`` that ``a`` has too, except ``keep``."""
+    out = vars(a).copy()
+    for dest, value in config.items():
+        if dest in out and dest not in keep:
+            if value is not None and dest in ("runs_dir", "data_dir"):
+                value = Path(value)
+            elif isinstance(out[dest], tuple) and isinstance(value, list):
+                value = tuple(value)
+            out[dest] = value
+    return out
 
 
 def _resumed(a: argparse.Namespace, argv: Sequence[str]) -> argparse.Namespace:
     """``a`` with the settings of the run being resumed (its config.json); refuses
     flags that would change what is computed."""
     run_dir = Path(a.resume)
-    path = run_dir / "config.json"
-    try:
-        config = json.loads(path.read_text())
-    except OSError:
-        raise InputError(f"--resume: expected a run directory with a config.json, got "
-                         f"{str(run_dir)!r}") from None  # fmt: skip
-    except ValueError as e:
-        raise InputError(f"--resume: {str(path)!r} is not valid JSON ({e})") from None
-    if not isinstance(config, dict) or config.get("command") != a.command:
-        raise InputError(f"--resume: {str(run_dir)!r} is not a {a.command} run")
+    config = _run_config("--resume", run_dir, a.command)
     if (run_dir / ("results.json" if a.command == "train" else "summary.json")).exists():
         raise InputError(f"--resume: {str(run_dir)!r} has finished already; nothing to resume")
     given = _given_flags(argv)
@@ -431,26 +451,25 @@ def _resumed(a: argparse.Namespace, argv: Sequence[str]) -> argparse.Namespace:
         raise InputError(f"{flag}: {str(run_dir)!r} was started with {config.get(dest)!r}, got "
                          f"{value!r}; a resumed run keeps its settings (only --json, "
                          "--no-progress, --no-plots and --data-dir may be given)")  # fmt: skip
-    out = vars(a).copy()
-    for dest, value in config.items():
-        if dest in out and dest not in given:
-            if value is not None and dest in ("runs_dir", "data_dir"):
-                value = Path(value)
-            elif isinstance(out[dest], tuple) and isinstance(value, list):
-                value = tuple(value)
-            out[dest] = value
+    out = _with_settings(a, config, keep=list(given))
     out["resume"] = run_dir
     return argparse.Namespace(**out)
+
+
+def _prepare(a: argparse.Namespace, model, optimizer, es, splits, tr, dropout):
+    """``train.prepare`` with the settings of the train flags."""
+    return train.prepare(
+        model, optimizer, tr, epochs=a.epochs, batch_size=a.batch_size, validation=splits.valid,
+        early_stopping=es, loss=a.loss, l1=a.l1, l2=a.l2, dropout=dropout,
+        input_noise=a.input_noise, init_scale=a.init_scale,
+        skip_nonfinite=getattr(a, "skip_nonfinite", False),
+    )  # fmt: skip
 
 
 def cmd_train(a: argparse.Namespace) -> dict:
     model, optimizer, es, splits, tr = _common(a)
     dropout = _dropout(model, tr.x.shape[1:], a.dropout_input, a.dropout_hidden)
-    setup, hp = train.prepare(
-        model, optimizer, tr, epochs=a.epochs, batch_size=a.batch_size, validation=splits.valid,
-        early_stopping=es, loss=a.loss, l1=a.l1, l2=a.l2, dropout=dropout,
-        input_noise=a.input_noise, init_scale=a.init_scale, skip_nonfinite=a.skip_nonfinite,
-    )  # fmt: skip
+    setup, hp = _prepare(a, model, optimizer, es, splits, tr, dropout)
     _check_checkpoint_flags(a)
     if a.resume is None:
         run_dir = report.make_run_dir(a.runs_dir, a.name)
@@ -644,6 +663,16 @@ def _add_ensemble_command(sub, fmt) -> argparse.ArgumentParser:
         metavar="N",
         help="also train N independent nets and N fixed-mask subnetworks (0: skip)",
     )
+    g.add_argument(
+        "--from",
+        dest="from_run",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="analyse the net a finished 'jaxdl train' run in RUN_DIR trained (its final "
+        "parameters, from its checkpoints) instead of training one; the train flags are "
+        "then the run's own",
+    )
     g.add_argument("--test-size", type=int, default=None, help="use the first N test examples")
     g.add_argument(
         "--ood-size", type=int, default=1000, help="test images turned out-of-distribution"
@@ -651,7 +680,7 @@ def _add_ensemble_command(sub, fmt) -> argparse.ArgumentParser:
     return e
 
 
-def cmd_ensemble(a: argparse.Namespace) -> dict:
+def cmd_ensemble(a: argparse.Namespace, argv: Sequence[str] = ()) -> dict:
     for flag in ("k", "repeats", "max_units", "ood_size"):
         validate.positive_int("--" + flag.replace("_", "-"), getattr(a, flag))
     validate.positive_int("--explicit", a.explicit, allow_zero=True)
@@ -659,30 +688,34 @@ def cmd_ensemble(a: argparse.Namespace) -> dict:
         validate.positive_int("--test-size", a.test_size)
     if a.tensorboard:
         raise InputError("--tensorboard: not available for ensemble (use jaxdl train)")
-    model, optimizer, es, splits, tr = _common(a)
-    rates = _dropout(model, tr.x.shape[1:], a.dropout_input, a.dropout_hidden)
+    # t: the settings of the net (this command's train flags, or the --from run's)
+    t = a if a.from_run is None else _trained_settings(a, argv)
+    model, optimizer, es, splits, tr = _common(t)
+    rates = _dropout(model, tr.x.shape[1:], t.dropout_input, t.dropout_hidden)
     if max(rates) <= 0:
-        raise InputError("--dropout-input/--dropout-hidden: the ensemble view needs dropout; "
-                         "expected a rate above 0, got 0")  # fmt: skip
+        flag = "--from" if a.from_run is not None else "--dropout-input/--dropout-hidden"
+        raise InputError(f"{flag}: the ensemble view needs dropout; expected a rate above 0, "
+                         "got 0")  # fmt: skip
     widths = models.masked_widths(model, tr.x.shape[1:])
     units = sum(w for w, r in zip(widths, rates, strict=True) if r > 0)
     if a.exact == "on" and units > a.max_units:
         raise InputError(f"--exact on: {units} masked units are more than --max-units "
                          f"{a.max_units}; mask fewer units or use --exact auto")  # fmt: skip
-    setup, hp = train.prepare(
-        model, optimizer, tr, epochs=a.epochs, batch_size=a.batch_size, validation=splits.valid,
-        early_stopping=es, loss=a.loss, l1=a.l1, l2=a.l2, dropout=rates,
-        input_noise=a.input_noise, init_scale=a.init_scale,
-    )  # fmt: skip
+    setup, hp = _prepare(t, model, optimizer, es, splits, tr, rates)
     test = splits.test if a.test_size is None else data.subset(splits.test, a.test_size)
+    state = train.programs(setup).init(train.as_key(t.seed), hp)
+    if a.from_run is not None:  # before a run directory exists: a bad run writes nothing
+        state = _trained_state(t, setup, hp, tr, state)
     run_dir = report.make_run_dir(a.runs_dir, a.name, prefix="ensemble")
     report.write_json(run_dir / "config.json", {**run_config.settings(a), "run_dir": str(run_dir)})
-    state = train.programs(setup).init(train.as_key(a.seed), hp)
-    with report.Progress(a.epochs, enabled=not a.no_progress, stream=sys.stderr) as prog:
-        state, history = train.fit_state(setup, state, hp, tr, splits.valid, on_epoch=prog.update)
-        prog.finish(best_epoch=train.best_epoch(state) or None)
-    report.save_history(run_dir, history)
-    key = jax.random.fold_in(train.as_key(a.seed), 7)
+    if a.from_run is None:
+        with report.Progress(a.epochs, enabled=not a.no_progress, stream=sys.stderr) as prog:
+            state, history = train.fit_state(
+                setup, state, hp, tr, splits.valid, on_epoch=prog.update
+            )
+            prog.finish(best_epoch=train.best_epoch(state) or None)
+        report.save_history(run_dir, history)
+    key = jax.random.fold_in(train.as_key(t.seed), 7)
     exact = {"auto": None, "on": True, "off": False}[a.exact]
     result = ensemble.analyse(
         model, ensemble.variables_of(state), rates, test, key=key, k=a.k, repeats=a.repeats,
@@ -690,10 +723,12 @@ def cmd_ensemble(a: argparse.Namespace) -> dict:
     )  # fmt: skip
     explicit = {}
     if a.explicit:
+        shared = {"l1": t.l1, "l2": t.l2, "input_noise": t.input_noise, "init_scale": t.init_scale}
         trained = ensemble.train_explicit(
             model, optimizer, tr, n=a.explicit, rates=rates, key=jax.random.fold_in(key, 1),
-            epochs=a.epochs, seed=a.seed + 1, batch_size=a.batch_size, validation=splits.valid,
-            early_stopping=es, loss=a.loss,
+            epochs=t.epochs, seed=t.seed + 1, batch_size=t.batch_size, validation=splits.valid,
+            early_stopping=es, loss=t.loss,
+            config={k: v for k, v in shared.items() if v is not None},
         )  # fmt: skip
         for name in ("independent", "bagging"):
             masks = trained["masks"] if name == "bagging" else None
@@ -711,6 +746,49 @@ def cmd_ensemble(a: argparse.Namespace) -> dict:
     if not a.no_plots:
         report.plot_ensemble(result, run_dir, explicit=explicit)
     return summary
+
+
+# The flags of ``ensemble`` that are not the net's settings (allowed with --from).
+_ENSEMBLE_OWN = ("command", "from_run", "k", "repeats", "exact", "max_units", "explicit",
+                 "test_size", "ood_size", "name", "runs_dir", "json", "no_progress",
+                 "no_plots", "data_dir", "config")  # fmt: skip
+
+
+def _trained_settings(a: argparse.Namespace, argv: Sequence[str]) -> argparse.Namespace:
+    """The settings of the finished train run ``a.from_run`` (every train flag, as
+    ``jaxdl train`` parsed them), with ``a``'s data directory; refuses train flags given
+    with ``--from`` (they would describe another net than the one loaded)."""
+    run_dir = Path(a.from_run)
+    config = _run_config("--from", run_dir, "train")
+    if not (run_dir / "results.json").exists():
+        raise InputError(f"--from: {str(run_dir)!r} has not finished (no results.json); "
+                         f"finish it with: jaxdl train --resume {run_dir}")  # fmt: skip
+    for dest in _given_flags(argv):
+        if dest not in _ENSEMBLE_OWN:
+            flag = "--" + dest.replace("_", "-")
+            raise InputError(f"{flag}: with --from the net and its settings are those of "
+                             f"{str(run_dir)!r}; give only the ensemble flags")  # fmt: skip
+    t = _with_settings(build_parser().parse_args(["train"]), config, keep=())
+    t.update(data_dir=a.data_dir, from_run=run_dir)
+    return argparse.Namespace(**t)
+
+
+def _trained_state(t: argparse.Namespace, setup, hp, tr, like) -> train.TrainState:
+    """The final state of the train run ``t.from_run``, read from its last checkpoint and
+    checked against the ``params_digest`` its results.json reports."""
+    run_dir = t.from_run
+    ckpt = _checkpointer(t, run_dir, checkpoint.describe(setup, hp, tr.x, tr.y))
+    saved = None if ckpt is None else ckpt.restore(like)
+    if saved is None:
+        raise InputError(f"--from: {str(run_dir)!r} kept no checkpoint (it was run with "
+                         "--checkpoint-every 0); train it again with checkpoints")  # fmt: skip
+    state = train.final_state(setup, saved.state)
+    reported = json.loads((run_dir / "results.json").read_text()).get("params_digest")
+    if report.params_digest(state.params) != reported:
+        raise InputError(f"--from: the last checkpoint of {str(run_dir)!r} (epoch "
+                         f"{saved.epoch}) does not hold the parameters its results.json "
+                         "reports (params_digest differs)")  # fmt: skip
+    return state
 
 
 def _add_view_commands(sub, fmt) -> None:
@@ -783,7 +861,7 @@ def main(argv: Sequence[str] | None = None) -> int:
                        f"best epoch {results['best_epoch']}/{results['epochs_run']}  "
                        f"{results['samples_per_second']:,.0f} samples/s  run {results['run_dir']}")  # fmt: skip
         elif a.command == "ensemble":
-            results = cmd_ensemble(a)
+            results = cmd_ensemble(a, argv)
             summary = (f"weight scaling {results['weight_scaling_accuracy']:.4f}; MC "
                        + ", ".join(f"k={k}: {v:.4f}" for k, v in results["mc_accuracy"].items())
                        + (f"; exact {results['exact_accuracy']:.4f}" if "exact_accuracy" in results else "")

@@ -486,6 +486,7 @@ def train_explicit(
     key: jax.Array,
     epochs: int,
     seed: int = 0,
+    config: Mapping[str, Any] | None = None,
     **kwargs: Any,
 ) -> dict[str, Any]:
     """Explicit ensembles to set beside one dropout-trained net, trained vmapped:
@@ -494,17 +495,18 @@ def train_explicit(
     - ``bagging``: n fixed-mask subnetworks ("dropout bagging"), each with its own weights
       and one mask drawn with ``rates`` from ``key``, used at every step.
 
-    ``kwargs`` go to ``sweep.sweep`` (batch_size, validation, test, early_stopping, …).
+    ``config``: the numbers every member shares (``sweep.sweep``'s configuration keys:
+    ``learning_rate``, ``l2``, ``input_noise``, …); its ``dropout`` is ignored. ``kwargs``
+    go to ``sweep.sweep`` (batch_size, validation, test, early_stopping, …).
     Returns ``{"independent": SweepResult, "bagging": SweepResult, "masks": Masks}``.
     """
     validate.positive_int("n", n)
     seeds = list(range(seed, seed + n))
     masks = sample_masks(key, model, rates, n, train_data.x.shape[1:])
+    configs = [{**(config or {}), "dropout": 0.0}]
     common = dict(seeds=seeds, epochs=epochs, **kwargs)
     return {
-        "independent": sweep.sweep(model, optimizer, train_data, [{}], dropout=0.0, **common),
-        "bagging": sweep.sweep(
-            model, optimizer, train_data, [{}], dropout=0.0, masks=masks, **common
-        ),
+        "independent": sweep.sweep(model, optimizer, train_data, configs, **common),
+        "bagging": sweep.sweep(model, optimizer, train_data, configs, masks=masks, **common),
         "masks": masks,
     }

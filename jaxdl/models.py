@@ -98,7 +98,9 @@ class MLP(nn.Module):
         is the network's input). Together they split the network so the part before a
         masked layer is computed once."""
         h = x.reshape((x.shape[0], -1)) if not start else x
-        return _dense_head(self, h, self.hidden, train, masks, rates, example_mask, start or 0, stop)
+        return _dense_head(
+            self, h, self.hidden, train, masks, rates, example_mask, start or 0, stop
+        )
 
 
 class CNN(nn.Module):

@@ -626,12 +626,18 @@ def fit_state(
                 epoch, state, dict(history), score=score, best=best,
                 last=stopped or epoch == setup.epochs,
             )  # fmt: skip
+    return final_state(setup, state), dict(history)
+
+
+def final_state(setup: Setup, state: TrainState) -> TrainState:
+    """The state a finished run returns: with early stopping's ``restore_best``, the best
+    epoch's parameters and batch statistics (kept in ``state.stopping``)."""
     es = setup.early_stopping
     if es is not None and es.restore_best and int(state.stopping.tracker.best_epoch) > 0:
         state = state.replace(
             params=state.stopping.best_params, batch_stats=state.stopping.best_batch_stats
         )
-    return state, dict(history)
+    return state
 
 
 _LOSSES = ("train_loss", "val_loss")

@@ -309,6 +309,55 @@ def test_cli_ensemble_enumerates_a_small_layer(tmp_path, small_npz, capsys):
     assert res["exact_units"] == 10 and 0.0 <= res["exact_accuracy"] <= 1.0
 
 
+def _train_run(tmp_path, small_npz, name, *flags):
+    argv = ["train", "--data", str(small_npz), "--hidden", "10", "--dropout-input", "0",
+            "--dropout-hidden", "0.5", "--epochs", "3", "--batch-size", "50", "--runs-dir",
+            str(tmp_path), "--name", name, "--no-progress", "--no-plots", "--json", *flags]  # fmt: skip
+    assert cli.main(argv) == 0
+    return tmp_path / name
+
+
+def test_cli_ensemble_from_a_finished_train_run(tmp_path, small_npz, capsys):
+    run = _train_run(tmp_path, small_npz, "t", "--lr", "3e-3")
+    trained = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    code = cli.main(["ensemble", "--from", str(run), "--data-dir", str(tmp_path), "--k", "10",
+                     "--repeats", "1", "--runs-dir", str(tmp_path), "--name", "e", "--json",
+                     "--no-progress", "--no-plots"])  # fmt: skip
+    out = capsys.readouterr()
+    assert code == 0, out.err
+    res = json.loads(out.out.strip().splitlines()[-1])
+    # the very net the run trained: its deterministic pass is the run's test accuracy
+    assert res["weight_scaling_accuracy"] == pytest.approx(trained["test_accuracy"], abs=1e-6)
+    assert res["exact_units"] == 10  # the run's own dropout: 0.5 on its 10 hidden units
+    assert not (tmp_path / "e" / "history.json").exists()  # nothing was trained
+    saved = json.loads((tmp_path / "e" / "config.json").read_text())
+    assert saved["from_run"] == str(run)
+
+
+def test_cli_ensemble_from_refuses_what_it_cannot_load(tmp_path, small_npz, capsys):
+    run = _train_run(tmp_path, small_npz, "t")
+    plain = _train_run(tmp_path, small_npz, "plain", "--dropout-hidden", "0")
+    bare = _train_run(tmp_path, small_npz, "bare", "--checkpoint-every", "0")
+    (tmp_path / "unfinished").mkdir()
+    (tmp_path / "unfinished" / "config.json").write_text((run / "config.json").read_text())
+    capsys.readouterr()
+    cases = [
+        ([str(run), "--lr", "0.1"], "--lr: with --from the net and its settings are those of"),
+        ([str(tmp_path / "missing")], "expected a run directory with a config.json"),
+        ([str(tmp_path / "unfinished")], "has not finished (no results.json)"),
+        ([str(plain)], "--from: the ensemble view needs dropout"),
+        ([str(bare)], "kept no checkpoint"),
+    ]
+    for flags, message in cases:
+        before = sorted(p.name for p in tmp_path.iterdir())
+        code = cli.main(["ensemble", "--from", *flags, "--runs-dir", str(tmp_path),
+                         "--no-progress"])  # fmt: skip
+        err = capsys.readouterr().err
+        assert code == 2, (flags, err)
+        assert message in err and len(err.strip().splitlines()) == 1, err
+        assert sorted(p.name for p in tmp_path.iterdir()) == before  # nothing written
+
+
 @pytest.mark.parametrize(
     "flags, message",
     [
