@@ -481,13 +481,14 @@ def cmd_train(a: argparse.Namespace) -> dict:
         run_dir = a.resume
     info = train.FitInfo()
     state = train.programs(setup).init(train.as_key(a.seed), hp)
-    tb = None
-    if a.tensorboard:
-        tb = tracking.RunWriter(run_dir, model, tr.x[: setup.probe_size], run_config.settings(a))
     ckpt = _checkpointer(a, run_dir, checkpoint.describe(setup, hp, tr.x, tr.y))
-    history = None
+    history = saved = None
     if ckpt is not None and a.resume is not None and (saved := ckpt.restore(state)) is not None:
         state, history = saved.state, saved.host
+    tb = None
+    if a.tensorboard:
+        tb = tracking.RunWriter(run_dir, model, tr.x[: setup.probe_size], run_config.settings(a),
+                                resumed_from=None if a.resume is None else getattr(saved, "epoch", 0))  # fmt: skip
     with report.Progress(a.epochs, enabled=not a.no_progress, stream=sys.stderr) as prog:
         with _faults(ckpt, run_dir):
             state, history = train.fit_state(

@@ -102,14 +102,26 @@ def log_histograms(
 
 class RunWriter:
     """Events of one training run: ``epoch`` and ``state`` are ``fit_state``'s
-    ``on_epoch`` and ``on_state`` callbacks; ``close`` adds the final results."""
+    ``on_epoch`` and ``on_state`` callbacks; ``close`` adds the final results.
 
-    def __init__(self, logdir: str | Path, model: Model, probe_x: Any, config: Mapping | None):
-        self.writer = require().SummaryWriter(logdir=str(logdir), flush_secs=10)
+    ``resumed_from``: the epoch a resumed run restarts after. Events the interrupted run
+    wrote for later epochs (logged after its last checkpoint) are purged, so TensorBoard
+    shows each epoch once, as the resumed run computed it."""
+
+    def __init__(
+        self,
+        logdir: str | Path,
+        model: Model,
+        probe_x: Any,
+        config: Mapping | None,
+        resumed_from: int | None = None,
+    ):
+        purge = None if resumed_from is None else int(resumed_from) + 1
+        self.writer = require().SummaryWriter(logdir=str(logdir), flush_secs=10, purge_step=purge)
         self.model = model
         self.probe_x = probe_x
         self.step = 0
-        if config is not None:
+        if config is not None and resumed_from is None:
             text = json.dumps(dict(config), indent=2, default=str)
             self.writer.add_text("config", "    " + text.replace("\n", "\n    "), 0)
 

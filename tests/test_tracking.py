@@ -61,6 +61,38 @@ def test_histograms_hold_the_exact_values(tmp_path):
     assert (a.num, a.min, a.max, a.sum) == (3, 0.0, 2.0, 3.0)
 
 
+def test_resumed_run_shows_each_epoch_once(tiny_runs, tmp_path, capsys, monkeypatch):
+    # The first run logs epoch 3 and dies before checkpointing it; the resumed run
+    # restarts after epoch 2 and logs epochs 3-4 again. TensorBoard must show one value
+    # per epoch: the resumed run's, equal to the final history.
+    from jaxdl import checkpoint
+
+    _, data_path = tiny_runs
+    argv = ["train", "--data", str(data_path), "--hidden", "8", "--epochs", "4", "--batch-size",
+            "50", "--runs-dir", str(tmp_path), "--name", "r", "--tensorboard", "--no-progress",
+            "--no-plots"]  # fmt: skip
+    real = checkpoint.Checkpointer.after_epoch
+
+    def crash_at_3(self, epoch, *args, **kw):
+        if epoch == 3:
+            raise OSError("disk full")
+        return real(self, epoch, *args, **kw)
+
+    monkeypatch.setattr(checkpoint.Checkpointer, "after_epoch", crash_at_3)
+    with pytest.raises(OSError, match="disk full"):
+        cli.main(argv)
+    monkeypatch.setattr(checkpoint.Checkpointer, "after_epoch", real)
+    assert cli.main(["train", "--resume", str(tmp_path / "r"), "--no-progress"]) == 0
+    history = json.loads((tmp_path / "r" / "history.json").read_text())
+    ea = _events(tmp_path / "r")
+    for key in ("train_loss", "val_accuracy", "grad_norm/layer_0"):
+        steps, got = _scalars(ea, tracking.scalar_tag(key))
+        assert steps == [1, 2, 3, 4], key
+        np.testing.assert_allclose(got, history[key], rtol=1e-6, err_msg=key)
+    assert [h.step for h in ea.Histograms("weights/output/kernel")] == [1, 2, 3, 4]
+    assert len(ea.Tensors("config/text_summary")) == 1  # the settings, written once
+
+
 def test_train_run_events_match_history(tiny_runs):
     root, _ = tiny_runs
     run = root / "t"
