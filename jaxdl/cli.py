@@ -163,6 +163,7 @@ def _add_train_flags(p: argparse.ArgumentParser, number=float) -> None:
         ("decay", "RMSProp ρ"), ("weight-decay", "decoupled weight decay on the kernels"),
         ("decay-start-epoch", "epoch from which weight decay applies"),
         ("clip-norm", "clip gradients to this global norm"),
+        ("max-norm", "max-norm constraint: each unit's incoming weights kept within this L2 norm"),
         ("lr-decay", "step/plateau decay factor"), ("lr-decay-every", "step schedule period (epochs)"),
         ("lr-patience", "plateau patience (epochs)"), ("warmup-epochs", "warm-up length (epochs)"),
         ("lr-min-ratio", "cosine floor as a fraction of the learning rate"),
@@ -297,7 +298,7 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 _OPT_FLAGS = ("momentum", "b1", "b2", "eps", "decay", "weight_decay", "decay_start_epoch",
-              "clip_norm", "lr_decay", "lr_decay_every", "lr_patience", "warmup_epochs",
+              "clip_norm", "max_norm", "lr_decay", "lr_decay_every", "lr_patience", "warmup_epochs",
               "lr_min_ratio")  # fmt: skip
 
 

@@ -9,7 +9,9 @@ only in numbers compare equal, so the training program compiled for one is reuse
 the other.
 
 Each family is ``clip_by_global_norm → scale_by_<family> → add_decayed_weights →
-scale_by_learning_rate`` (the decay is decoupled, as in AdamW, and reaches kernels only).
+scale_by_learning_rate → [per-layer multipliers] → max_norm`` (the decay is decoupled, as
+in AdamW, and reaches kernels only; max-norm, as in Srivastava et al. 2014, keeps each
+unit's incoming weight vector within an L2 ball of radius ``max_norm`` after the step).
 
 | family | update direction u (before ×(-lr)) |
 |---|---|
@@ -39,7 +41,7 @@ import optax
 
 from jaxdl import inits, validate
 
-_COMMON = {"learning_rate": 0.01, "weight_decay": 0.0, "clip_norm": math.inf}
+_COMMON = {"learning_rate": 0.01, "weight_decay": 0.0, "clip_norm": math.inf, "max_norm": math.inf}
 FAMILIES: dict[str, dict[str, float]] = {
     "sgd": {},
     "momentum": {"momentum": 0.9},
@@ -80,6 +82,7 @@ class Optimizer:
     # parameters every step); their values stay traced.
     clip: bool = False
     decay: bool = False
+    constrain: bool = False  # the max-norm projection
     hyperparams: Mapping[str, float] = dataclasses.field(
         default_factory=dict, compare=False, hash=False
     )
@@ -88,7 +91,9 @@ class Optimizer:
     def tx(self) -> optax.GradientTransformation:
         """The Optax transformation, initialised with ``hyperparams``."""
         injected = {k: v for k, v in self.hyperparams.items() if k in injected_names(self.name)}
-        return _structure(self.name, self.freeze, self.layer_lr, self.clip, self.decay)(injected)
+        return _structure(
+            self.name, self.freeze, self.layer_lr, self.clip, self.decay, self.constrain
+        )(injected)
 
     def init(self, params) -> optax.OptState:
         return self.tx.init(params)
@@ -136,6 +141,7 @@ def make_optimizer(
         mult,
         clip=math.isfinite(values["clip_norm"]),
         decay=values["weight_decay"] > 0,
+        constrain=math.isfinite(values["max_norm"]),
         hyperparams=values,
     )
 
@@ -151,6 +157,8 @@ def check_hyperparams(values: Mapping[str, float]) -> None:
             validate.in_range(key, values[key], 0.0, 1.0)
     if not values["clip_norm"] > 0:
         validate.fail("clip_norm", "a number > 0 (inf: no clipping)", values["clip_norm"])
+    if not values["max_norm"] > 0:
+        validate.fail("max_norm", "a number > 0 (inf: no constraint)", values["max_norm"])
     validate.in_range("lr_decay", values["lr_decay"], 0.0, 1.0, hi_open=False)
     validate.positive("lr_decay_every", values["lr_decay_every"])
     validate.positive("lr_patience", values["lr_patience"], allow_zero=True)
@@ -164,6 +172,9 @@ def check_structure(optimizer: Optimizer, values: Mapping[str, float]) -> None:
     if math.isfinite(values["clip_norm"]) and not optimizer.clip:
         validate.fail("clip_norm", "inf for an optimizer made without clipping (pass clip_norm "
                       "to make_optimizer to include the clipping step)", values["clip_norm"])  # fmt: skip
+    if math.isfinite(values["max_norm"]) and not optimizer.constrain:
+        validate.fail("max_norm", "inf for an optimizer made without the max-norm constraint "
+                      "(pass max_norm to make_optimizer to include it)", values["max_norm"])  # fmt: skip
 
 
 def check_layers(optimizer: Optimizer, layers: list[str]) -> None:
@@ -210,6 +221,7 @@ def _structure(
     layer_lr: tuple[tuple[str, float], ...],
     with_clip: bool = True,
     with_decay: bool = True,
+    with_max_norm: bool = False,
 ):
     """Returns ``values -> GradientTransformation`` for one structure (cached)."""
 
@@ -219,6 +231,7 @@ def _structure(
         learning_rate,
         weight_decay,
         clip_norm,
+        max_norm,
         momentum=None,
         decay=None,
         eps=None,
@@ -233,15 +246,15 @@ def _structure(
             if with_decay
             else optax.identity(),
             optax.scale_by_learning_rate(learning_rate),
+            _scale_layers(dict(layer_lr)) if layer_lr else optax.identity(),
+            # Last: the constraint holds for the parameters the step produces.
+            _max_norm(max_norm) if with_max_norm else optax.identity(),
         )
 
     injected = optax.inject_hyperparams(factory)
 
     def build(values: Mapping[str, float]) -> optax.GradientTransformation:
         tx = injected(**values)
-        if layer_lr:
-            mult = dict(layer_lr)
-            tx = optax.chain(tx, _scale_layers(mult))
         if freeze:
             labels = functools.partial(_freeze_labels, frozenset(freeze))
             tx = optax.partition({"train": tx, "frozen": optax.set_to_zero()}, labels)
@@ -261,6 +274,27 @@ def _scale_layers(mult: Mapping[str, float]) -> optax.GradientTransformation:
         del params
         scaled = jax.tree_util.tree_map_with_path(lambda p, u: u * mult.get(_top(p), 1.0), updates)
         return scaled, state
+
+    return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
+
+
+def _max_norm(radius: jax.Array) -> optax.GradientTransformation:
+    """Changes the updates so that every unit's incoming weights (a kernel's column: the
+    norm is taken over all axes but the last) end within an L2 ball of ``radius``."""
+
+    def update(updates, state, params=None):
+        if params is None:
+            raise ValueError("max_norm needs the parameters: call update(grads, state, params)")
+
+        def project(path, u, p):
+            if not inits.is_kernel(path, p):
+                return u
+            new = p + u
+            norm = jnp.sqrt((new * new).sum(axis=tuple(range(new.ndim - 1)), keepdims=True))
+            scale = jnp.minimum(1.0, radius / jnp.maximum(norm, 1e-12))
+            return new * scale.astype(new.dtype) - p
+
+        return jax.tree_util.tree_map_with_path(project, updates, params), state
 
     return optax.GradientTransformation(lambda _: optax.EmptyState(), update)
 

@@ -143,14 +143,15 @@ def _member_hparams(
 
 
 def _structure_for(optimizer: Optimizer, configs: Sequence[Mapping[str, Any]]) -> Optimizer:
-    """The optimizer with clipping / decay passes on if any member needs them."""
+    """The optimizer with clipping / decay / max-norm passes on if any member needs them."""
 
     def needs(key, test):
         return any(test(c[key]) for c in configs if key in c)
 
     decay = optimizer.decay or needs("weight_decay", lambda v: v > 0)
     clip = optimizer.clip or needs("clip_norm", math.isfinite)
-    return dataclasses.replace(optimizer, decay=decay, clip=clip)
+    constrain = optimizer.constrain or needs("max_norm", math.isfinite)
+    return dataclasses.replace(optimizer, decay=decay, clip=clip, constrain=constrain)
 
 
 def _largest(value) -> float:

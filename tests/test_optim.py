@@ -185,6 +185,41 @@ def test_clip_by_global_norm_values(clip):
     np.testing.assert_allclose(float(optax.tree.norm(updates)), min(norm, clip), rtol=1e-6)
 
 
+@pytest.mark.parametrize("radius", [0.05, 0.3, 1e3])
+def test_max_norm_projects_each_units_incoming_weights(radius):
+    opt = optim.make_optimizer("sgd", learning_rate=1.0, max_norm=radius)
+    assert opt.constrain and not optim.make_optimizer("sgd").constrain
+    g = GRADS[0]
+    state = opt.init(PARAMS)
+    updates, _ = opt.tx.update(g, state, PARAMS)
+    new = _flat(optax.apply_updates(PARAMS, updates))
+    old, grad = _flat(PARAMS), _flat(g)
+    for k, p in new.items():
+        free = old[k] - grad[k]  # the plain SGD step
+        if not k.endswith("/kernel"):
+            np.testing.assert_allclose(p, free, rtol=1e-6, atol=1e-7, err_msg=k)
+            continue
+        cols = np.sqrt((free.reshape(-1, free.shape[-1]) ** 2).sum(0))  # one norm per unit
+        want = free * np.minimum(1.0, radius / cols)
+        np.testing.assert_allclose(p, want, rtol=1e-5, atol=1e-7, err_msg=k)
+        got = np.sqrt((p.reshape(-1, p.shape[-1]) ** 2).sum(0))
+        assert np.all(got <= radius * (1 + 1e-5)), k
+    if radius == 0.05:
+        assert np.any(cols > radius)  # the constraint was active
+
+
+def test_max_norm_is_traced_and_refused_when_not_built():
+    opt = optim.make_optimizer("adam", max_norm=3.0)
+    assert opt == optim.make_optimizer("adam", max_norm=0.5)  # same structure: no recompile
+    assert optim.get_hyperparams(opt.init(PARAMS))["max_norm"] == pytest.approx(3.0)
+    with pytest.raises(jaxdl.InputError, match="max_norm"):
+        optim.make_optimizer("adam", max_norm=0.0)
+    with pytest.raises(jaxdl.InputError, match="max_norm.*made without the max-norm"):
+        optim.check_structure(
+            optim.make_optimizer("adam"), {**optim.defaults("adam"), "max_norm": 2.0}
+        )
+
+
 def _sgd_updates(opt, grads=GRADS[0], lr=None):
     state = opt.init(PARAMS)
     if lr is not None:
