@@ -121,6 +121,7 @@ class CNN(nn.Module):
     pool: str = "max"
     image_shape: tuple[int, int, int] = (28, 28, 1)
     dropout_convention: str = "inverted"
+    conv_impl: str = "auto"  # see ``Conv``
 
     @nn.compact
     def __call__(
@@ -142,9 +143,8 @@ class CNN(nn.Module):
         pieces = self.maxout_pieces if self.activation == "maxout" else 1
         pool = nn.max_pool if self.pool == "max" else nn.avg_pool
         h = x.reshape((x.shape[0], *self.image_shape))
-        k = (self.kernel_size, self.kernel_size)
         for i, f in enumerate(self.features):
-            h = nn.Conv(f * pieces, k, padding="SAME", kernel_init=kernel_init, name=f"conv_{i}")(h)
+            h = Conv(f * pieces, self.kernel_size, kernel_init, self.conv_impl, name=f"conv_{i}")(h)
             if self.batch_norm:
                 h = _batch_norm(h, train, example_mask, f"conv_bn_{i}")
             h = activate(self.activation, h, pieces)
@@ -152,6 +152,51 @@ class CNN(nn.Module):
             h = pool(h, (2, 2), strides=(2, 2))
         h = h.reshape((h.shape[0], -1))
         return _dense_head(self, h, self.dense, train, masks, rates, example_mask, 0, stop)
+
+
+CONV_IMPLS = ("auto", "xla", "patches")
+
+
+class Conv(nn.Module):
+    """A stride-1 SAME convolution with a (k, k, C_in, C_out) ``kernel`` and a bias, as
+    ``nn.Conv``, computed one of two ways (``impl``):
+
+    - ``"xla"``: ``lax.conv_general_dilated`` (cuDNN on a GPU);
+    - ``"patches"``: the k² shifted copies of the padded input side by side, then one
+      matmul with the kernel as a (k²·C_in, C_out) matrix. Its gradients are slices,
+      pads and matmuls. XLA's CPU backend runs a convolution's weight gradient inside a
+      loop (the epoch's ``lax.scan``) about 10× slower than outside one; this form does
+      not have that problem (measured: 1,040 vs 82 images/s for the default CNN).
+    - ``"auto"``: ``"patches"`` on the CPU, ``"xla"`` elsewhere.
+    """
+
+    features: int
+    kernel_size: int
+    kernel_init: nn.initializers.Initializer = nn.initializers.lecun_normal()
+    impl: str = "auto"
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        """``x``: (B, H, W, C_in) -> (B, H, W, features)."""
+        k, c = self.kernel_size, x.shape[-1]
+        kernel = self.param("kernel", self.kernel_init, (k, k, c, self.features))
+        bias = self.param("bias", nn.initializers.zeros, (self.features,))
+        impl = self.impl
+        if impl == "auto":
+            impl = "patches" if jax.default_backend() == "cpu" else "xla"
+        if impl == "xla":
+            dims = ("NHWC", "HWIO", "NHWC")
+            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=dims)
+            return y + bias
+        lo = (k - 1) // 2  # SAME: as lax pads, the extra row/column (even k) goes after
+        pad = ((0, 0), (lo, k - 1 - lo), (lo, k - 1 - lo), (0, 0))
+        xp = jnp.pad(x, pad)
+        h, w = x.shape[1], x.shape[2]
+        # feature order (di, dj, c) matches the kernel's row-major (k, k, C_in) flattening
+        patches = jnp.concatenate(
+            [xp[:, i : i + h, j : j + w, :] for i in range(k) for j in range(k)], axis=-1
+        )
+        return patches @ kernel.reshape(k * k * c, self.features) + bias
 
 
 def _dense_head(
@@ -209,6 +254,7 @@ def check_model(model: Model) -> Model:
             validate.fail("CNN features", "at least one conv block, e.g. (32, 64)", model.features)
         validate.choice("pool", model.pool, ("max", "avg"))
         validate.positive_int("kernel size", model.kernel_size)
+        validate.choice("conv impl", model.conv_impl, CONV_IMPLS)
     return model
 
 

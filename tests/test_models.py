@@ -540,3 +540,38 @@ def test_zero_init_never_breaks_symmetry_but_xavier_does():
 def test_cnn_without_conv_blocks_is_refused():
     with pytest.raises(InputError, match="at least one conv block"):
         models.check_model(jaxdl.CNN(features=(), dense=(16,)))
+
+
+@pytest.mark.parametrize("k", [1, 3, 4, 5])
+def test_patches_convolution_equals_flax_conv_values_and_gradients(k):
+    from flax import linen as nn
+
+    x = jax.random.normal(jax.random.key(0), (3, 7, 6, 2))
+    ref = nn.Conv(4, (k, k), padding="SAME")
+    params = ref.init(jax.random.key(1), x)
+    for impl in ("patches", "xla"):
+        conv = models.Conv(4, k, impl=impl)
+        assert jax.tree_util.tree_map(jnp.shape, conv.init(jax.random.key(1), x)) == (
+            jax.tree_util.tree_map(jnp.shape, params)
+        )
+        np.testing.assert_allclose(conv.apply(params, x), ref.apply(params, x), atol=1e-5)
+
+        def loss(p, xx, m=conv):
+            return (jnp.sin(m.apply(p, xx)) ** 2).sum()
+
+        got = jax.grad(loss, argnums=(0, 1))(params, x)
+        want = jax.grad(functools.partial(loss, m=ref), argnums=(0, 1))(params, x)
+        for g, w in zip(
+            jax.tree_util.tree_leaves(got), jax.tree_util.tree_leaves(want), strict=True
+        ):
+            np.testing.assert_allclose(g, w, rtol=1e-4, atol=1e-4)
+
+
+def test_cnn_conv_impls_agree_and_bad_impl_is_refused():
+    x = jax.random.uniform(jax.random.key(0), (4, 784))
+    a = jaxdl.CNN(features=(4, 8), dense=(16,), conv_impl="patches")
+    b = a.clone(conv_impl="xla")
+    params = a.init(jax.random.key(1), x)
+    np.testing.assert_allclose(a.apply(params, x), b.apply(params, x), atol=1e-5)
+    with pytest.raises(InputError, match="conv impl"):
+        models.check_model(a.clone(conv_impl="fft"))
