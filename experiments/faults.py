@@ -83,6 +83,8 @@ def main(argv=None) -> dict:
     p.add_argument("--quick", action="store_true", help="2 tries per fault")
     p.add_argument("--json", action="store_true", help="print a JSON summary last")
     p.add_argument("--seed", type=int, default=0, help="seed of the injection times")
+    p.add_argument("--out", type=Path, default=Path("experiments/results/faults"),
+                   help="where results.json is written")  # fmt: skip
     a = p.parse_args(argv)
     tries = 2 if a.quick else a.tries
     rng = random.Random(a.seed)
@@ -168,13 +170,13 @@ def main(argv=None) -> dict:
         table[fault][verdict(run, reference, rrc) if intact else "lost"] += 1
 
     # Damaged data file: every byte of an .npz set to random values, read with load_file.
-    fault = "data file with one byte changed (every byte, 4 values)"
+    fault = "data file with one byte changed (every byte, 4 other values)"
     arrays = {f"{v}_{k}": getattr(getattr(s, k), v)[:5, :8] if v == "x" else getattr(getattr(s, k), v)[:5]
               for k in ("train", "valid", "test") for v in "xy"}  # fmt: skip
     np.savez(tmp / "small.npz", **arrays)
     raw = (tmp / "small.npz").read_bytes()
     for pos in range(len(raw)):
-        for value in rng.sample(range(256), 4):
+        for value in rng.sample([v for v in range(256) if v != raw[pos]], 4):
             damaged = bytearray(raw)
             damaged[pos] = value
             (tmp / "bad.npz").write_bytes(bytes(damaged))
@@ -198,6 +200,8 @@ def main(argv=None) -> dict:
         n = sum(counts.values())
         print(f"{fault}: {n} tried; " + ", ".join(f"{k} {v}" for k, v in counts.items()))
     summary = {"tries_per_fault": tries, "faults": rows, "directory": str(tmp)}
+    a.out.mkdir(parents=True, exist_ok=True)
+    jaxdl.report.write_json(a.out / "results.json", summary)
     if a.json:
         print(json.dumps(summary))
     return summary

@@ -262,6 +262,7 @@ def exact_probs(
     layers = exact_units(model, rates, x.shape[1:])
     units = sum(widths[i] for i in layers)
     validate.positive_int("max_units", max_units)
+    validate.positive_int("batch_size", batch_size)
     if units > max_units:
         validate.fail(
             "exact enumeration",
@@ -273,11 +274,23 @@ def exact_probs(
         logits = weight_scaling_logits(model, variables, rates, x)
         p = np.asarray(jax.nn.softmax(logits))
         return {"arithmetic": p, "geometric": p, "mean_logits": np.asarray(logits)}
+    out = _exact(*exact_program_args(model, variables, rates, x, batch_size))
+    return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
+
+
+def exact_program_args(model: Model, variables: Variables, rates, x, batch_size: int = 1000):
+    """The arguments ``exact_probs`` passes to its compiled program ``_exact`` (for
+    lowering it elsewhere, e.g. to read XLA's memory estimate): examples go through
+    ``batch_size`` at a time, masks in chunks of a power of two that keeps one chunk's
+    activations within the 32 MiB budget."""
+    rates = check_rates(model, rates, x.shape[1:])
+    widths = models.masked_widths(model, x.shape[1:])
+    layers = exact_units(model, rates, x.shape[1:])
+    units = sum(widths[i] for i in layers)
     b = min(batch_size, x.shape[0])
     after = max(widths[layers[0] :])
     chunk = 1 << max(0, min(units, int(math.log2(max(1, _ELEMENTS // (b * after))))))
-    out = _exact(model, variables, jnp.asarray(rates), jnp.asarray(x), layers, widths, b, chunk)
-    return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
+    return model, variables, jnp.asarray(rates), jnp.asarray(x), layers, widths, b, chunk
 
 
 @functools.partial(jax.jit, static_argnames=("model", "layers", "widths", "b", "chunk"))
