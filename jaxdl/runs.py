@@ -130,7 +130,9 @@ def summary_row(run: Run) -> dict[str, Any]:
         "kind": run.kind,
         "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(run.created)),
         "model": _describe(cfg),
-        "optimizer": f"{cfg['optimizer']} lr={_lr(cfg.get('lr'))}" if "optimizer" in cfg else "",
+        "optimizer": f"{cfg['optimizer']} lr={_lr(settings(run).get('lr'))}"
+        if "optimizer" in cfg
+        else "",
     }
     if run.kind == "train":
         row.update(
@@ -164,8 +166,13 @@ def run_table(runs: Sequence[Run]) -> str:
 
 
 def settings(run: Run) -> dict[str, Any]:
-    """A run's settings: its ``config.json`` less the keys kept only for the record."""
-    return {k: v for k, v in run.config.items() if k not in config_mod.RECORD_KEYS}
+    """A run's settings: its ``config.json`` less the keys kept only for the record, with
+    a default learning rate (``lr`` null: the optimizer's own) shown as its value."""
+    out = {k: v for k, v in run.config.items() if k not in config_mod.RECORD_KEYS}
+    resolved = (run.config.get("resolved") or {}).get("hyperparams") or {}
+    if out.get("lr") is None and "learning_rate" in resolved:
+        out["lr"] = resolved["learning_rate"]
+    return out
 
 
 def flat_results(run: Run) -> dict[str, Any]:

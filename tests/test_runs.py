@@ -60,6 +60,7 @@ def test_runs_command_table_and_json(root, capsys):
     t = json.loads((root / "t" / "results.json").read_text())
     assert rows["t"]["test_accuracy"] == t["test_accuracy"] and rows["t"]["epochs"] == 3
     assert rows["t"]["model"] == "mlp 32-16 relu" and rows["p"]["optimizer"] == "adam lr=0.01"
+    assert rows["t"]["optimizer"] == "adam lr=0.001"  # the default, as the run resolved it
     best = json.loads((root / "s" / "summary.json").read_text())["best"]
     assert rows["s"]["members"] == 4 and rows["s"]["test_accuracy"] == best["test_accuracy"]
     assert rows["crashed"]["status"] == "unfinished"
@@ -75,7 +76,7 @@ def test_compare_prints_only_the_differences(root, capsys):
     p_res = json.loads((root / "p" / "results.json").read_text())
     assert diff["settings"] == {
         "hidden": [[32, 16], [8]],
-        "lr": [None, 0.01],
+        "lr": [pytest.approx(1e-3), 0.01],  # t's default, read from its resolved numbers
         "epochs": [3, 2],
         "no_plots": [False, True],
         "tensorboard": [True, False],
