@@ -28,6 +28,10 @@ def test_ensemble_k_curve_quick(tmp_path):
     assert mc["1"] > mc["20"]  # averaging subnetworks beats one subnetwork
     assert summary["weight_scaling_error_percent"] < mc["1"]
     assert summary["mean_entropy"]["noise"] > summary["mean_entropy"]["test"]
+    ex = summary["exact_16_units"]  # all 2^16 subnetworks of the small net, enumerated
+    assert (tmp_path / "exact_16_units" / "k_curve.png").stat().st_size > 0
+    assert ex["exact_accuracy"] > 0.8 and abs(ex["exact_accuracy"] - ex["mc_accuracy"]["20"]) < 0.02
+    assert ex["exact_nll"] <= ex["mc_nll"]["1"]  # the full ensemble beats one subnetwork
 
 
 @pytest.mark.e2e
