@@ -115,8 +115,9 @@ def _plot(conditions: dict, hidden, path: Path) -> None:
         e = np.arange(1, len(c["val_error_percent"]) + 1)
         ax.plot(e, c["val_error_percent"], color=color,
                 label=f"{label}: validation (test {c['test_error_percent']:.2f}%)")  # fmt: skip
+        masks = " (masks on)" if "dropout" in label else ""
         ax.plot(e, c["train_error_percent"], color=color, ls="--", alpha=0.7,
-                label=f"{label}: training (masks on)")  # fmt: skip
+                label=f"{label}: training{masks}")  # fmt: skip
     net = "-".join(map(str, (784, *hidden, 10)))
     ax.set(title=f"Error per epoch, {net} ReLU", xlabel="epoch", ylabel="error (%)",
            yscale="log")  # fmt: skip

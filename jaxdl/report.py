@@ -39,6 +39,15 @@ PathLike = str | os.PathLike
 History = Mapping[str, Sequence[float]]  # metric name -> one value per epoch
 
 
+def _umask() -> int:
+    mask = os.umask(0o022)
+    os.umask(mask)
+    return mask
+
+
+_FILE_MODE = 0o666 & ~_umask()  # what open() would give a new file
+
+
 def _atomic_write(path: PathLike, data: bytes) -> Path:
     """Writes ``data`` to ``path`` via a sibling temp file and ``os.replace``."""
     path = Path(path)
@@ -50,6 +59,7 @@ def _atomic_write(path: PathLike, data: bytes) -> Path:
             f.write(data)
             f.flush()
             os.fsync(f.fileno())
+        os.chmod(tmp, _FILE_MODE)  # mkstemp makes it private (0600); results are not secret
         os.replace(tmp, path)
     except BaseException:
         Path(tmp).unlink(missing_ok=True)

@@ -49,6 +49,11 @@ def test_atomic_writes_round_trip_and_leave_no_temp_files(tmp_path):
     assert (tmp_path / "r.csv").read_text() == "x,y\n1,2.5\n"
     names = sorted(p.name for p in tmp_path.rglob("*"))
     assert names == ["o.json", "r.csv", "sub", "t.txt"]
+    # the mode a plain open() would give (not mkstemp's private 0600)
+    plain = tmp_path / "plain"
+    plain.write_text("")
+    for name in ("sub/o.json", "t.txt", "r.csv"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == plain.stat().st_mode & 0o777, name
 
 
 def test_crash_during_replace_keeps_old_file(tmp_path, monkeypatch):
