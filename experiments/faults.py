@@ -91,7 +91,7 @@ def main(argv=None) -> dict:
     tmp = Path(tempfile.mkdtemp(prefix="jaxdl-faults-"))
     s = jaxdl.synthetic_splits(400, 100, 100, num_features=784, num_classes=4, seed=1)
     npz = tmp / "d.npz"
-    np.savez(npz, **{f"{v}_{k}": getattr(getattr(s, k), v) for k in ("train", "valid", "test") for v in "xy"})  # fmt: skip
+    jaxdl.data.save_file(npz, s)
     runs = tmp / "runs"
     table: dict[str, collections.Counter] = collections.defaultdict(collections.Counter)
 

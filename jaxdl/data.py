@@ -301,6 +301,20 @@ def load_file(path: str | os.PathLike) -> Splits:
     return Splits(*sets)
 
 
+def save_file(path: str | os.PathLike, splits: Splits) -> Path:
+    """Writes ``splits`` as the ``.npz`` that ``load_file`` (and ``jaxdl train --data``)
+    reads; refuses to overwrite an existing file."""
+    path = Path(path)
+    if path.exists():
+        raise InputError(f"data file {path}: exists already; choose another path")
+    arrays = {
+        f"{v}_{k}": getattr(getattr(splits, k), v) for k in ("train", "valid", "test") for v in "xy"
+    }
+    with open(path, "xb") as f:
+        np.savez(f, **arrays)
+    return path
+
+
 def _find_idx(directory: Path) -> dict[str, Path] | None:
     """The four MNIST IDX files in ``directory`` (each plain or .gz), or None if any is missing."""
     found = {k: [directory / n, directory / f"{n}.gz"] for k, n in _IDX_FILES.items()}

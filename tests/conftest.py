@@ -34,7 +34,7 @@ def tiny_runs(tmp_path_factory):
 
     s = jaxdl.synthetic_splits(200, 60, 60, num_features=784, num_classes=4, seed=2, separation=8.0)
     data_path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(data_path, **{f"{v}_{k}": getattr(getattr(s, k), v) for k in ("train", "valid", "test") for v in "xy"})  # fmt: skip
+    jaxdl.data.save_file(data_path, s)
     root = tmp_path_factory.mktemp("runs")
     common = ["--data", str(data_path), "--batch-size", "50", "--runs-dir", str(root), "--no-progress"]  # fmt: skip
     for argv in (

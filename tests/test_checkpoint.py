@@ -32,7 +32,7 @@ FLAGS = ["--hidden", "16", "--epochs", str(EPOCHS), "--batch-size", "50", "--dro
 def tiny_npz(tmp_path_factory) -> Path:
     s = jaxdl.synthetic_splits(200, 60, 60, num_features=784, num_classes=4, seed=2, separation=8.0)
     path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    np.savez(path, **{f"{v}_{k}": getattr(getattr(s, k), v) for k in ("train", "valid", "test") for v in "xy"})  # fmt: skip
+    jaxdl.data.save_file(path, s)
     return path
 
 

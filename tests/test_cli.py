@@ -19,12 +19,7 @@ from jaxdl import cli
 def tiny_npz(tmp_path_factory) -> Path:
     """A 4-class image-shaped data set (784 features) written as the CLI's .npz format."""
     s = jaxdl.synthetic_splits(200, 60, 60, num_features=784, num_classes=4, seed=2, separation=8.0)
-    path = tmp_path_factory.mktemp("data") / "tiny.npz"
-    arrays = {
-        f"{v}_{k}": getattr(getattr(s, k), v) for k in ("train", "valid", "test") for v in "xy"
-    }
-    np.savez(path, **arrays)
-    return path
+    return jaxdl.data.save_file(tmp_path_factory.mktemp("data") / "tiny.npz", s)
 
 
 def _run(capsys, *argv) -> tuple[int, str, str]:

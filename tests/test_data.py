@@ -445,3 +445,16 @@ def test_real_mnist():
         assert set(np.unique(d.y).tolist()) == set(range(10))
         counts = np.bincount(d.y, minlength=10) / len(d.y)
         assert counts.min() > 0.08 and counts.max() < 0.12
+
+
+def test_save_file_round_trips_and_never_overwrites(tmp_path):
+    s = data.synthetic_splits(20, 7, 9, num_features=5, num_classes=3, seed=4)
+    path = data.save_file(tmp_path / "mine.npz", s)
+    back = data.load_file(path)
+    for a, b in zip(s, back, strict=True):
+        np.testing.assert_array_equal(a.x, b.x)
+        np.testing.assert_array_equal(a.y, b.y)
+    before = path.read_bytes()
+    with pytest.raises(InputError, match="exists already"):
+        data.save_file(path, data.synthetic_splits(3, 3, 3, num_features=5, num_classes=3))
+    assert path.read_bytes() == before

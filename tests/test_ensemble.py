@@ -261,7 +261,7 @@ def test_fixed_mask_members_train_and_are_evaluated_as_their_subnetwork(blobs):
 def small_npz(tmp_path_factory) -> Path:
     s = jaxdl.synthetic_splits(300, 60, 80, num_features=784, num_classes=4, seed=2, separation=8.0)
     path = tmp_path_factory.mktemp("data") / "small.npz"
-    np.savez(path, **{f"{v}_{k}": getattr(getattr(s, k), v) for k in ("train", "valid", "test") for v in "xy"})  # fmt: skip
+    jaxdl.data.save_file(path, s)
     return path
 
 
