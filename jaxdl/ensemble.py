@@ -250,8 +250,10 @@ def exact_probs(
     M is the number of units in layers with a dropout rate above 0; more than
     ``max_units`` is refused (2^M grows fast: use ``mc_stats``). Returns (numpy)
     ``arithmetic`` (N, C), the P(m)-weighted mean of the subnetworks' probabilities;
-    ``geometric`` (N, C), the softmax of their P(m)-weighted mean log-probability; and
-    ``mean_logits`` (N, C), their P(m)-weighted mean logits.
+    ``geometric`` (N, C), the softmax of their P(m)-weighted mean log-probability;
+    ``log_arithmetic`` and ``log_geometric``, the logarithms of those two (accumulated
+    in log space: finite where a probability underflows float32); and ``mean_logits``
+    (N, C), their P(m)-weighted mean logits.
 
     When only the output layer's input is masked, logits are affine in the mask, so
     they are formed as one small GEMM per chunk of masks instead of running the layer.
@@ -272,8 +274,9 @@ def exact_probs(
         )
     if not layers:  # no dropout: a single network
         logits = weight_scaling_logits(model, variables, rates, x)
-        p = np.asarray(jax.nn.softmax(logits))
-        return {"arithmetic": p, "geometric": p, "mean_logits": np.asarray(logits)}
+        lp = np.asarray(jax.nn.log_softmax(logits))
+        return {"arithmetic": np.exp(lp), "geometric": np.exp(lp), "log_arithmetic": lp,
+                "log_geometric": lp, "mean_logits": np.asarray(logits)}  # fmt: skip
     out = _exact(*exact_program_args(model, variables, rates, x, batch_size))
     return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
 
@@ -324,31 +327,39 @@ def _exact(model, variables, rates, x, layers, widths, b, chunk):
             slopes = rest(jnp.eye(units)) - base  # (units, b, C)
 
         def enumerate_masks(carry, ids):
-            arith, geo, mean_logits = carry
+            log_arith, geo, mean_logits = carry
             bits = ((ids[:, None] >> bit) & 1).astype(jnp.float32)  # (chunk, units)
-            weight = jnp.exp((bits * jnp.log(keep) + (1 - bits) * jnp.log1p(-keep)).sum(-1))
+            log_w = (bits * jnp.log(keep) + (1 - bits) * jnp.log1p(-keep)).sum(-1)
+            weight = jnp.exp(log_w)
             logits = base + jnp.tensordot(bits, slopes, axes=1) if affine else rest(bits)
             lp = jax.nn.log_softmax(logits)
-            arith = arith + jnp.einsum("m,mbc->bc", weight, jnp.exp(lp))
+            chunk_log = jax.nn.logsumexp(log_w[:, None, None] + lp, axis=0)
+            log_arith = jnp.logaddexp(log_arith, chunk_log)
             geo = geo + jnp.einsum("m,mbc->bc", weight, lp)
             mean_logits = mean_logits + jnp.einsum("m,mbc->bc", weight, logits)
-            return (arith, geo, mean_logits), None
+            return (log_arith, geo, mean_logits), None
 
         zeros = jnp.zeros((b, model.num_classes))
-        (arith, geo, mean_logits), _ = jax.lax.scan(enumerate_masks, (zeros,) * 3, ids)
-        return {"arithmetic": arith, "geometric": jax.nn.softmax(geo), "mean_logits": mean_logits}
+        init = (jnp.full_like(zeros, -jnp.inf), zeros, zeros)
+        (log_arith, geo, mean_logits), _ = jax.lax.scan(enumerate_masks, init, ids)
+        log_geo = jax.nn.log_softmax(geo)
+        return {"arithmetic": jnp.exp(log_arith), "geometric": jnp.exp(log_geo),
+                "log_arithmetic": log_arith, "log_geometric": log_geo,
+                "mean_logits": mean_logits}  # fmt: skip
 
     out = jax.lax.map(examples, idx)
     return {k: v.reshape(-1, v.shape[-1])[: x.shape[0]] for k, v in out.items()}
 
 
-def accuracy_nll(probs, y) -> dict[str, float]:
-    """Accuracy and mean negative log-likelihood of probabilities (N, C) on labels (N,)."""
-    probs = np.asarray(probs, np.float64)
-    p_true = probs[np.arange(len(y)), np.asarray(y)]
+def accuracy_nll(log_probs, y) -> dict[str, float]:
+    """Accuracy and mean negative log-likelihood of log-probabilities (N, C) on labels
+    (N,). Log-probabilities, not probabilities: a confidently wrong prediction whose
+    true-class probability underflows float32 still counts with its real NLL."""
+    log_probs = np.asarray(log_probs, np.float64)
+    y = np.asarray(y)
     return {
-        "accuracy": float((probs.argmax(-1) == np.asarray(y)).mean()),
-        "nll": float(-np.log(np.maximum(p_true, 1e-30)).mean()),
+        "accuracy": float((log_probs.argmax(-1) == y).mean()),
+        "nll": float(-log_probs[np.arange(len(y)), y].mean()),
     }
 
 
@@ -389,7 +400,7 @@ def analyse(
     feature_shape = test.x.shape[1:]
     rates = check_rates(model, rates, feature_shape)
     validate.positive_int("repeats", repeats)
-    ws = jax.nn.softmax(weight_scaling_logits(model, variables, rates, test.x))
+    ws = jax.nn.log_softmax(weight_scaling_logits(model, variables, rates, test.x))
     out: dict[str, Any] = {"rates": rates.tolist(), "k": k, "repeats": repeats}
     out["weight_scaling"] = accuracy_nll(ws, test.y)
     curves = []
@@ -412,8 +423,10 @@ def analyse(
     widths = models.masked_widths(model, feature_shape)
     units = sum(widths[i] for i in exact_units(model, rates, feature_shape))
     if exact or (exact is None and units <= max_units):
-        probs = exact_probs(model, variables, rates, test.x, max_units=max_units)
-        out["exact"] = {name: accuracy_nll(p, test.y) for name, p in probs.items()}
+        ex = exact_probs(model, variables, rates, test.x, max_units=max_units)
+        logs = {"arithmetic": ex["log_arithmetic"], "geometric": ex["log_geometric"],
+                "mean_logits": jax.nn.log_softmax(ex["mean_logits"])}  # fmt: skip
+        out["exact"] = {name: accuracy_nll(lp, test.y) for name, lp in logs.items()}
         out["exact_units"] = units
     return out
 
@@ -476,16 +489,17 @@ def member_stats(
         idx, _ = _chunks(x.shape[0], batch_size)
         rates = None if m is None else zero
         out = jax.lax.map(lambda i: _apply(model, variables, xd[i], rates, m), idx)
-        return jax.nn.softmax(out.reshape(-1, out.shape[-1])[: x.shape[0]])
+        return jax.nn.log_softmax(out.reshape(-1, out.shape[-1])[: x.shape[0]])
 
     xd = jnp.asarray(x)
-    probs = np.asarray(jax.jit(jax.vmap(member))(states.params, states.batch_stats, masks))
-    cum = np.cumsum(probs.astype(np.float64), axis=0) / np.arange(1, len(probs) + 1)[:, None, None]
+    lp = np.asarray(jax.jit(jax.vmap(member))(states.params, states.batch_stats, masks), np.float64)
+    n = np.arange(1, len(lp) + 1)[:, None, None]
+    cum = np.logaddexp.accumulate(lp, axis=0) - np.log(n)  # log of the mean of the first j
     rows = np.arange(len(y))
     return {
         "accuracy": (cum.argmax(-1) == y).mean(-1),
-        "nll": -np.log(np.maximum(cum[:, rows, y], 1e-30)).mean(-1),
-        "single_accuracy": (probs.argmax(-1) == y).mean(-1),
+        "nll": -cum[:, rows, y].mean(-1),
+        "single_accuracy": (lp.argmax(-1) == y).mean(-1),
     }
 
 

@@ -82,6 +82,27 @@ def test_single_masked_layer_before_softmax_geometric_mean_is_weight_scaling():
     np.testing.assert_allclose(exact["geometric"], jax.nn.softmax(ws), atol=1e-6)
 
 
+def test_nlls_agree_when_probabilities_underflow():
+    # Huge logits: some true-class probabilities are 0 in float32. Every predictor's NLL
+    # is still the real one, so the exact geometric mean (= weight scaling here) and the
+    # Monte-Carlo geometric mean at large k agree with weight scaling's NLL.
+    model, variables = _net((6, 5))
+    variables = jax.tree_util.tree_map(lambda w: 40.0 * w, variables)
+    rates = [0.0, 0.0, 0.5]
+    res = ensemble.analyse(model, variables, rates, jaxdl.Dataset(X, Y), key=jax.random.key(0),
+                           k=4000, repeats=1, ood_size=2)  # fmt: skip
+    lp = jax.nn.log_softmax(ensemble.weight_scaling_logits(model, variables, rates, X))
+    assert np.exp(np.asarray(lp))[np.arange(len(Y)), Y].min() == 0.0  # the case guarded
+    ws = res["weight_scaling"]["nll"]
+    assert ws == pytest.approx(-float(np.asarray(lp, np.float64)[np.arange(len(Y)), Y].mean()))
+    assert res["exact"]["geometric"]["nll"] == pytest.approx(ws, rel=1e-4)
+    assert res["geometric_nll"][0, -1] == pytest.approx(ws, rel=0.05)
+    assert np.isfinite(res["exact"]["arithmetic"]["nll"])
+    assert res["arithmetic_nll"][0, -1] == pytest.approx(
+        res["exact"]["arithmetic"]["nll"], rel=0.05
+    )
+
+
 def test_exact_refuses_too_many_units_and_says_what_to_do():
     model, variables = _net((30,))
     with pytest.raises(jaxdl.InputError, match=r"at most 20 masked units.*34 units.*Monte-Carlo"):
@@ -117,8 +138,8 @@ def test_mc_curve_equals_brute_force_at_every_k():
         np.float64,
     )
     for k in (1, 2, 7, 23):
-        arith = ensemble.accuracy_nll(np.exp(lp[:k]).mean(0), Y)
-        geo = ensemble.accuracy_nll(jax.nn.softmax(lp[:k].mean(0)), Y)
+        arith = ensemble.accuracy_nll(np.log(np.exp(lp[:k]).mean(0)), Y)
+        geo = ensemble.accuracy_nll(jax.nn.log_softmax(lp[:k].mean(0)), Y)
         assert st["arithmetic_accuracy"][k - 1] == pytest.approx(arith["accuracy"], abs=1e-6)
         assert st["arithmetic_nll"][k - 1] == pytest.approx(arith["nll"], rel=1e-4)
         assert st["geometric_accuracy"][k - 1] == pytest.approx(geo["accuracy"], abs=1e-6)
@@ -182,9 +203,10 @@ def test_without_dropout_every_subnetwork_is_the_network():
     masks = ensemble.sample_masks(jax.random.key(0), model, [0.0, 0.0], 10, (4,))
     st = ensemble.mc_stats(model, variables, [0.0, 0.0], X, Y, masks)
     ws = ensemble.accuracy_nll(
-        jax.nn.softmax(ensemble.weight_scaling_logits(model, variables, [0.0, 0.0], X)), Y
+        jax.nn.log_softmax(ensemble.weight_scaling_logits(model, variables, [0.0, 0.0], X)), Y
     )
     np.testing.assert_allclose(st["arithmetic_accuracy"], ws["accuracy"], atol=1e-6)
+    np.testing.assert_allclose(st["arithmetic_nll"], ws["nll"], rtol=1e-5)
     np.testing.assert_allclose(st["disagreement"], 0.0)
     np.testing.assert_allclose(st["mutual_information"], 0.0, atol=1e-5)
 
