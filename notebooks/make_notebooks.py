@@ -161,8 +161,8 @@ for label, acc in summary["final_train_accuracy"].items():
     "optimizers": {
         "title": "Optimizers: batch size and update rules",
         "intro": (
-            "On MNIST: full-batch gradient descent, SGD with batch 1 and mini-batch SGD "
-            "(the full study adds Momentum, AdaGrad, RMSProp and Adam). On three 2-D "
+            "On MNIST: full-batch gradient descent, SGD with batch 1 and mini-batch SGD, "
+            "then Momentum, AdaGrad, RMSProp and Adam at batch 100. On three 2-D "
             "surfaces (a saddle, a ravine, a plateau) each update rule of "
             "`jaxdl.make_optimizer` is run for 200 steps and its path drawn over the "
             "contours."
@@ -174,7 +174,8 @@ import json
 print("final training loss:", json.dumps(summary["final_train_loss"], indent=1))
 print("steps to target:", json.dumps(summary["steps_to_target"], indent=1))""",
         "outro": (
-            "Per epoch, more updates make more progress (batch 1 beats full batch). "
+            "Per epoch, more updates make more progress (batch 1 beats full batch), and "
+            "the adaptive rules get ahead of plain mini-batch SGD in the first epochs. "
             "Momentum rolls along the ravine that plain gradient descent crawls down; "
             "on the plateau the gradient is too small for plain gradient descent, while "
             "the adaptive rules (AdaGrad, RMSProp, Adam) normalise it away."

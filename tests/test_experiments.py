@@ -6,6 +6,7 @@ from __future__ import annotations
 import importlib.util
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "experiments"
@@ -118,6 +119,9 @@ def test_optimizers_quick(tmp_path):
         assert (tmp_path / f).stat().st_size > 0
     loss = summary["final_train_loss"]  # per epoch: more updates, more progress
     assert loss["sgd (batch 1)"] < loss["mini-batch sgd (100)"] < loss["gd (full batch)"]
+    assert len(loss) == 7 and all(np.isfinite(v) for v in loss.values())
+    for adaptive in ("adagrad", "rmsprop", "adam"):  # per-parameter steps: faster early on
+        assert loss[adaptive] < loss["mini-batch sgd (100)"], adaptive
     steps = summary["steps_to_target"]
     for fast in ("momentum", "adagrad", "adam"):  # plain GD leaves the saddle slowest
         assert steps["saddle"][fast] < steps["saddle"]["sgd"] / 2
