@@ -145,6 +145,9 @@ def _plot_histograms(runs, path: Path) -> None:
             ax.hist(r["_init_acts"][i].ravel(), bins=40, range=(lo, hi), color=f"C{i}")
             ax.set_yticks([])
             ax.set_title(f"{label}: layer {i + 1}", fontsize="small")
+            ax.set_xlabel("activation", fontsize="x-small")
+            if i == 0:
+                ax.set_ylabel("count", fontsize="x-small")
     fig.suptitle("Hidden activations at initialisation (1000 training images)")
     report._save_figure(fig, path)
 
@@ -156,8 +159,10 @@ def _plot_std(runs, path: Path) -> None:
     for label, r in runs.items():
         axes[0].plot(layers, r["act_std_init"], marker="o", label=label)
         axes[1].plot(layers, r["grad_norm_first_epoch"], marker="o", label=label)
-    axes[0].set(title="Activation std at initialisation", xlabel="hidden layer", yscale="log")
-    axes[1].set(title="Gradient norm after epoch 1", xlabel="hidden layer", yscale="log")
+    axes[0].set(title="Activation std at initialisation", xlabel="hidden layer",
+                ylabel="std of activations", yscale="log")  # fmt: skip
+    axes[1].set(title="Gradient norm after epoch 1", xlabel="hidden layer",
+                ylabel="‖∂loss/∂W‖", yscale="log")  # fmt: skip
     for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")

@@ -95,7 +95,8 @@ def _plot(runs, path: Path) -> None:
         e = np.arange(1, len(r["train_loss"]) + 1)
         axes[0].plot(e, r["train_loss"], marker="o", ms=3, label=label)
         axes[1].plot(e, r["train_accuracy"], marker="o", ms=3, label=label)
-    axes[0].set(title="Training loss (each run's own loss)", xlabel="epoch", yscale="log")
+    axes[0].set(title="Training loss (each run's own loss)", xlabel="epoch", ylabel="loss",
+                yscale="log")  # fmt: skip
     axes[1].set(title="Training accuracy", xlabel="epoch", ylabel="accuracy", ylim=(0, 1.02))
     for ax in axes:
         ax.grid(True, alpha=0.3)

@@ -164,7 +164,8 @@ def _plot_mnist(runs, path: Path) -> None:
         axes[0].plot(e, loss, marker="o", ms=3, label=label)
         axes[1].plot(e * r["updates_per_epoch"], loss, marker="o", ms=3, label=label)
     axes[0].set(title="Training loss per epoch", xlabel="epoch", ylabel="loss", yscale="log")
-    axes[1].set(title="Training loss per update", xlabel="updates", xscale="log", yscale="log")
+    axes[1].set(title="Training loss per update", xlabel="updates", ylabel="loss", xscale="log",
+                yscale="log")  # fmt: skip
     for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
@@ -184,7 +185,8 @@ def _plot_surfaces(surfaces, path: Path) -> None:
             ax.plot(pts[:, 0], pts[:, 1], color=f"C{i}", lw=1.2, label=name)
             ax.plot(pts[-1, 0], pts[-1, 1], "o", color=f"C{i}", ms=4)
         ax.plot(*pts[0], "k*", ms=10)
-        ax.set(title=f"{surface} ({len(pts) - 1} steps)", xlim=(x0, x1), ylim=(y0, y1))
+        ax.set(title=f"{surface} ({len(pts) - 1} steps)", xlim=(x0, x1), ylim=(y0, y1),
+               xlabel="x", ylabel="y")  # fmt: skip
         ax.legend(fontsize="small")
     report._save_figure(fig, path)
 

@@ -135,10 +135,10 @@ def _plot(runs, path: Path, title: str, *, lr_panel: bool = False, start: int | 
         axes[1].plot(e, r["val_accuracy"], color=f"C{j}", marker="o", ms=3, label=label)
         if lr_panel:
             axes[2].step(e, r["learning_rate"], where="mid", color=f"C{j}", label=label)
-    axes[0].set(title=f"{title}: loss", xlabel="epoch", yscale="log")
-    axes[1].set(title="Validation accuracy", xlabel="epoch")
+    axes[0].set(title=f"{title}: loss", xlabel="epoch", ylabel="loss", yscale="log")
+    axes[1].set(title="Validation accuracy", xlabel="epoch", ylabel="accuracy")
     if lr_panel:
-        axes[2].set(title="Learning rate", xlabel="epoch", yscale="log")
+        axes[2].set(title="Learning rate", xlabel="epoch", ylabel="learning rate", yscale="log")
     for ax in axes:
         if start is not None:
             ax.axvline(start + 0.5, color="gray", ls=":", label="decay switched on")

@@ -131,7 +131,8 @@ def _plot_histograms(runs, path: Path) -> None:
                     color=(color, 0.2, 1 - color),
                     label=f"epoch {e + 1}",
                 )
-            ax.set(title=f"{label}: hidden layer {i + 1}", xlabel="activation", yscale="log")
+            ax.set(title=f"{label}: hidden layer {i + 1}", xlabel="activation",
+                   ylabel="count", yscale="log")  # fmt: skip
             ax.legend(fontsize="x-small")
     report._save_figure(fig, path)
 

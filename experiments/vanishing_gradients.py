@@ -104,7 +104,8 @@ def _plot_grad_norms(runs, path: Path) -> None:
         epochs = np.arange(1, norms.shape[1] + 1)
         for i in range(DEPTH):
             ax.plot(epochs, norms[i], color=f"C{i}", label=f"layer {i + 1}")
-        ax.set(title=f"{act}: per layer, per epoch", xlabel="epoch", yscale="log")
+        ax.set(title=f"{act}: per layer, per epoch", xlabel="epoch", ylabel="‖∂loss/∂W‖",
+               yscale="log")  # fmt: skip
         ax.legend(fontsize="x-small", ncol=2)
     for ax in axes:
         ax.grid(True, alpha=0.3)
