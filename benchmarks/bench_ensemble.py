@@ -20,7 +20,6 @@ Usage: ``python benchmarks/bench_ensemble.py [--json] [--rounds 3]``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -31,7 +30,7 @@ import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
 import peers  # noqa: E402
-from common import device_name, emit, interleaved, matmul_flops_per_second  # noqa: E402
+from common import device_name, emit, interleaved, matmul_flops_per_second, parse_args  # noqa: E402
 
 import jaxdl  # noqa: E402
 from jaxdl import ensemble  # noqa: E402
@@ -160,12 +159,7 @@ def exact_scenario(x, rounds):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
-    p.add_argument("--rounds", type=int, default=3, help="timed calls per way, interleaved")
-    a = p.parse_args(argv)
+    a = parse_args(__doc__, argv, rounds=3, unit="call")
     test = jaxdl.load("mnist").test
     x, y = np.asarray(test.x), np.asarray(test.y)
     peak = matmul_flops_per_second()

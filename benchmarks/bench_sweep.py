@@ -16,7 +16,6 @@ Usage: ``python benchmarks/bench_sweep.py [--json] [--rounds 3]``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -33,6 +32,7 @@ from common import (  # noqa: E402
     matmul_flops_per_second,
     mlp_step_gemm_seconds,
     mlp_train_flops,
+    parse_args,
 )
 
 import jaxdl  # noqa: E402
@@ -98,12 +98,7 @@ def scenario(ds, sizes, members, rounds, with_torch):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
-    p.add_argument("--rounds", type=int, default=3, help="timed epochs per way, interleaved")
-    a = p.parse_args(argv)
+    a = parse_args(__doc__, argv, rounds=3, unit="epoch")
     ds = jaxdl.load("mnist").train
     peak = matmul_flops_per_second()
     results, ratios, extra = {}, {}, {"device": device_name(), "matmul_gflops": peak / 1e9}

@@ -18,7 +18,6 @@ Usage: ``python benchmarks/bench_train.py [--json] [--rounds 5]``.
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 import time
@@ -38,7 +37,8 @@ from common import (  # noqa: E402
     matmul_flops_per_second,
     mlp_step_gemm_seconds,
     mlp_train_flops,
-)  # noqa: E402
+    parse_args,
+)
 
 import jaxdl  # noqa: E402
 from jaxdl import train  # noqa: E402
@@ -139,14 +139,7 @@ def bench_torch(ds):
 
 
 def main(argv=None):
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
-    p.add_argument(
-        "--rounds", type=int, default=5, help="timed epochs per way, interleaved (best kept)"
-    )
-    a = p.parse_args(argv)
+    a = parse_args(__doc__, argv, rounds=5, unit="epoch")
     ds = jaxdl.load("mnist").train
     runs, extra = {}, {}
     runs["jaxdl"], extra["jaxdl_compile_seconds"], extra["jaxdl_first_epoch_seconds"] = bench_jaxdl(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import argparse
 import json
 import platform
 import time
@@ -109,3 +110,15 @@ def emit(title: str, rows: dict[str, float], ratios: dict[str, float], extra: di
     if as_json:
         out = {"results": rows, "ratios": ratios, **extra}
         print(json.dumps(out, default=lambda o: float(np.asarray(o))))
+
+
+def parse_args(doc: str, argv, rounds: int, unit: str) -> argparse.Namespace:
+    """The flags every benchmark takes: ``--json`` and ``--rounds`` (interleaved, best
+    kept); ``unit`` names what one timed round runs (an epoch, a call)."""
+    p = argparse.ArgumentParser(
+        description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
+    p.add_argument("--rounds", type=int, default=rounds,
+                   help=f"timed {unit}s per way, interleaved (best kept)")  # fmt: skip
+    return p.parse_args(argv)
