@@ -8,6 +8,11 @@ in learning rate (and seed):
   ``vmap``), if torch is installed.
 - small MLP 784-64-10, 32 members: jaxdl's sweep against 32 sequential runs.
 
+Both sweeps have one seed, so the members share the data order (``sweep``'s default
+then): each minibatch is gathered once and, for the narrow first layer, fed to all
+members as one GEMM. ``jaxdl_sweep_own_orders`` is the same sweep with every member
+gathering its own minibatches (``data_order="own"``, what a multi-seed sweep does).
+
 Reported per way: model-samples/s (training examples × members per second), ratios,
 the sweep's aggregate FLOP rate against the peak-matmul rate and the step-GEMM
 roofline, compile time, and device memory per member from XLA's memory analysis.
@@ -41,15 +46,17 @@ from jaxdl import sweep, train  # noqa: E402
 BATCH = 100
 
 
-def jaxdl_sweep(ds, sizes, members: int):
-    """Returns (run_one_epoch, compile_seconds, bytes_per_member)."""
+def jaxdl_sweep(ds, sizes, members: int, shared: bool):
+    """Returns (run_one_epoch, compile_seconds, bytes_per_member). ``shared``: the
+    members (one seed) share the data order, as ``sweep`` does by default; else each
+    gathers its own minibatches (``data_order="own"``)."""
     model = jaxdl.MLP(hidden=sizes[1:-1], num_classes=sizes[-1])
     lrs = np.geomspace(1e-4, 1e-2, members)
     configs = [{"learning_rate": float(lr)} for lr in lrs]
     setup, hp, keys, _ = sweep.prepare_sweep(
         model, jaxdl.make_optimizer("adam"), ds, configs, seeds=[0], epochs=1000, batch_size=BATCH
     )
-    progs = sweep.programs(setup)
+    progs = sweep.programs(setup, None, sweep.batch_form(setup, shared))
     states = progs.init(keys, hp)
     data = train.to_device(ds)
     active = jax.numpy.ones((members,), bool)
@@ -75,8 +82,9 @@ def jaxdl_sweep(ds, sizes, members: int):
 def scenario(ds, sizes, members, rounds, with_torch):
     runs, extra = {}, {}
     runs["jaxdl_sweep"], extra["compile_seconds"], extra["bytes_per_member"] = jaxdl_sweep(
-        ds, sizes, members
+        ds, sizes, members, shared=True
     )
+    runs["jaxdl_sweep_own_orders"], _, _ = jaxdl_sweep(ds, sizes, members, shared=False)
     single, _ = peers.flax_scan(ds, sizes, BATCH)
     runs["sequential_flax_scan"] = single  # one member; scaled by the member count below
     if with_torch:
@@ -87,6 +95,7 @@ def scenario(ds, sizes, members, rounds, with_torch):
     n = len(ds.x)
     rows = {
         "jaxdl_sweep": members * n / best["jaxdl_sweep"],
+        "jaxdl_sweep_own_orders": members * n / best["jaxdl_sweep_own_orders"],
         "sequential_flax_scan": n / best["sequential_flax_scan"],  # same rate for any count
     }
     if "torch_func_vmap" in best:
@@ -109,7 +118,7 @@ def main(argv=None):
         rows, ex = scenario(ds, sizes, members, a.rounds, with_torch)
         for k, v in rows.items():
             results[f"{label}/{k}"] = v
-        for peer in ("sequential_flax_scan", "torch_func_vmap"):
+        for peer in ("sequential_flax_scan", "torch_func_vmap", "jaxdl_sweep_own_orders"):
             if peer in rows:
                 ratios[f"jaxdl_vs_{peer}/{label}"] = rows["jaxdl_sweep"] / rows[peer]
         extra[f"{label}/roofline_fraction"] = rows["jaxdl_sweep"] / rows["roofline"]

@@ -283,6 +283,11 @@ def build_parser() -> argparse.ArgumentParser:
     _add_train_flags(w, number=_values)
     _add_checkpoint_flags(w, skip=False)
     w.add_argument("--seeds", type=int, default=1, help="seeds per configuration (0..N-1)")
+    w.add_argument(
+        "--data-order", choices=("auto", "own", "shared"), default="auto",
+        help="own: each member shuffles with its seed; shared: all use the first member's "
+        "order (faster: one minibatch per step for all); auto: shared when one seed",
+    )  # fmt: skip
     _add_view_commands(sub, fmt)
     e = _add_ensemble_command(sub, fmt)
     p.commands = {"train": t, "sweep": w, "ensemble": e}  # for --config: set a command's defaults
@@ -578,7 +583,8 @@ def cmd_sweep(a: argparse.Namespace) -> dict:
         with _faults(ckpt, run_dir):
             res = sweep.sweep(
                 model, optimizer, tr, member_configs, test=splits.test,
-                on_epoch=lambda e, m: prog.update(e, _median(m)), checkpointer=ckpt, **settings,
+                on_epoch=lambda e, m: prog.update(e, _median(m)), checkpointer=ckpt,
+                data_order=a.data_order, **settings,
             )  # fmt: skip
         prog.finish()
     rows = []

@@ -169,12 +169,65 @@ def _freeze(keep, new, old):
     return jax.tree_util.tree_map(pick, new, old)
 
 
-def sweep_epoch(setup: train.Setup, states, active, data: train.Batch, valid, hps):
+# How members get their minibatches inside the epoch program (see ``batch_form``).
+FORMS = ("own", "shared_concat", "shared_batched")
+# Widest first hidden layer for which a shared minibatch is fed to the members as one
+# concatenated GEMM x·[W_1 … W_k]; wider layers run as batched per-member GEMMs. Measured
+# on a 2-core CPU (benchmarks/README.md): at width 64 the concatenated form is 1.55× the
+# batched one, at 500 it is 0.86× (XLA then transposes the stacked kernel every step).
+CONCAT_MAX_WIDTH = 256
+
+
+def batch_form(setup: train.Setup, shared: bool) -> str:
+    """``own``: every member gathers its own minibatch (its own data order). With one
+    ``shared`` order the minibatch is gathered once per step for all members, and the
+    first layer is then one concatenated GEMM (narrow MLPs) or a batched GEMM over the
+    broadcast minibatch (wide ones, CNNs)."""
+    if not shared:
+        return "own"
+    model = setup.model
+    narrow = isinstance(model, models.MLP) and model.hidden and model.hidden[0] <= CONCAT_MAX_WIDTH
+    return "shared_concat" if narrow else "shared_batched"
+
+
+def _shared_order_epoch(setup: train.Setup, form: str, states, data: train.Batch, hps):
+    """The epoch's steps for members that share one data order: a ``lax.scan`` over
+    minibatches gathered once, each step vmapped over members. Returns (states, metrics
+    (members,))."""
+    # Active members have all run the same number of epochs (frozen ones fewer), and
+    # share the key: the order is the one each would draw alone.
+    idx, weights = train.epoch_order(setup, states.key[0], jnp.max(states.epoch))
+    k = states.epoch.shape[0]
+    concat = form == "shared_concat"
+    # Unbatched x makes the first layer bi,kio->kbo, which XLA emits as one wide GEMM.
+    step = jax.vmap(
+        functools.partial(train.train_step, setup), in_axes=(0, None if concat else 0, 0)
+    )
+
+    def body(st, xs):
+        i, w = xs
+        batch = train.Batch(data.x[i], data.y[i], w)
+        if not concat:
+            batch = jax.tree_util.tree_map(lambda v: jnp.broadcast_to(v, (k, *v.shape)), batch)
+        return step(st, batch, hps)
+
+    states, m = jax.lax.scan(body, states, (idx, weights))
+    m = jax.tree_util.tree_map(lambda v: jnp.moveaxis(v, 0, -1), m)  # (members, steps)
+    return states, jax.vmap(functools.partial(train.epoch_metrics, setup))(states, m)
+
+
+def sweep_epoch(setup: train.Setup, form: str, states, active, data: train.Batch, valid, hps):
     """One epoch for every member (vmapped), then freezing of finished or diverged ones.
 
     Returns ``(states, active, diverged_now, metrics)``; ``metrics[k]`` is (members,).
     """
-    new, metrics = jax.vmap(lambda s, h: train.run_epoch(setup, s, data, valid, h))(states, hps)
+    if form == "own":
+        new, metrics = jax.vmap(lambda s, h: train.run_epoch(setup, s, data, valid, h))(states, hps)
+    else:
+        new, metrics = _shared_order_epoch(setup, form, states, data, hps)
+        new, metrics = jax.vmap(lambda s, m, h: train.end_epoch(setup, s, m, data, valid, h))(
+            new, metrics, hps
+        )
     finite = jnp.isfinite(metrics["train_loss"])
     if "val_loss" in metrics:
         finite &= jnp.isfinite(metrics["val_loss"])
@@ -188,8 +241,9 @@ def sweep_epoch(setup: train.Setup, states, active, data: train.Batch, valid, hp
 
 
 @functools.lru_cache(maxsize=16)
-def programs(setup: train.Setup, mesh: Mesh | None = None) -> train.Programs:
-    """Jitted vmapped init and sweep epoch for ``setup`` (cached per setup and mesh).
+def programs(setup: train.Setup, mesh: Mesh | None = None, form: str = "own") -> train.Programs:
+    """Jitted vmapped init and sweep epoch for ``setup`` (cached per setup, mesh and
+    ``form``, see ``batch_form``).
 
     With a ``mesh``, everything with a member axis is sharded over its ``members`` axis
     and the data replicated, on the way in and on the way out, so each epoch's output
@@ -208,7 +262,7 @@ def programs(setup: train.Setup, mesh: Mesh | None = None) -> train.Programs:
     return train.Programs(
         init=jax.jit(train._counted(traces, "init", init), **shard["init"]),
         epoch=jax.jit(
-            train._counted(traces, "epoch", functools.partial(sweep_epoch, setup)),
+            train._counted(traces, "epoch", functools.partial(sweep_epoch, setup, form)),
             donate_argnums=(0,),
             **shard["epoch"],
         ),
@@ -276,6 +330,7 @@ def sweep(
     max_memory_bytes: int | None = None,
     masks: models.Masks | None = None,
     checkpointer: Checkpointer | None = None,
+    data_order: str = "auto",
     **base: Any,
 ) -> SweepResult:
     """Trains ``len(configs) × seeds`` members of one structure as one program.
@@ -301,7 +356,15 @@ def sweep(
         every step instead of sampled dropout masks ("dropout bagging").
       checkpointer: saves every member (frozen and diverged ones too) as the sweep goes,
         one checkpoint directory per chunk, and resumes each chunk from its latest one.
+      data_order: ``"own"``: each member draws its own data order from its seed and
+        gathers its own minibatches. ``"shared"``: every member trains on the first
+        member's order, so each step's minibatch is gathered once and a narrow first
+        layer runs as one GEMM over all members (faster; members with other seeds then
+        differ from their standalone fits in data order, not in initialisation or dropout
+        masks). ``"auto"`` (default): shared when every member has the same seed (the
+        orders are then equal, so nothing changes but speed), else own.
     """
+    validate.choice("data_order", data_order, ("auto", "own", "shared"))
     setup, hp, keys, members = prepare_sweep(
         model, optimizer, train_data, configs, seeds=seeds, epochs=epochs,
         batch_size=batch_size, validation=validation, early_stopping=early_stopping,
@@ -315,7 +378,10 @@ def sweep(
     devices = list(jax.devices() if devices is None else devices)
     mesh = Mesh(np.asarray(devices), ("members",)) if len(devices) > 1 else None
     size = chunk_size(setup, hp, n, len(devices), max_memory_bytes, data_bytes=data.x.nbytes)
-    progs = programs(setup, mesh)
+    shared = data_order == "shared" or (
+        data_order == "auto" and len({seed for _, seed in members}) == 1
+    )
+    progs = programs(setup, mesh, batch_form(setup, shared))
     traced_before = progs.traces["epoch"]
     chunks = [
         _run_chunk(

@@ -266,6 +266,11 @@ def train_epoch(setup: Setup, state: TrainState, train: Batch, hp: HParams):
         return train_step(setup, st, Batch(train.x[i], train.y[i], w), hp)
 
     state, m = jax.lax.scan(body, state, (idx, weights))
+    return state, epoch_metrics(setup, state, m)
+
+
+def epoch_metrics(setup: Setup, state: TrainState, m: dict[str, jax.Array]):
+    """The epoch's means from the per-step metrics ``m`` (each (steps,)) of ``train_step``."""
     w, loss = m["weight"], m["loss"]
     bad = ~jnp.isfinite(loss) & (w > 0)  # (steps,) steps that were applied with a bad loss
     if setup.skip_nonfinite:
@@ -281,7 +286,7 @@ def train_epoch(setup: Setup, state: TrainState, train: Batch, hp: HParams):
     }
     if setup.skip_nonfinite:
         out["skipped_steps"] = m["skipped"].sum()
-    return state, out
+    return out
 
 
 def chunked_logits(
@@ -346,6 +351,11 @@ def probe_stats(setup: Setup, params, batch_stats, rates, x, y, masks=None) -> d
 def run_epoch(setup: Setup, state: TrainState, train: Batch, valid: Batch | None, hp: HParams):
     """A training epoch, then validation, schedules and early stopping (all traced)."""
     state, metrics = train_epoch(setup, state, train, hp)
+    return end_epoch(setup, state, metrics, train, valid, hp)
+
+
+def end_epoch(setup: Setup, state: TrainState, metrics, train: Batch, valid: Batch | None, hp):
+    """After an epoch's steps: validation, probe statistics, schedules, early stopping."""
     # A fixed subnetwork is evaluated as itself; otherwise the deterministic network.
     rates = state.rates if hp.masks is None else hp.dropout
     variables = (state.params, state.batch_stats, rates)

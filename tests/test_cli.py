@@ -287,6 +287,24 @@ def test_sweep_end_to_end_one_compile_and_outputs(tmp_path, tiny_npz, capsys):
     assert best["best_val_accuracy"] == res["best"]["best_val_accuracy"]
 
 
+def test_sweep_data_order_flag_reaches_the_sweep(tmp_path, tiny_npz, capsys):
+    """Two seeds: own orders by default; --data-order shared trains seed 1 on seed 0's
+    order, so its member differs while seed 0's does not."""
+    digests = {}
+    for order in ("own", "shared"):
+        code, out, err = _run(
+            capsys, "sweep", "--data", str(tiny_npz), "--hidden", "8", "--epochs", "1",
+            "--optimizer", "sgd", "--lr", "0.1", "--seeds", "2", "--data-order", order,
+            "--runs-dir", str(tmp_path), "--name", order, "--json", "--no-progress", "--no-plots",
+        )  # fmt: skip
+        assert code == 0, err
+        assert json.loads((tmp_path / order / "config.json").read_text())["data_order"] == order
+        rows = json.loads((tmp_path / order / "results.json").read_text())
+        digests[order] = [r["test_loss"] for r in rows]
+    assert digests["own"][0] == pytest.approx(digests["shared"][0], rel=1e-5)
+    assert digests["own"][1] != pytest.approx(digests["shared"][1], rel=1e-5)
+
+
 @pytest.mark.parametrize(
     "flags, expect",
     [
@@ -295,6 +313,7 @@ def test_sweep_end_to_end_one_compile_and_outputs(tmp_path, tiny_npz, capsys):
         (["--lr", "linspace:0:1"], "--lr"),
         (["--seeds", "0"], "--seeds"),
         (["--dropout-hidden", "0.2,1.5"], "dropout"),
+        (["--data-order", "mine"], "--data-order"),
     ],
 )
 def test_sweep_bad_ranges_exit_2(flags, expect, tmp_path, tiny_npz, capsys):

@@ -73,6 +73,45 @@ def test_members_equal_standalone_fits_and_compile_once(blobs):
     assert res2.compiles == 0
 
 
+@pytest.mark.parametrize("width", [16, 1000])  # narrow: one concatenated GEMM; wide: batched
+def test_members_sharing_a_seed_share_one_minibatch_and_equal_standalone_fits(
+    blobs, monkeypatch, width
+):
+    monkeypatch.setattr(sweep, "CONCAT_MAX_WIDTH", 16 if width == 16 else 8)
+    opt = jaxdl.make_optimizer("adam")
+    configs = sweep.grid(learning_rate=[3e-3, 3e-2], dropout=[0.0, 0.2])
+    kw = dict(epochs=3, batch_size=48, validation=blobs.valid, l1=1e-4)  # 48: a partial batch
+    setup, *_ = sweep.prepare_sweep(MODEL, opt, blobs.train, configs, seeds=[5], **kw)
+    form = sweep.batch_form(setup, shared=True)
+    assert form == ("shared_concat" if width == 16 else "shared_batched")
+    before = sweep.programs(setup, None, form).traces["epoch"]
+    res = sweep.sweep(MODEL, opt, blobs.train, configs, seeds=[5], **kw)
+    assert sweep.programs(setup, None, form).traces["epoch"] == before + res.compiles
+    own = sweep.sweep(MODEL, opt, blobs.train, configs, seeds=[5], data_order="own", **kw)
+    _close(res.states.params, own.states.params)
+    for i, row in enumerate(res.rows):
+        o = jaxdl.make_optimizer("adam", learning_rate=row["learning_rate"])
+        state, hist = jaxdl.fit(MODEL, o, blobs.train, key=5, dropout=row["dropout"], **kw)
+        _close(_member(res.states.params, i), state.params)
+        np.testing.assert_allclose(res.history["val_loss"][i], hist["val_loss"], rtol=1e-4)
+        np.testing.assert_allclose(res.history["train_loss"][i], hist["train_loss"], rtol=1e-4)
+
+
+def test_shared_data_order_across_seeds_is_the_first_members(blobs):
+    opt = jaxdl.make_optimizer("sgd", learning_rate=0.05)
+    kw = dict(seeds=[1, 2], epochs=2, batch_size=50)
+    shared = sweep.sweep(MODEL, opt, blobs.train, [{}], data_order="shared", **kw)
+    own = sweep.sweep(MODEL, opt, blobs.train, [{}], **kw)  # auto: own orders (seeds differ)
+    _close(_member(shared.states.params, 0), _member(own.states.params, 0))
+    # Seed 2 keeps its initialisation but trains on seed 1's order: not its own fit.
+    alone, _ = jaxdl.fit(MODEL, opt, blobs.train, key=2, epochs=2, batch_size=50)
+    _close(_member(own.states.params, 1), alone.params)
+    diff = np.abs(shared.states.params["layer_0"]["kernel"][1] - alone.params["layer_0"]["kernel"])
+    assert diff.max() > 1e-3
+    with pytest.raises(InputError, match="data_order"):
+        sweep.sweep(MODEL, opt, blobs.train, [{}], data_order="mine", **kw)
+
+
 def test_diverging_member_is_frozen_and_the_others_are_unaffected(blobs):
     opt = jaxdl.make_optimizer("sgd", learning_rate=0.1)
     kw = dict(seeds=1, epochs=3, batch_size=64, validation=blobs.valid)
@@ -243,7 +282,8 @@ def test_sweep_that_does_not_fit_runs_in_chunks_with_the_same_results(blobs):
     with pytest.warns(UserWarning, match="3 chunks of 2 members"):
         chunked = sweep.sweep(MODEL, opt, blobs.train, configs, max_memory_bytes=2 * per + 1, **kw)
     assert chunked.chunks == 3 and whole.chunks == 1
-    assert sweep.programs(setup).traces["epoch"] <= 2  # whole (5) and chunks (2): shapes differ
+    progs = sweep.programs(setup, None, sweep.batch_form(setup, shared=True))  # one seed
+    assert 2 <= progs.traces["epoch"] <= 3  # whole (5) and chunks (2): shapes differ
     _close(chunked.states.params, whole.states.params)
     np.testing.assert_allclose(chunked.history["val_loss"], whole.history["val_loss"], rtol=1e-5)
     assert [r["learning_rate"] for r in chunked.rows] == [c["learning_rate"] for c in configs]
