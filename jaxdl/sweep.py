@@ -172,10 +172,11 @@ def _freeze(keep, new, old):
 # How members get their minibatches inside the epoch program (see ``batch_form``).
 FORMS = ("own", "shared_concat", "shared_batched")
 # Widest first hidden layer for which a shared minibatch is fed to the members as one
-# concatenated GEMM x·[W_1 … W_k]; wider layers run as batched per-member GEMMs. Measured
-# on a 2-core CPU (benchmarks/README.md): at width 64 the concatenated form is 1.55× the
-# batched one, at 500 it is 0.86× (XLA then transposes the stacked kernel every step).
-CONCAT_MAX_WIDTH = 256
+# concatenated GEMM x·[W_1 … W_k]; wider layers run as batched per-member GEMMs over the
+# broadcast minibatch. Measured on a 2-core CPU, concatenated vs batched, one epoch:
+# width 64 (8 and 32 members) 1.13× and 1.32×; 96: 1.03×; 128: 0.92×; 256: 0.84×; 500:
+# 0.86× (XLA transposes the stacked kernel every step to form the wide GEMM).
+CONCAT_MAX_WIDTH = 96
 
 
 def batch_form(setup: train.Setup, shared: bool) -> str:

@@ -73,17 +73,18 @@ def test_members_equal_standalone_fits_and_compile_once(blobs):
     assert res2.compiles == 0
 
 
-@pytest.mark.parametrize("width", [16, 1000])  # narrow: one concatenated GEMM; wide: batched
+@pytest.mark.parametrize("expected", ["shared_concat", "shared_batched"])
 def test_members_sharing_a_seed_share_one_minibatch_and_equal_standalone_fits(
-    blobs, monkeypatch, width
+    blobs, monkeypatch, expected
 ):
-    monkeypatch.setattr(sweep, "CONCAT_MAX_WIDTH", 16 if width == 16 else 8)
+    # MODEL's first layer has 16 units: one concatenated GEMM up to the threshold.
+    monkeypatch.setattr(sweep, "CONCAT_MAX_WIDTH", 16 if expected == "shared_concat" else 8)
     opt = jaxdl.make_optimizer("adam")
     configs = sweep.grid(learning_rate=[3e-3, 3e-2], dropout=[0.0, 0.2])
     kw = dict(epochs=3, batch_size=48, validation=blobs.valid, l1=1e-4)  # 48: a partial batch
     setup, *_ = sweep.prepare_sweep(MODEL, opt, blobs.train, configs, seeds=[5], **kw)
     form = sweep.batch_form(setup, shared=True)
-    assert form == ("shared_concat" if width == 16 else "shared_batched")
+    assert form == expected
     before = sweep.programs(setup, None, form).traces["epoch"]
     res = sweep.sweep(MODEL, opt, blobs.train, configs, seeds=[5], **kw)
     assert sweep.programs(setup, None, form).traces["epoch"] == before + res.compiles
