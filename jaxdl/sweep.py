@@ -4,6 +4,8 @@ A sweep is ``vmap`` of the pure training functions over ``(key, HParams)``: ever
 shares the model structure, the optimizer family and the data (passed once, never copied
 per member); each member has its own hyperparameters, seed, initialisation, data order
 and dropout masks. One program is compiled per structure, whatever the number of values.
+Members with one seed share their (equal) data order: each minibatch is gathered once,
+and a narrow first layer runs as one GEMM over all members (``batch_form``).
 
 Per member, and without Python branching on traced values:
 
