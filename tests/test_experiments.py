@@ -1,27 +1,52 @@
-"""The experiment scripts in quick mode on real MNIST: they run, write their plots and a
-JSON of numbers that hold what the study is about."""
+"""The studies in quick mode on real MNIST, run through their notebooks: each notebook
+runs top to bottom (a failing cell fails the test), shows its plots and numbers, and the
+study writes its plots and a JSON of numbers that hold what the study is about. One run
+checks both the notebook a student opens and the script behind it."""
 
 from __future__ import annotations
 
 import importlib.util
+import json
 from pathlib import Path
 
 import numpy as np
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent / "experiments"
+NOTEBOOKS = ROOT.parent / "notebooks"
 
 
-def _load(name: str):
-    spec = importlib.util.spec_from_file_location(name, ROOT / f"{name}.py")
+def _plots(name: str) -> list[str]:
+    spec = importlib.util.spec_from_file_location("make_notebooks", NOTEBOOKS / "make_notebooks.py")
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
-    return module
+    return module.STUDIES[name]["plots"]
+
+
+def _study(name: str, out: Path) -> dict:
+    """Executes notebook ``name`` with its study writing into ``out``; returns the
+    study's summary as written to ``out/results.json``."""
+    nbformat = pytest.importorskip("nbformat")
+    nbclient = pytest.importorskip("nbclient")
+    nb = nbformat.read(NOTEBOOKS / f"{name}.ipynb", as_version=4)
+    marker = f'out = Path(tempfile.mkdtemp(prefix="{name}-"))'
+    setup = [c for c in nb.cells if c.cell_type == "code" and marker in c.source]
+    assert len(setup) == 1, f"{name}.ipynb: no cell sets `out` (regenerate the notebooks)"
+    setup[0].source = setup[0].source.replace(marker, f"out = Path({str(out)!r})")
+    client = nbclient.NotebookClient(
+        nb, timeout=300, kernel_name="python3", resources={"metadata": {"path": str(NOTEBOOKS)}}
+    )
+    client.execute()  # raises CellExecutionError naming the failing cell
+    outputs = [o for c in nb.cells if c.cell_type == "code" for o in c.outputs]
+    images = [o for o in outputs if "image/png" in o.get("data", {})]
+    assert len(images) == len(_plots(name))
+    assert "".join(o.get("text", "") for o in outputs).strip()  # the key numbers were shown
+    return json.loads((out / "results.json").read_text())
 
 
 @pytest.mark.e2e
 def test_ensemble_k_curve_quick(tmp_path):
-    summary = _load("ensemble_k_curve").main(["--quick", "--out", str(tmp_path)])
+    summary = _study("ensemble_k_curve", tmp_path)
     for f in ("k_curve.png", "subnetworks.png", "results.json"):
         assert (tmp_path / f).stat().st_size > 0
     mc = summary["mc_error_percent"]
@@ -37,7 +62,7 @@ def test_ensemble_k_curve_quick(tmp_path):
 
 @pytest.mark.e2e
 def test_sanity_check_quick(tmp_path):
-    summary = _load("sanity_check").main(["--quick", "--out", str(tmp_path)])
+    summary = _study("sanity_check", tmp_path)
     for f in ("train_accuracy.png", "final_accuracy.png", "results.json"):
         assert (tmp_path / f).stat().st_size > 0
     c = summary["conditions"]
@@ -52,7 +77,7 @@ def test_sanity_check_quick(tmp_path):
 
 @pytest.mark.e2e
 def test_vanishing_gradients_quick(tmp_path):
-    summary = _load("vanishing_gradients").main(["--quick", "--out", str(tmp_path)])
+    summary = _study("vanishing_gradients", tmp_path)
     for f in ("grad_norms.png", "accuracy.png", "results.json"):
         assert (tmp_path / f).stat().st_size > 0
     ratio = summary["first_to_last_ratio"]
@@ -68,7 +93,7 @@ def test_vanishing_gradients_quick(tmp_path):
 
 @pytest.mark.e2e
 def test_initialisation_quick(tmp_path):
-    summary = _load("initialisation").main(["--quick", "--out", str(tmp_path)])
+    summary = _study("initialisation", tmp_path)
     for f in ("histograms.png", "act_std.png", "accuracy.png", "results.json"):
         assert (tmp_path / f).stat().st_size > 0
     runs, acc = summary["runs"], summary["test_accuracy"]
@@ -87,7 +112,7 @@ def test_initialisation_quick(tmp_path):
 
 @pytest.mark.e2e
 def test_regularisation_quick(tmp_path):
-    summary = _load("regularisation").main(["--quick", "--out", str(tmp_path)])
+    summary = _study("regularisation", tmp_path)
     for f in ("gap_curves.png", "final.png", "results.json"):
         assert (tmp_path / f).stat().st_size > 0
     c, gap = summary["conditions"], summary["gap"]
@@ -104,7 +129,7 @@ def test_regularisation_quick(tmp_path):
 
 @pytest.mark.e2e
 def test_loss_choice_quick(tmp_path):
-    summary = _load("loss_choice").main(["--quick", "--out", str(tmp_path)])
+    summary = _study("loss_choice", tmp_path)
     for f in ("curves.png", "results.json"):
         assert (tmp_path / f).stat().st_size > 0
     train, test = summary["final_train_accuracy"], summary["test_accuracy"]
@@ -114,7 +139,7 @@ def test_loss_choice_quick(tmp_path):
 
 @pytest.mark.e2e
 def test_optimizers_quick(tmp_path):
-    summary = _load("optimizers").main(["--quick", "--out", str(tmp_path)])
+    summary = _study("optimizers", tmp_path)
     for f in ("mnist_loss.png", "surfaces.png", "results.json"):
         assert (tmp_path / f).stat().st_size > 0
     loss = summary["final_train_loss"]  # per epoch: more updates, more progress
@@ -133,7 +158,7 @@ def test_optimizers_quick(tmp_path):
 
 @pytest.mark.e2e
 def test_seeing_inside_quick(tmp_path):
-    summary = _load("seeing_inside").main(["--quick", "--out", str(tmp_path)])
+    summary = _study("seeing_inside", tmp_path)
     for f in ("weights.png", "histograms.png", "dead_relu.png", "results.json"):
         assert (tmp_path / f).stat().st_size > 0
     dead = summary["final_dead_fraction"]
@@ -147,7 +172,7 @@ def test_seeing_inside_quick(tmp_path):
 
 @pytest.mark.e2e
 def test_schedules_quick(tmp_path):
-    summary = _load("schedules").main(["--quick", "--out", str(tmp_path)])
+    summary = _study("schedules", tmp_path)
     for f in ("plateau.png", "weight_decay.png", "results.json"):
         assert (tmp_path / f).stat().st_size > 0
     const, halved = (
@@ -173,7 +198,7 @@ def test_schedules_quick(tmp_path):
 
 @pytest.mark.e2e
 def test_batch_norm_quick(tmp_path):
-    summary = _load("batch_norm").main(["--quick", "--out", str(tmp_path)])
+    summary = _study("batch_norm", tmp_path)
     for f in ("grid.png", "results.json"):
         assert (tmp_path / f).stat().st_size > 0
     without, with_bn = (summary["structures"][k] for k in ("without batch norm", "with batch norm"))
@@ -185,7 +210,7 @@ def test_batch_norm_quick(tmp_path):
 
 @pytest.mark.e2e
 def test_cnn_quick(tmp_path):
-    summary = _load("cnn").main(["--quick", "--out", str(tmp_path)])
+    summary = _study("cnn", tmp_path)
     for f in ("curves.png", "filters.png", "results.json"):
         assert (tmp_path / f).stat().st_size > 0
     acc = summary["test_accuracy"]
@@ -198,7 +223,7 @@ def test_cnn_quick(tmp_path):
 
 @pytest.mark.e2e
 def test_dropout_scale_quick(tmp_path):
-    summary = _load("dropout_scale").main(["--quick", "--out", str(tmp_path)])
+    summary = _study("dropout_scale", tmp_path)
     for f in ("curves.png", "results.json"):
         assert (tmp_path / f).stat().st_size > 0
     assert summary["compiles"] <= 1  # both members are one program
