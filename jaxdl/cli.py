@@ -284,7 +284,7 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint_flags(w, skip=False)
     w.add_argument("--seeds", type=int, default=1, help="seeds per configuration (0..N-1)")
     w.add_argument(
-        "--data-order", choices=("auto", "own", "shared"), default="auto",
+        "--data-order", choices=sweep.DATA_ORDERS, default="auto",
         help="own: each member shuffles with its seed; shared: all use the first member's "
         "order (faster: one minibatch per step for all); auto: shared when one seed",
     )  # fmt: skip

@@ -171,8 +171,9 @@ def _freeze(keep, new, old):
     return jax.tree_util.tree_map(pick, new, old)
 
 
-# How members get their minibatches inside the epoch program (see ``batch_form``).
-FORMS = ("own", "shared_concat", "shared_batched")
+# ``sweep(data_order=...)``: each member's own order, one shared order, or shared when
+# every member has the same seed.
+DATA_ORDERS = ("auto", "own", "shared")
 # Widest first hidden layer for which a shared minibatch is fed to the members as one
 # concatenated GEMM x·[W_1 … W_k]; wider layers run as batched per-member GEMMs over the
 # broadcast minibatch. Measured on a 2-core CPU, concatenated vs batched, one epoch:
@@ -367,7 +368,7 @@ def sweep(
         masks). ``"auto"`` (default): shared when every member has the same seed (the
         orders are then equal, so nothing changes but speed), else own.
     """
-    validate.choice("data_order", data_order, ("auto", "own", "shared"))
+    validate.choice("data_order", data_order, DATA_ORDERS)
     setup, hp, keys, members = prepare_sweep(
         model, optimizer, train_data, configs, seeds=seeds, epochs=epochs,
         batch_size=batch_size, validation=validation, early_stopping=early_stopping,

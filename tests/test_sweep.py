@@ -284,7 +284,7 @@ def test_sweep_that_does_not_fit_runs_in_chunks_with_the_same_results(blobs):
         chunked = sweep.sweep(MODEL, opt, blobs.train, configs, max_memory_bytes=2 * per + 1, **kw)
     assert chunked.chunks == 3 and whole.chunks == 1
     progs = sweep.programs(setup, None, sweep.batch_form(setup, shared=True))  # one seed
-    assert 2 <= progs.traces["epoch"] <= 3  # whole (5) and chunks (2): shapes differ
+    assert progs.traces["epoch"] == 2  # whole (5) and chunks (2): shapes differ
     _close(chunked.states.params, whole.states.params)
     np.testing.assert_allclose(chunked.history["val_loss"], whole.history["val_loss"], rtol=1e-5)
     assert [r["learning_rate"] for r in chunked.rows] == [c["learning_rate"] for c in configs]
