@@ -23,18 +23,27 @@ def best_of(fn: Callable[[], object], repeats: int) -> float:
     return min(times)
 
 
-def interleaved(runs: dict[str, Callable[[], object]], rounds: int) -> dict[str, float]:
+def interleaved(
+    runs: dict[str, Callable[[], object]],
+    rounds: int,
+    probes: dict[str, Callable[[], float]] | None = None,
+) -> dict[str, float]:
     """Best wall time per way, timing the ways in turn ``rounds`` times.
 
     Interleaving spreads slow phases of a shared machine over every way instead of
-    penalising whichever way ran during them.
+    penalising whichever way ran during them. ``probes`` (name -> a function that
+    measures and returns seconds, e.g. the roofline's GEMMs) are run once per round too,
+    and their smallest result is kept: a bound measured in a fast phase only.
     """
-    best = dict.fromkeys(runs, float("inf"))
+    probes = probes or {}
+    best = dict.fromkeys([*runs, *probes], float("inf"))
     for _ in range(rounds):
         for name, run in runs.items():
             t0 = time.perf_counter()
             run()
             best[name] = min(best[name], time.perf_counter() - t0)
+        for name, probe in probes.items():
+            best[name] = min(best[name], probe())
     return best
 
 
