@@ -13,6 +13,14 @@ then): each minibatch is gathered once and, for the narrow first layer, fed to a
 members as one GEMM. ``jaxdl_sweep_own_orders`` is the same sweep with every member
 gathering its own minibatches (``data_order="own"``, what a multi-seed sweep does).
 
+As ``jaxdl sweep`` does, the script first makes the CPU's cores devices
+(``jaxdl.use_cpu_cores``), and the sweeps shard their members over them;
+``jaxdl_sweep_one_device`` is the default sweep kept on one device, whose operations
+split across the cores. The sequential runs and PyTorch use every core for each step, as
+they would alone. ``JAX_NUM_CPU_DEVICES=1`` runs the script with one device throughout.
+The roofline is the faster of the step's GEMMs split across the cores and one step's
+GEMMs on every core at once.
+
 Reported per way: model-samples/s (training examples × members per second), ratios,
 the sweep's aggregate FLOP rate against the peak-matmul rate and the step-GEMM
 roofline, compile time, and device memory per member from XLA's memory analysis.
@@ -27,6 +35,8 @@ import time
 
 import jax
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 sys.path.insert(0, os.path.dirname(__file__))
 import peers  # noqa: E402
@@ -41,25 +51,31 @@ from common import (  # noqa: E402
 )
 
 import jaxdl  # noqa: E402
-from jaxdl import sweep, train  # noqa: E402
+from jaxdl import devices, sweep, train  # noqa: E402
 
 BATCH = 100
 
 
-def jaxdl_sweep(ds, sizes, members: int, shared: bool):
+def jaxdl_sweep(ds, sizes, members: int, shared: bool, one_device: bool = False):
     """Returns (run_one_epoch, compile_seconds, bytes_per_member). ``shared``: the
     members (one seed) share the data order, as ``sweep`` does by default; else each
-    gathers its own minibatches (``data_order="own"``)."""
+    gathers its own minibatches (``data_order="own"``). The members are sharded over the
+    devices ``sweep`` would use (the cores, see ``main``), or kept on the first device."""
     model = jaxdl.MLP(hidden=sizes[1:-1], num_classes=sizes[-1])
     lrs = np.geomspace(1e-4, 1e-2, members)
     configs = [{"learning_rate": float(lr)} for lr in lrs]
     setup, hp, keys, _ = sweep.prepare_sweep(
         model, jaxdl.make_optimizer("adam"), ds, configs, seeds=[0], epochs=1000, batch_size=BATCH
     )
-    progs = sweep.programs(setup, None, sweep.batch_form(setup, shared))
+    where = devices.for_members(members, jax.devices()[:1] if one_device else None)
+    mesh = Mesh(np.asarray(where), ("members",)) if len(where) > 1 else None
+    progs = sweep.programs(setup, mesh, sweep.batch_form(setup, shared))
     states = progs.init(keys, hp)
-    data = train.to_device(ds)
+    data = sweep.share(train.to_device(ds), mesh)
     active = jax.numpy.ones((members,), bool)
+    if mesh is not None:
+        by_member = NamedSharding(mesh, P("members"))
+        hp, active = jax.device_put((hp, active), by_member)
     t0 = time.perf_counter()
     exe = progs.epoch.lower(states, active, data, None, hp).compile()
     compile_s = time.perf_counter() - t0
@@ -68,7 +84,8 @@ def jaxdl_sweep(ds, sizes, members: int, shared: bool):
     per_member = None
     if mem is not None:
         total = mem.argument_size_in_bytes + mem.output_size_in_bytes + mem.temp_size_in_bytes
-        per_member = (total - data_bytes - mem.alias_size_in_bytes) / members
+        # XLA's analysis is per device: its share of the members and its copy of the data
+        per_member = (total - data_bytes - mem.alias_size_in_bytes) / (members / len(where))
     holder = {"s": states}
 
     def run():
@@ -85,6 +102,8 @@ def scenario(ds, sizes, members, rounds, with_torch):
         ds, sizes, members, shared=True
     )
     runs["jaxdl_sweep_own_orders"], _, _ = jaxdl_sweep(ds, sizes, members, shared=False)
+    if len(jax.devices()) > 1:
+        runs["jaxdl_sweep_one_device"], _, _ = jaxdl_sweep(ds, sizes, members, True, True)
     single, _ = peers.flax_scan(ds, sizes, BATCH)
 
     def sequential():  # the members' runs one after another (they differ only in values)
@@ -96,23 +115,32 @@ def scenario(ds, sizes, members, rounds, with_torch):
         t = peers.torch_func_ensemble(ds, sizes, BATCH, members)
         if t is not None:
             runs["torch_func_vmap"] = t
-    best = interleaved(runs, rounds, {"step_gemm": lambda: mlp_step_gemm_seconds(sizes, BATCH)})
+    probes = {"step_gemm": lambda: mlp_step_gemm_seconds(sizes, BATCH)}
+    where = devices.for_members(members)
+    if len(where) > 1:  # the GEMMs of one step on every core at once, per step
+        probes["step_gemm_per_core"] = lambda: mlp_step_gemm_seconds(sizes, BATCH, where)
+    best = interleaved(runs, rounds, probes)
     n = len(ds.x)
     rows = {
         "jaxdl_sweep": members * n / best["jaxdl_sweep"],
         "jaxdl_sweep_own_orders": members * n / best["jaxdl_sweep_own_orders"],
         "sequential_flax_scan": members * n / best["sequential_flax_scan"],
     }
+    if "jaxdl_sweep_one_device" in best:
+        rows["jaxdl_sweep_one_device"] = members * n / best["jaxdl_sweep_one_device"]
+    extra["devices"] = len(where)
     if "torch_func_vmap" in best:
         rows["torch_func_vmap"] = members * n / best["torch_func_vmap"]
     flops = mlp_train_flops(sizes)
-    rows["roofline"] = BATCH / best["step_gemm"]  # per member, any count
+    # per member, any count; the faster of the GEMMs split over the cores or one per core
+    rows["roofline"] = BATCH / min(best[p] for p in probes)
     extra["aggregate_gflops"] = rows["jaxdl_sweep"] * flops / 1e9
     return rows, extra
 
 
 def main(argv=None):
     a = parse_args(__doc__, argv, rounds=3, unit="epoch")
+    jaxdl.use_cpu_cores()  # as `jaxdl sweep` does: a CPU's cores as devices for the members
     ds = jaxdl.load("mnist").train
     peak = matmul_flops_per_second()
     results, ratios, extra = {}, {}, {"device": device_name(), "matmul_gflops": peak / 1e9}
@@ -123,12 +151,16 @@ def main(argv=None):
         rows, ex = scenario(ds, sizes, members, a.rounds, with_torch)
         for k, v in rows.items():
             results[f"{label}/{k}"] = v
-        for peer in ("sequential_flax_scan", "torch_func_vmap", "jaxdl_sweep_own_orders"):
+        for peer in (
+            "sequential_flax_scan", "torch_func_vmap", "jaxdl_sweep_own_orders",
+            "jaxdl_sweep_one_device",
+        ):  # fmt: skip
             if peer in rows:
                 ratios[f"jaxdl_vs_{peer}/{label}"] = rows["jaxdl_sweep"] / rows[peer]
         extra[f"{label}/roofline_fraction"] = rows["jaxdl_sweep"] / rows["roofline"]
         extra[f"{label}/peak_fraction"] = ex["aggregate_gflops"] * 1e9 / peak
         extra[f"{label}/compile_seconds"] = ex["compile_seconds"]
+        extra[f"{label}/devices"] = ex["devices"]
         if ex["bytes_per_member"] is not None:
             extra[f"{label}/mib_per_member"] = ex["bytes_per_member"] / 2**20
     extra["roofline_fraction"] = extra["seed_mlp_8/roofline_fraction"]

@@ -11,6 +11,8 @@ from collections.abc import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -68,28 +70,36 @@ def _dispatch_seconds(repeats: int = 200) -> float:
     return best_of(lambda: f(x).block_until_ready(), repeats)
 
 
-def _gemm_seconds(lhs_shape, rhs_shape, dims, repeats: int = 200) -> float:
+def _gemm_seconds(lhs_shape, rhs_shape, dims, repeats: int = 200, devices=None) -> float:
     """Seconds one ``dot_general`` of these operand shapes takes: best of ``repeats``
     blocking calls, less the dispatch round trip. (Calls queued back to back overlap
-    on the CPU's threads and measure contention instead.)"""
+    on the CPU's threads and measure contention instead.) With several ``devices``, one
+    such GEMM runs on each at once, and the time is per GEMM (the call's / the count)."""
+    n = 1 if devices is None else len(devices)
     k1, k2 = jax.random.split(jax.random.key(0))
     a = jax.random.normal(k1, lhs_shape, jnp.float32)
     b = jax.random.normal(k2, rhs_shape, jnp.float32)
     dot = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (dims, ((), ()))))
+    if n > 1:  # a leading axis over the devices: one GEMM on each
+        by_device = NamedSharding(Mesh(np.asarray(devices), ("d",)), P("d"))
+        a, b = jax.device_put((jnp.stack([a] * n), jnp.stack([b] * n)), by_device)
+        dot = jax.jit(jax.vmap(dot), out_shardings=by_device)
     dot(a, b).block_until_ready()
-    return best_of(lambda: dot(a, b).block_until_ready(), repeats) - _dispatch_seconds()
+    return (best_of(lambda: dot(a, b).block_until_ready(), repeats) - _dispatch_seconds()) / n
 
 
-def mlp_step_gemm_seconds(sizes: tuple[int, ...], batch: int) -> float:
+def mlp_step_gemm_seconds(sizes: tuple[int, ...], batch: int, devices=None) -> float:
     """Time the GEMMs of one training step of a dense net take on their own, at their
     own shapes and operand layouts: forward x·W, weight gradient xᵀ·δ, and input
-    gradient δ·Wᵀ for every layer but the first. The ceiling a step could reach."""
+    gradient δ·Wᵀ for every layer but the first. The ceiling a step could reach. With
+    several ``devices`` (CPU cores as devices, say), each runs one step's GEMMs at once
+    and the time is per step."""
     total = 0.0
     for i, (k, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        total += _gemm_seconds((batch, k), (k, n), ((1,), (0,)))  # forward
-        total += _gemm_seconds((batch, k), (batch, n), ((0,), (0,)))  # dW = xᵀ δ
+        total += _gemm_seconds((batch, k), (k, n), ((1,), (0,)), devices=devices)  # x W
+        total += _gemm_seconds((batch, k), (batch, n), ((0,), (0,)), devices=devices)  # xᵀ δ
         if i > 0:
-            total += _gemm_seconds((batch, n), (k, n), ((1,), (1,)))  # dx = δ Wᵀ
+            total += _gemm_seconds((batch, n), (k, n), ((1,), (1,)), devices=devices)  # δ Wᵀ
     return total
 
 

@@ -6,6 +6,7 @@ The pure functions are the API: ``fit`` is a convenience built from ``init_state
 
 from jaxdl import checkpoint, ensemble, sweep
 from jaxdl.data import Dataset, Splits, load, standardize, synthetic, synthetic_splits
+from jaxdl.devices import use_cpu_cores
 from jaxdl.models import CNN, MLP, masked_widths, sample_masks
 from jaxdl.optim import Optimizer, make_optimizer
 from jaxdl.report import params_digest
@@ -65,4 +66,5 @@ __all__ = [
     "synthetic",
     "synthetic_splits",
     "train_step",
+    "use_cpu_cores",
 ]

@@ -22,6 +22,7 @@ import numpy as np
 from jaxdl import (
     checkpoint,
     data,
+    devices,
     ensemble,
     htmlreport,
     inits,
@@ -57,6 +58,18 @@ def _ints(text: str) -> tuple[int, ...]:
     if not values or any(v <= 0 for v in values):
         raise argparse.ArgumentTypeError(f"expected positive integers like 500,500, got {text!r}")
     return values
+
+
+def _cpu_devices(text: str) -> str | int:
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected auto or a positive integer, got {text!r}")
+    return n
 
 
 def _names(text: str) -> tuple[str, ...]:
@@ -287,6 +300,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--data-order", choices=sweep.DATA_ORDERS, default="auto",
         help="own: each member shuffles with its seed; shared: all use the first member's "
         "order (faster: one minibatch per step for all); auto: shared when one seed",
+    )  # fmt: skip
+    w.add_argument(
+        "--cpu-devices", type=_cpu_devices, default="auto", metavar="auto|N",
+        help="on a CPU, run the members on N devices of the host's cores (auto: one per "
+        "core, unless XLA_FLAGS or JAX_NUM_CPU_DEVICES set a count); GPUs are unaffected",
     )  # fmt: skip
     _add_view_commands(sub, fmt)
     e = _add_ensemble_command(sub, fmt)
@@ -619,6 +637,7 @@ def cmd_sweep(a: argparse.Namespace) -> dict:
         "best": best,
         "results_path": str(run_dir / "results.csv"),
         "model_samples_per_second": res.samples_per_second,
+        "devices": res.devices,
         "compile_seconds": res.compile_seconds,
         "train_seconds": res.seconds,
         "diverged": sum(r["diverged"] for r in rows),
@@ -626,6 +645,19 @@ def cmd_sweep(a: argparse.Namespace) -> dict:
     }
     report.write_json(run_dir / "summary.json", summary)
     return summary
+
+
+def _use_cpu_devices(n: str | int) -> None:
+    """Before JAX starts: the host's cores as devices, so the members run side by side.
+    ``auto`` keeps what a caller that already started JAX (in-process use) has."""
+    if n != "auto":
+        try:
+            devices.use_cpu_cores(n)
+        except InputError as e:
+            raise InputError(f"--cpu-devices: {e}") from None
+        return
+    with contextlib.suppress(InputError):
+        devices.use_cpu_cores()
 
 
 def _median(metrics: dict) -> dict[str, float]:
@@ -856,6 +888,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(a, "resume", None) is not None:
             a = _resumed(a, argv)
         if a.command == "sweep":
+            _use_cpu_devices(a.cpu_devices)
             results = cmd_sweep(a)
             b = results["best"]
             summary = (f"{results['members']} members, {results['compiles']} compile(s), "

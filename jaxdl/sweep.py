@@ -39,6 +39,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdl import models, optim, train, validate
 from jaxdl.data import Dataset
+from jaxdl.devices import for_members
 from jaxdl.models import Model
 from jaxdl.optim import Optimizer
 from jaxdl.stopping import EarlyStopping
@@ -128,6 +129,7 @@ class SweepResult:
     compile_seconds: float
     samples_per_second: float  # training examples per second summed over members
     chunks: int = 1  # how many groups of members ran one after another (memory)
+    devices: int = 1  # how many devices the member axis was sharded over
 
     def best(self, metric: str = "best_val_accuracy") -> dict[str, Any]:
         """The row of the member with the highest ``metric`` among those not diverged."""
@@ -244,6 +246,12 @@ def sweep_epoch(setup: train.Setup, form: str, states, active, data: train.Batch
     return states, active, diverged_now, metrics
 
 
+def share(tree, mesh: Mesh | None):
+    """``tree`` (the data every member reads) placed once on every device of ``mesh``,
+    one copy per device, not per member (on one device: as it is)."""
+    return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, P()))
+
+
 @functools.lru_cache(maxsize=16)
 def programs(setup: train.Setup, mesh: Mesh | None = None, form: str = "own") -> train.Programs:
     """Jitted vmapped init and sweep epoch for ``setup`` (cached per setup, mesh and
@@ -347,8 +355,9 @@ def sweep(
       seeds: a count (seeds 0…n-1) or explicit seeds; every configuration runs with each.
       **base: settings shared by all members unless a configuration sets them.
       on_epoch: ``on_epoch(epoch, metrics)`` with (members,) arrays, after each epoch.
-      devices: where to run (default: all of ``jax.devices()``). With more than one, the
-        member axis is sharded over a ``members`` mesh axis (``NamedSharding``) and the
+      devices: where to run (default: all of ``jax.devices()``, at most one per member;
+        on a CPU host ``jaxdl.use_cpu_cores()`` makes each core a device). With more
+        than one, the member axis is sharded over a ``members`` mesh axis (``NamedSharding``) and the
         data replicated; members are padded to a multiple of the device count. Results
         equal the single-device run. For several hosts, call
         ``jax.distributed.initialize()`` first in every process: ``jax.devices()`` then
@@ -376,11 +385,11 @@ def sweep(
     )  # fmt: skip
     if masks is not None:
         hp = hp._replace(masks=_check_masks(masks, len(members), setup.widths))
-    data = train.to_device(train_data)  # one copy per device, shared by every member
-    valid = None if validation is None else train.to_device(validation)
     n = len(members)
-    devices = list(jax.devices() if devices is None else devices)
+    devices = for_members(n, devices)
     mesh = Mesh(np.asarray(devices), ("members",)) if len(devices) > 1 else None
+    data = share(train.to_device(train_data), mesh)
+    valid = None if validation is None else share(train.to_device(validation), mesh)
     size = chunk_size(setup, hp, n, len(devices), max_memory_bytes, data_bytes=data.x.nbytes)
     shared = data_order == "shared" or (
         data_order == "auto" and len({seed for _, seed in members}) == 1
@@ -423,6 +432,7 @@ def sweep(
         compile_seconds=sum(c.compile_seconds for c in chunks),
         samples_per_second=float(epochs_run.sum() * setup.n_train / max(seconds, 1e-9)),
         chunks=len(chunks),
+        devices=len(devices),
     )
 
 
@@ -498,14 +508,15 @@ def member_bytes(setup: train.Setup, hp: train.HParams) -> int:
     return int(nbytes + params + acts)
 
 
-def memory_budget(data_bytes: int = 0) -> int:
-    """Bytes a sweep may use on one device: its memory limit where the backend reports
-    one (GPU, TPU), else half the host's RAM (CPU), less the data set."""
+def memory_budget(data_bytes: int = 0, n_devices: int = 1) -> int:
+    """Bytes a sweep may use on one of ``n_devices`` devices: its memory limit where the
+    backend reports one (GPU, TPU), else its share of half the host's RAM (CPU devices
+    share it), less the data set (each device holds a copy)."""
     stats = jax.devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         limit = int(stats["bytes_limit"] * 0.9)
     else:
-        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2
+        limit = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") // 2 // n_devices
     return max(limit - data_bytes, 0)
 
 
@@ -514,7 +525,7 @@ def chunk_size(
 ) -> int:
     """How many members to train at once: all of them if they fit, else as many as fit
     (a multiple of the device count), with a warning saying so."""
-    budget = memory_budget(data_bytes) if max_bytes is None else max_bytes
+    budget = memory_budget(data_bytes, n_devices) if max_bytes is None else max_bytes
     per = member_bytes(setup, hp)
     fit = max(1, budget // per) * n_devices
     total = -(-n // n_devices) * n_devices

@@ -2,10 +2,16 @@
 
 from __future__ import annotations
 
+import jax
 import numpy as np
 import pytest
 
 import jaxdl
+
+# Start JAX now, with its default device count, so that no in-process `jaxdl sweep`
+# (whose --cpu-devices auto splits the cores before JAX starts) changes it for the
+# tests after it. Tests of several devices run in fresh interpreters.
+jax.devices()
 
 
 @pytest.fixture(scope="session")

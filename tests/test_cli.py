@@ -314,6 +314,9 @@ def test_sweep_data_order_flag_reaches_the_sweep(tmp_path, tiny_npz, capsys):
         (["--seeds", "0"], "--seeds"),
         (["--dropout-hidden", "0.2,1.5"], "dropout"),
         (["--data-order", "mine"], "--data-order"),
+        (["--cpu-devices", "0"], "--cpu-devices"),
+        (["--cpu-devices", "two"], "--cpu-devices"),
+        (["--cpu-devices", "5"], "--cpu-devices: cannot use 5 CPU devices"),  # JAX started
     ],
 )
 def test_sweep_bad_ranges_exit_2(flags, expect, tmp_path, tiny_npz, capsys):

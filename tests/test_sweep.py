@@ -257,6 +257,16 @@ ok = np.array([not r["diverged"] for r in multi.rows])  # diverged ones hold cha
 for a, b in zip(jax.tree_util.tree_leaves(multi.states.params), jax.tree_util.tree_leaves(single.states.params)):
     np.testing.assert_allclose(a[ok], b[ok], rtol=1e-5, atol=1e-6)
 np.testing.assert_allclose(multi.history["val_loss"][ok], single.history["val_loss"][ok], rtol=1e-5)
+assert multi.devices == 8 and single.devices == 1
+# one seed: the shared data order (one minibatch for every member) sharded the same way
+kw1 = dict(seeds=[0], epochs=2, batch_size=32, validation=s.valid)
+cfgs1 = sweep.grid(learning_rate=[1e-3, 3e-3, 1e-2, 3e-2, 1e-1])
+multi = sweep.sweep(m, opt, s.train, cfgs1, **kw1)
+single = sweep.sweep(m, opt, s.train, cfgs1, devices=jax.devices()[:1], **kw1)
+assert multi.devices == 5  # no more devices than members
+for a, b in zip(jax.tree_util.tree_leaves(multi.states.params), jax.tree_util.tree_leaves(single.states.params)):
+    np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+np.testing.assert_allclose(multi.history["val_loss"], single.history["val_loss"], rtol=1e-5)
 print("OK")
 """
 

@@ -1,0 +1,104 @@
+"""The host's cores as devices: set before JAX starts, kept by later calls, refused when
+JAX has already started with another count. Fresh interpreters, since JAX fixes its
+device count when it starts."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+
+import jax
+import pytest
+
+import jaxdl
+from jaxdl import devices
+
+FRESH = """
+import os, jax, jaxdl
+assert jaxdl.use_cpu_cores() == len(os.sched_getaffinity(0)) == len(jax.devices())
+jax.numpy.zeros(1).block_until_ready()  # JAX has started
+assert jaxdl.use_cpu_cores(len(jax.devices())) == len(jax.devices())  # same count: fine
+try:
+    jaxdl.use_cpu_cores(len(jax.devices()) + 1)
+except jaxdl.InputError as e:
+    assert "already started with" in str(e), e
+else:
+    raise AssertionError("a new count after JAX started was accepted")
+print("OK")
+"""
+
+SET = """
+import jax, jaxdl
+assert jaxdl.use_cpu_cores(3) == 3 and len(jax.devices()) == 3
+print("OK")
+"""
+
+ENV = """
+import jax, jaxdl
+assert jaxdl.use_cpu_cores() == 4 and len(jax.devices()) == 4  # the environment's count
+print("OK")
+"""
+
+
+def _python(
+    code: str, env: dict[str, str] | None = None, *args: str
+) -> subprocess.CompletedProcess:
+    environ = {k: v for k, v in os.environ.items() if k not in ("XLA_FLAGS", "JAX_NUM_CPU_DEVICES")}
+    return subprocess.run(
+        [sys.executable, *(("-c", code) if code else ()), *args],
+        capture_output=True, text=True, timeout=300, env={**environ, **(env or {})},
+    )  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    "code, env",
+    [
+        (FRESH, None),
+        (SET, None),
+        (ENV, {"XLA_FLAGS": "--xla_force_host_platform_device_count=4"}),
+    ],
+    ids=["one-per-core", "explicit", "environment-kept"],
+)
+def test_use_cpu_cores_before_jax_starts(code, env):
+    out = _python(code, env)
+    assert out.returncode == 0 and out.stdout.strip().endswith("OK"), out.stderr[-3000:]
+
+
+def test_use_cpu_cores_after_jax_started_in_this_process():
+    have = len(jax.devices("cpu"))  # conftest started JAX
+    assert jaxdl.use_cpu_cores(have) == have
+    with pytest.raises(
+        jaxdl.InputError, match=f"cannot use {have + 2} CPU devices.*started with {have}"
+    ):
+        jaxdl.use_cpu_cores(have + 2)
+    for bad in (0, -1, 1.5, True):
+        with pytest.raises(jaxdl.InputError, match="CPU devices: expected an integer > 0"):
+            jaxdl.use_cpu_cores(bad)
+
+
+def test_a_sweep_uses_no_more_devices_than_members():
+    fake = ["d0", "d1", "d2"]
+    assert devices.for_members(2, fake) == ["d0", "d1"]
+    assert devices.for_members(7, fake) == fake
+    assert devices.for_members(0, fake) == ["d0"]
+    assert devices.for_members(4) == jax.devices()[:4]
+    with pytest.raises(jaxdl.InputError, match="devices: expected at least one device"):
+        devices.for_members(3, [])
+
+
+def test_cli_sweep_runs_its_members_on_the_cores(tmp_path):
+    """``jaxdl sweep --cpu-devices 2`` in its own process: the members are sharded over
+    two CPU devices, and the run says so."""
+    s = jaxdl.synthetic_splits(200, 60, 60, num_features=784, num_classes=4, seed=2, separation=8.0)
+    data = jaxdl.data.save_file(tmp_path / "tiny.npz", s)
+    out = _python(
+        "", None, "-m", "jaxdl.cli", "sweep", "--data", str(data), "--hidden", "8", "--epochs", "1",
+        "--batch-size", "50", "--lr", "0.01,0.1,0.3", "--cpu-devices", "2", "--runs-dir",
+        str(tmp_path), "--name", "s", "--json", "--no-progress", "--no-plots",
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr[-3000:]
+    res = json.loads(out.stdout.strip().splitlines()[-1])
+    assert res["devices"] == 2 and res["members"] == 3 and res["compiles"] == 1
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["cpu_devices"] == 2
