@@ -5,7 +5,8 @@ shares the model structure, the optimizer family and the data (passed once, neve
 per member); each member has its own hyperparameters, seed, initialisation, data order
 and dropout masks. One program is compiled per structure, whatever the number of values.
 Members with one seed share their (equal) data order: each minibatch is gathered once,
-and a narrow first layer runs as one GEMM over all members (``batch_form``).
+and a narrow first layer runs as one GEMM over all members; on a CPU, wider MLPs train
+each device's members one after another instead (``batch_form``).
 
 Per member, and without Python branching on traced values:
 
@@ -182,18 +183,36 @@ DATA_ORDERS = ("auto", "own", "shared")
 # width 64 (8 and 32 members) 1.13× and 1.32×; 96: 1.03×; 128: 0.92×; 256: 0.84×; 500:
 # 0.86× (XLA transposes the stacked kernel every step to form the wide GEMM).
 CONCAT_MAX_WIDTH = 96
+# Platforms on which wider MLPs train their members one after another on each device
+# (``serial``) instead of vmapped: a CPU core then runs plain GEMMs, and one member's
+# state (10 MiB for 784-500-500-10 with Adam) stays in cache through its update. Measured
+# on a 2-core CPU with the members over the cores, one epoch, serial vs batched: 8
+# members of 784-500-500-10 1.17×; 8 of 784-256-256-10 1.09×; 16 of 784-128-128-10
+# 1.13×; but 32 of 784-64-10 0.83× (the concatenated GEMM wins there). Accelerators
+# want the batch.
+SERIAL_PLATFORMS = ("cpu",)
 
 
-def batch_form(setup: train.Setup, shared: bool) -> str:
-    """``own``: every member gathers its own minibatch (its own data order). With one
-    ``shared`` order the minibatch is gathered once per step for all members, and the
-    first layer is then one concatenated GEMM (narrow MLPs) or a batched GEMM over the
-    broadcast minibatch (wide ones, CNNs)."""
-    if not shared:
-        return "own"
+def batch_form(
+    setup: train.Setup, shared: bool, one_seed: bool = True, platform: str | None = None
+) -> str:
+    """How the members' steps run on ``platform`` (default: JAX's default backend).
+
+    ``own``: vmapped, every member gathering its own minibatch (its own data order).
+    With one ``shared`` order the minibatch is gathered once per step for all members,
+    and the first layer is one concatenated GEMM (``shared_concat``, narrow MLPs) or a
+    batched GEMM over the broadcast minibatch (``shared_batched``). ``serial``: each
+    device trains its members one after another, whole epochs, each with its own order
+    (wider MLPs on a CPU; not when a shared order must differ from the members' own,
+    i.e. across seeds)."""
     model = setup.model
-    narrow = isinstance(model, models.MLP) and model.hidden and model.hidden[0] <= CONCAT_MAX_WIDTH
-    return "shared_concat" if narrow else "shared_batched"
+    mlp = isinstance(model, models.MLP) and bool(model.hidden)
+    if shared and mlp and model.hidden[0] <= CONCAT_MAX_WIDTH:
+        return "shared_concat"
+    on = platform or jax.default_backend()
+    if mlp and on in SERIAL_PLATFORMS and (one_seed or not shared):
+        return "serial"
+    return "shared_batched" if shared else "own"
 
 
 def _shared_order_epoch(setup: train.Setup, form: str, states, data: train.Batch, hps):
@@ -223,12 +242,19 @@ def _shared_order_epoch(setup: train.Setup, form: str, states, data: train.Batch
 
 
 def sweep_epoch(setup: train.Setup, form: str, states, active, data: train.Batch, valid, hps):
-    """One epoch for every member (vmapped), then freezing of finished or diverged ones.
+    """One epoch for every member (vmapped, or in turn: ``form``), then freezing of
+    finished or diverged ones.
 
     Returns ``(states, active, diverged_now, metrics)``; ``metrics[k]`` is (members,).
     """
     if form == "own":
         new, metrics = jax.vmap(lambda s, h: train.run_epoch(setup, s, data, valid, h))(states, hps)
+    elif form == "serial":  # one member after another (see ``SERIAL_PLATFORMS``)
+
+        def one(member):
+            return train.run_epoch(setup, member[0], data, valid, member[1])
+
+        new, metrics = jax.lax.map(one, (states, hps))
     else:
         new, metrics = _shared_order_epoch(setup, form, states, data, hps)
         new, metrics = jax.vmap(lambda s, m, h: train.end_epoch(setup, s, m, data, valid, h))(
@@ -263,7 +289,16 @@ def programs(setup: train.Setup, mesh: Mesh | None = None, form: str = "own") ->
     """
     traces: collections.Counter = collections.Counter()
     init = jax.vmap(functools.partial(train.init_state, setup))
+    epoch = functools.partial(sweep_epoch, setup, form)
     shard: dict[str, dict] = {"init": {}, "epoch": {}}
+    if mesh is not None and form == "serial":
+        # Each device loops over its own members: a loop over a sharded axis under plain
+        # jit would gather the members first.
+        members = P("members")
+        epoch = jax.shard_map(
+            epoch, mesh=mesh, in_specs=(members, members, P(), P(), members),
+            out_specs=members, check_vma=False,
+        )  # fmt: skip
     if mesh is not None:
         by_member, replicated = NamedSharding(mesh, P("members")), NamedSharding(mesh, P())
         shard["init"] = {"in_shardings": by_member, "out_shardings": by_member}
@@ -274,7 +309,7 @@ def programs(setup: train.Setup, mesh: Mesh | None = None, form: str = "own") ->
     return train.Programs(
         init=jax.jit(train._counted(traces, "init", init), **shard["init"]),
         epoch=jax.jit(
-            train._counted(traces, "epoch", functools.partial(sweep_epoch, setup, form)),
+            train._counted(traces, "epoch", epoch),
             donate_argnums=(0,),
             **shard["epoch"],
         ),
@@ -391,10 +426,9 @@ def sweep(
     data = share(train.to_device(train_data), mesh)
     valid = None if validation is None else share(train.to_device(validation), mesh)
     size = chunk_size(setup, hp, n, len(devices), max_memory_bytes, data_bytes=data.x.nbytes)
-    shared = data_order == "shared" or (
-        data_order == "auto" and len({seed for _, seed in members}) == 1
-    )
-    progs = programs(setup, mesh, batch_form(setup, shared))
+    one_seed = len({seed for _, seed in members}) == 1
+    shared = data_order == "shared" or (data_order == "auto" and one_seed)
+    progs = programs(setup, mesh, batch_form(setup, shared, one_seed, devices[0].platform))
     traced_before = progs.traces["epoch"]
     chunks = [
         _run_chunk(

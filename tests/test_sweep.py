@@ -73,18 +73,27 @@ def test_members_equal_standalone_fits_and_compile_once(blobs):
     assert res2.compiles == 0
 
 
-@pytest.mark.parametrize("expected", ["shared_concat", "shared_batched"])
+@pytest.mark.parametrize("expected", ["shared_concat", "shared_batched", "serial"])
 def test_members_sharing_a_seed_share_one_minibatch_and_equal_standalone_fits(
     blobs, monkeypatch, expected
 ):
-    # MODEL's first layer has 16 units: one concatenated GEMM up to the threshold.
+    # MODEL's first layer has 16 units: one concatenated GEMM up to the threshold; wider
+    # ones run in turn on a CPU, or batched elsewhere.
     monkeypatch.setattr(sweep, "CONCAT_MAX_WIDTH", 16 if expected == "shared_concat" else 8)
+    if expected == "shared_batched":
+        monkeypatch.setattr(sweep, "SERIAL_PLATFORMS", ())
     opt = jaxdl.make_optimizer("adam")
     configs = sweep.grid(learning_rate=[3e-3, 3e-2], dropout=[0.0, 0.2])
     kw = dict(epochs=3, batch_size=48, validation=blobs.valid, l1=1e-4)  # 48: a partial batch
     setup, *_ = sweep.prepare_sweep(MODEL, opt, blobs.train, configs, seeds=[5], **kw)
     form = sweep.batch_form(setup, shared=True)
     assert form == expected
+    assert sweep.batch_form(setup, shared=True, platform="gpu") == (
+        "shared_concat" if expected == "shared_concat" else "shared_batched"
+    )
+    assert sweep.batch_form(setup, shared=True, one_seed=False) == (
+        "shared_concat" if expected == "shared_concat" else "shared_batched"
+    )  # a shared order across seeds is not each member's own
     before = sweep.programs(setup, None, form).traces["epoch"]
     res = sweep.sweep(MODEL, opt, blobs.train, configs, seeds=[5], **kw)
     assert sweep.programs(setup, None, form).traces["epoch"] == before + res.compiles
@@ -267,6 +276,18 @@ assert multi.devices == 5  # no more devices than members
 for a, b in zip(jax.tree_util.tree_leaves(multi.states.params), jax.tree_util.tree_leaves(single.states.params)):
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 np.testing.assert_allclose(multi.history["val_loss"], single.history["val_loss"], rtol=1e-5)
+# a wider MLP: each device trains its members in turn (shard_map of a loop)
+wide = jaxdl.MLP(hidden=(sweep.CONCAT_MAX_WIDTH + 1,), num_classes=3)
+for seeds in ([0], [0, 1]):
+    kw2 = dict(seeds=seeds, epochs=2, batch_size=32, validation=s.valid)
+    setup, *_ = sweep.prepare_sweep(wide, opt, s.train, cfgs1, **kw2)
+    assert sweep.batch_form(setup, len(seeds) == 1, len(seeds) == 1) == "serial"
+    multi = sweep.sweep(wide, opt, s.train, cfgs1, **kw2)
+    single = sweep.sweep(wide, opt, s.train, cfgs1, devices=jax.devices()[:1], **kw2)
+    assert multi.devices == (8 if len(seeds) == 2 else 5)
+    for a, b in zip(jax.tree_util.tree_leaves(multi.states.params), jax.tree_util.tree_leaves(single.states.params)):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
+    np.testing.assert_allclose(multi.history["val_loss"], single.history["val_loss"], rtol=1e-5)
 print("OK")
 """
 
