@@ -3,8 +3,8 @@
 On a CPU, JAX starts with one device that splits every operation across the cores. A
 sweep's members are independent, so running them on separate cores is faster: each
 core then runs whole GEMMs and whole update loops for its share of the members, with
-no hand-off between cores inside a step (measured in ``benchmarks/README.md``: 1.2× for
-8 members of 784-500-500-10 on a 2-core CPU). ``use_cpu_cores`` exposes the cores as
+no hand-off between cores inside a step (``benchmarks/README.md``: 1.15–1.21× for 8
+members of 784-500-500-10 on a 2-core CPU). ``use_cpu_cores`` exposes the cores as
 devices, and ``sweep`` shards its member axis over them as over any other devices.
 
 JAX fixes its device count when it starts (its first computation), so this is a
