@@ -34,7 +34,7 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def user_set_count() -> bool:
+def _user_set_count() -> bool:
     """Whether the environment already sets the CPU device count (``XLA_FLAGS`` or
     ``JAX_NUM_CPU_DEVICES``)."""
     return _XLA_COUNT_FLAG in os.environ.get("XLA_FLAGS", "") or _ENV_COUNT in os.environ
@@ -50,7 +50,7 @@ def use_cpu_cores(n: int | None = None) -> int:
       InputError: ``n`` is not a positive integer, or JAX has already started with
         another number of CPU devices.
     """
-    if n is None and user_set_count():
+    if n is None and _user_set_count():  # JAX starts here, to report that count
         return len(jax.devices("cpu"))
     n = cores() if n is None else validate.positive_int("CPU devices", n)
     try:
