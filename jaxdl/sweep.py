@@ -393,8 +393,8 @@ def sweep(
       devices: where to run (default: all of ``jax.devices()``, at most one per member;
         on a CPU host ``jaxdl.use_cpu_cores()`` makes each core a device). With more
         than one, the member axis is sharded over a ``members`` mesh axis
-        (``NamedSharding``) and the data replicated; members are padded to a multiple of the device count. Results
-        equal the single-device run. For several hosts, call
+        (``NamedSharding``) and the data replicated; members are padded to a multiple
+        of the device count. Results equal the single-device run. For several hosts, call
         ``jax.distributed.initialize()`` first in every process: ``jax.devices()`` then
         lists every host's devices and each host runs its share of the members.
       max_memory_bytes: per-device budget (default: see ``memory_budget``). Members that
