@@ -40,7 +40,7 @@ from jax.sharding import PartitionSpec as P
 
 from jaxdl import models, optim, train, validate
 from jaxdl.data import Dataset
-from jaxdl.devices import for_members
+from jaxdl.devices import compiler_options, for_members
 from jaxdl.models import Model
 from jaxdl.optim import Optimizer
 from jaxdl.stopping import EarlyStopping
@@ -311,6 +311,7 @@ def programs(setup: train.Setup, mesh: Mesh | None = None, form: str = "own") ->
         epoch=jax.jit(
             train._counted(traces, "epoch", epoch),
             donate_argnums=(0,),
+            compiler_options=compiler_options(),
             **shard["epoch"],
         ),
         traces=traces,

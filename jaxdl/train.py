@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from jaxdl import inits, losses, models, optim, stopping, validate
+from jaxdl import devices, inits, losses, models, optim, stopping, validate
 from jaxdl.data import Dataset
 from jaxdl.models import Model
 from jaxdl.optim import Optimizer
@@ -404,7 +404,9 @@ def programs(setup: Setup) -> Programs:
     return Programs(
         init=jax.jit(_counted(traces, "init", functools.partial(init_state, setup))),
         epoch=jax.jit(
-            _counted(traces, "epoch", functools.partial(run_epoch, setup)), donate_argnums=0
+            _counted(traces, "epoch", functools.partial(run_epoch, setup)),
+            donate_argnums=0,
+            compiler_options=devices.compiler_options(),
         ),
         traces=traces,
         executables={},

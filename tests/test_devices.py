@@ -10,6 +10,7 @@ import subprocess
 import sys
 
 import jax
+import numpy as np
 import pytest
 
 import jaxdl
@@ -102,3 +103,82 @@ def test_cli_sweep_runs_its_members_on_the_cores(tmp_path):
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["devices"] == 2 and res["members"] == 3 and res["compiles"] == 1
     assert json.loads((tmp_path / "s" / "config.json").read_text())["cpu_devices"] == 2
+
+
+@pytest.fixture
+def fresh_options(monkeypatch):
+    """``compiler_options`` recomputed under the test's patches, and again after it."""
+    devices.compiler_options.cache_clear()
+    yield
+    monkeypatch.undo()
+    devices.compiler_options.cache_clear()
+
+
+@pytest.mark.parametrize(
+    ("flags", "xla_flags", "expected"),
+    [
+        ({"avx2", "avx512f"}, "", {"xla_cpu_prefer_vector_width": 512}),
+        ({"avx2", "fma"}, "", {}),  # no 512-bit registers: XLA's default
+        (set(), "", {}),  # flags unknown (not Linux)
+        ({"avx512f"}, "--xla_cpu_prefer_vector_width=256", {}),  # the user's value wins
+    ],
+)
+def test_compiler_options_ask_for_512_bit_loops_only_where_the_cpu_has_them(
+    monkeypatch, fresh_options, flags, xla_flags, expected
+):
+    monkeypatch.setattr(devices, "_cpu_flags", lambda: flags)
+    monkeypatch.setenv("XLA_FLAGS", xla_flags)
+    assert devices.compiler_options() == expected
+
+
+def test_compiler_options_fall_back_when_xla_does_not_know_the_option(monkeypatch, fresh_options):
+    monkeypatch.setattr(devices, "_cpu_flags", lambda: {"avx512f"})
+    monkeypatch.setattr(devices, "_VECTOR_WIDTH", "xla_cpu_no_such_option")
+    assert devices.compiler_options() == {}
+
+
+def test_cpu_flags_are_read_from_the_host():
+    flags = devices._cpu_flags()
+    assert isinstance(flags, set)
+    if os.path.exists("/proc/cpuinfo") and os.uname().machine == "x86_64":
+        assert "sse2" in flags  # every x86-64 CPU has it
+
+
+def _epoch_after(programs, setup, ds, hp):
+    state = programs.init(jax.random.key(0), hp)
+    state, _ = programs.epoch(state, jaxdl.train.to_device(ds), None, hp)
+    return jax.device_get(state.params)
+
+
+def test_programs_are_compiled_with_the_options_and_train_the_same(
+    monkeypatch, fresh_options, blobs
+):
+    """The single-run and sweep epochs carry ``compiler_options`` (an option XLA does not
+    know fails their compile, so it reached them), and the 512-bit code trains the same
+    parameters as XLA's default."""
+    from jaxdl import sweep, train
+
+    model = jaxdl.MLP(hidden=(48, 32), num_classes=3)
+    opt = jaxdl.make_optimizer("adam", learning_rate=1e-2)
+    setup, hp = train.prepare(model, opt, blobs.train, epochs=3, batch_size=64)
+    by_option = {}
+    for name, options in (("default", {}), ("wide", {"xla_cpu_prefer_vector_width": 512})):
+        monkeypatch.setattr(devices, "compiler_options", lambda o=options: o)
+        by_option[name] = _epoch_after(train.programs.__wrapped__(setup), setup, blobs.train, hp)
+    jax.tree.map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
+        by_option["default"], by_option["wide"],
+    )  # fmt: skip
+
+    monkeypatch.setattr(devices, "compiler_options", lambda: {"xla_cpu_no_such_option": 1})
+    monkeypatch.setattr(sweep, "compiler_options", devices.compiler_options)
+    with pytest.raises(RuntimeError, match="xla_cpu_no_such_option"):
+        _epoch_after(train.programs.__wrapped__(setup), setup, blobs.train, hp)
+    ssetup, shp, keys, _ = sweep.prepare_sweep(
+        model, opt, blobs.train, [{"learning_rate": 0.01}], epochs=1, batch_size=64
+    )
+    progs = sweep.programs.__wrapped__(ssetup)
+    states = progs.init(keys, shp)
+    active = jax.numpy.ones((1,), bool)
+    with pytest.raises(RuntimeError, match="xla_cpu_no_such_option"):
+        progs.epoch(states, active, jaxdl.train.to_device(blobs.train), None, shp)
