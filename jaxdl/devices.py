@@ -71,8 +71,8 @@ def use_cpu_cores(n: int | None = None) -> int:
 
 # XLA:CPU vectorises its loops (the optimizer's update, activations and their
 # derivatives) at 256 bits by default, even where the CPU has 512-bit registers, to avoid
-# the clock drop of early AVX-512 Intel parts. On this project's AMD EPYC (Zen 4) 512 bits
-# made the default MLP's whole epoch 7-10% faster, with bitwise equal results
+# the clock drop of early AVX-512 Intel parts. On the benchmarks' AMD EPYC (Zen 4) 512 bits
+# made the default MLP's whole epoch 8-10% faster, with bitwise equal results
 # (benchmarks/README.md). A value the user sets in XLA_FLAGS wins.
 _VECTOR_WIDTH = "xla_cpu_prefer_vector_width"
 
