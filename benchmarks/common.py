@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import platform
 import time
 from collections.abc import Callable
@@ -110,9 +111,22 @@ def mlp_train_flops(sizes: tuple[int, ...]) -> int:
     return 6 * sum(macs) - 2 * macs[0]
 
 
+def _cpu_model() -> str:
+    """The host CPU's model name (Linux's ``/proc/cpuinfo``), else the machine type: the
+    machines these benchmarks run on differ from day to day, and so do their ratios."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            for line in f:
+                if line.startswith("model name"):
+                    return line.split(":", 1)[1].strip()
+    except OSError:
+        pass
+    return platform.processor() or platform.machine()
+
+
 def device_name() -> str:
     d = jax.devices()[0]
-    return f"{d.platform}:{getattr(d, 'device_kind', '')} ({platform.processor() or platform.machine()})"
+    return f"{d.platform}:{getattr(d, 'device_kind', '')} ({_cpu_model()}, {os.cpu_count()} cores)"
 
 
 def emit(title: str, rows: dict[str, float], ratios: dict[str, float], extra: dict, as_json: bool):
