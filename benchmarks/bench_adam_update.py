@@ -105,7 +105,17 @@ def main(argv=None):
             t = t + 1
             b1, b2 = h["b1"], h["b2"]
             scalars = jnp.stack(
-                [1 - b1, b1, 1 - b2, b2, 1 - b1**t, 1 - b2**t, 0.0, h["eps"], -h["learning_rate"]]
+                [
+                    1 - b1,
+                    b1,
+                    1 - b2,
+                    b2,
+                    1 / (1 - b1**t),
+                    1 / (1 - b2**t),
+                    0.0,
+                    h["eps"],
+                    -h["learning_rate"],
+                ]
             ).astype(jnp.float32)
             out = [fused_leaf(*leaf, scalars) for leaf in zip(ps, grads, ms, vs, strict=True)]
             return (*map(list, zip(*out, strict=True)), t), None
@@ -156,6 +166,12 @@ def main(argv=None):
     if "fused" in ways:
         diff = max(
             float(jnp.abs(x - y).max())
+            for x, y in zip(
+                jax.tree.leaves(outs["optax"]), jax.tree.leaves(outs["fused"]), strict=True
+            )
+        )
+        summary["unequal_params"] = sum(
+            int((x != y).sum())
             for x, y in zip(
                 jax.tree.leaves(outs["optax"]), jax.tree.leaves(outs["fused"]), strict=True
             )
