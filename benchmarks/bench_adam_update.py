@@ -24,10 +24,19 @@ import os
 import subprocess
 import sys
 import tempfile
-import time
 
-import jaxdl
-from jaxdl import devices
+import jax
+import jax.numpy as jnp
+import numpy as np
+import optax
+from jax.sharding import Mesh, NamedSharding
+from jax.sharding import PartitionSpec as P
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import device_name, interleaved, parse_args  # noqa: E402
+
+import jaxdl  # noqa: E402
+from jaxdl import devices  # noqa: E402
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 SHAPES = [(784, 500), (500,), (500, 500), (500,), (500, 10), (10,)]
@@ -36,8 +45,6 @@ SHAPES = [(784, 500), (500,), (500, 500), (500,), (500, 10), (10,)]
 def build_fused() -> str | None:
     """Compiles adam_update.cc and registers it as the FFI target ``jaxdl_bench_adam``;
     returns None when it is registered, else why it could not be."""
-    import jax
-
     out = os.path.join(tempfile.mkdtemp(prefix="jaxdl-bench-"), "adam_update.so")
     cmd = [
         os.environ.get("CXX", "g++"), "-O3", "-march=native", "-fno-math-errno",
@@ -54,28 +61,11 @@ def build_fused() -> str | None:
 
 
 def main(argv=None):
-    import argparse
-
-    p = argparse.ArgumentParser(
-        description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
-    p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
-    p.add_argument(
-        "--rounds", type=int, default=5, help="timed calls per way, interleaved (best kept)"
-    )
-    p.add_argument("--steps", type=int, default=300, help="updates per timed call")
-    a = p.parse_args(argv)
-    jaxdl.use_cpu_cores()
-    import jax
-    import jax.numpy as jnp
-    import numpy as np
-    import optax
-    from jax.sharding import Mesh, NamedSharding
-    from jax.sharding import PartitionSpec as P
-
-    sys.path.insert(0, HERE)
-    from common import device_name
-
+    a = parse_args(
+        __doc__, argv, rounds=5, unit="call",
+        extra=lambda p: p.add_argument("--steps", type=int, default=300, help="updates per call"),
+    )  # fmt: skip
+    jaxdl.use_cpu_cores()  # before JAX's first computation: one member per core
     opt = jaxdl.make_optimizer("adam", learning_rate=1e-3)
     # Arguments of the programs, as the optimizer state's values are in training (XLA
     # would fold constants and change its roundings).
@@ -158,20 +148,13 @@ def main(argv=None):
         ways["fused"] = per_core(fused_run)
     else:
         print(f"fused: skipped: {skipped}", file=sys.stderr)
-    for run in ways.values():
-        jax.block_until_ready(run(*stacked, hyper))
-    outs = {}
-    if skipped is None:
-        outs = {
-            n: per_core(f, vary=True)(*stacked, hyper)
-            for n, f in (("optax", optax_run), ("fused", fused_run))
-        }
-    best = dict.fromkeys(ways, float("inf"))
-    for _ in range(a.rounds):
-        for name, run in ways.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(run(*stacked, hyper))
-            best[name] = min(best[name], time.perf_counter() - t0)
+    calls = {
+        name: (lambda run=run: jax.block_until_ready(run(*stacked, hyper)))
+        for name, run in ways.items()
+    }
+    for call in calls.values():  # compile and warm up
+        call()
+    best = interleaved(calls, a.rounds)
     floats = sum(int(np.prod(s)) for s in SHAPES)
     passes = {"optax": 10, "fused": 7}
     us = {name: t / a.steps * 1e6 for name, t in best.items()}
@@ -183,19 +166,12 @@ def main(argv=None):
             f"  {name:6s} {v:8.1f} us per update  ({summary['gb_per_s'][name]:.0f} GB/s over {n} cores)"
         )
     if "fused" in ways:
-        diff = max(
-            float(jnp.abs(x[0] - y[0]).max())
-            for x, y in zip(
-                jax.tree.leaves(outs["optax"]), jax.tree.leaves(outs["fused"]), strict=True
-            )
-        )
-        summary["unequal_per_array"] = [  # the first core's member, array by array
-            int((x[0] != y[0]).sum())
-            for x, y in zip(
-                jax.tree.leaves(outs["optax"]), jax.tree.leaves(outs["fused"]), strict=True
-            )
-        ]
+        # Compared on a new gradient every step, the first core's member, array by array.
+        vs = [per_core(f, vary=True)(*stacked, hyper) for f in (optax_run, fused_run)]
+        pairs = [(x[0], y[0]) for x, y in zip(*map(jax.tree.leaves, vs), strict=True)]
+        summary["unequal_per_array"] = [int((x != y).sum()) for x, y in pairs]
         summary["unequal_params"] = sum(summary["unequal_per_array"])
+        diff = max(float(jnp.abs(x - y).max()) for x, y in pairs)
         summary["fused_vs_optax"] = us["optax"] / us["fused"]
         summary["max_abs_param_diff"] = diff
         print(

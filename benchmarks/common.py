@@ -15,6 +15,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
+from jaxdl import devices
+
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
     """Smallest wall time of ``repeats`` calls (each call must block until done)."""
@@ -111,22 +113,11 @@ def mlp_train_flops(sizes: tuple[int, ...]) -> int:
     return 6 * sum(macs) - 2 * macs[0]
 
 
-def _cpu_model() -> str:
-    """The host CPU's model name (Linux's ``/proc/cpuinfo``), else the machine type: the
-    machines these benchmarks run on differ from day to day, and so do their ratios."""
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine()
-
-
 def device_name() -> str:
     d = jax.devices()[0]
-    return f"{d.platform}:{getattr(d, 'device_kind', '')} ({_cpu_model()}, {os.cpu_count()} cores)"
+    # The machines these benchmarks run on differ from day to day, and so do the ratios.
+    cpu = devices.cpu_info("model name") or platform.processor() or platform.machine()
+    return f"{d.platform}:{getattr(d, 'device_kind', '')} ({cpu}, {os.cpu_count()} cores)"
 
 
 def emit(title: str, rows: dict[str, float], ratios: dict[str, float], extra: dict, as_json: bool):
@@ -145,13 +136,22 @@ def emit(title: str, rows: dict[str, float], ratios: dict[str, float], extra: di
         print(json.dumps(out, default=lambda o: float(np.asarray(o))))
 
 
-def parse_args(doc: str, argv, rounds: int, unit: str) -> argparse.Namespace:
+def parse_args(
+    doc: str,
+    argv,
+    rounds: int,
+    unit: str,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+) -> argparse.Namespace:
     """The flags every benchmark takes: ``--json`` and ``--rounds`` (interleaved, best
-    kept); ``unit`` names what one timed round runs (an epoch, a call)."""
+    kept); ``unit`` names what one timed round runs (an epoch, a call); ``extra`` adds a
+    script's own flags."""
     p = argparse.ArgumentParser(
         description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
     )
     p.add_argument("--json", action="store_true", help="print a JSON summary as the last line")
     p.add_argument("--rounds", type=int, default=rounds,
                    help=f"timed {unit}s per way, interleaved (best kept)")  # fmt: skip
+    if extra is not None:
+        extra(p)
     return p.parse_args(argv)

@@ -77,16 +77,23 @@ def use_cpu_cores(n: int | None = None) -> int:
 _VECTOR_WIDTH = "xla_cpu_prefer_vector_width"
 
 
-def _cpu_flags() -> set[str]:
-    """The host CPU's feature flags (Linux's ``/proc/cpuinfo``; empty elsewhere)."""
+def cpu_info(field: str) -> str | None:
+    """The value of ``field`` (e.g. ``"model name"``, ``"flags"``) for the host's first
+    CPU in Linux's ``/proc/cpuinfo``; None where there is no such file or field."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
-                if line.startswith("flags"):
-                    return set(line.split(":", 1)[1].split())
+                key, sep, value = line.partition(":")
+                if sep and key.strip() == field:
+                    return value.strip()
     except OSError:
         pass
-    return set()
+    return None
+
+
+def _cpu_flags() -> set[str]:
+    """The host CPU's feature flags (empty where they cannot be read)."""
+    return set((cpu_info("flags") or "").split())
 
 
 @functools.cache

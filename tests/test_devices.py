@@ -142,6 +142,22 @@ def test_cpu_flags_are_read_from_the_host():
     assert isinstance(flags, set)
     if os.path.exists("/proc/cpuinfo") and os.uname().machine == "x86_64":
         assert "sse2" in flags  # every x86-64 CPU has it
+        assert devices.cpu_info("model name")  # every x86-64 Linux names its CPU
+
+
+def test_cpu_info_reads_fields_by_exact_name(monkeypatch, tmp_path):
+    info = tmp_path / "cpuinfo"
+    info.write_text("processor\t: 0\nmodel name\t: Some CPU 9000\nmodel\t\t: 7\n"
+                    "flags\t\t: fpu avx2 avx512f\n\nprocessor\t: 1\nmodel name\t: Other\n")  # fmt: skip
+    real_open = open
+    monkeypatch.setattr(
+        "builtins.open",
+        lambda path, *a, **k: real_open(info if path == "/proc/cpuinfo" else path, *a, **k),
+    )
+    assert devices.cpu_info("model name") == "Some CPU 9000"  # the first CPU's
+    assert devices.cpu_info("model") == "7"  # not the "model name" line
+    assert devices.cpu_info("no such field") is None
+    assert devices._cpu_flags() == {"fpu", "avx2", "avx512f"}
 
 
 def _epoch_after(programs, setup, ds, hp):
