@@ -224,6 +224,10 @@ def _shared_order_epoch(setup: train.Setup, form: str, states, data: train.Batch
     idx, weights = train.epoch_order(setup, states.key[0], jnp.max(states.epoch))
     k = states.epoch.shape[0]
     concat = form == "shared_concat"
+    if concat:
+        # XLA lays the stacked kernels out for the wide GEMM, not row-major as the fused
+        # update takes them: its transposes made this form 2-3x slower (32 of 784-64-10).
+        setup = dataclasses.replace(setup, fused_adam=False)
     # Unbatched x makes the first layer bi,kio->kbo, which XLA emits as one wide GEMM.
     step = jax.vmap(
         functools.partial(train.train_step, setup), in_axes=(0, None if concat else 0, 0)

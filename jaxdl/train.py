@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from jaxdl import devices, inits, losses, models, optim, stopping, validate
+from jaxdl import devices, fused, inits, losses, models, optim, stopping, validate
 from jaxdl.data import Dataset
 from jaxdl.models import Model
 from jaxdl.optim import Optimizer
@@ -77,6 +77,9 @@ class Setup:
     eval_batch_size: int = 1000
     probe_size: int = 1000  # training examples for per-epoch activation and gradient statistics
     skip_nonfinite: bool = False  # skip steps whose loss or gradient is NaN/Inf (apply_if_finite)
+    # Adam/AdamW's update as one compiled loop on the CPU (jaxdl.fused); prepare() turns
+    # it on where it can be built.
+    fused_adam: bool = False
 
     @property
     def steps_per_epoch(self) -> int:
@@ -212,9 +215,12 @@ def train_step(setup: Setup, state: TrainState, batch: Batch, hp: HParams):
         setup.optimizer, hp.opt, epoch_now, setup.epochs, state.plateau.scale
     )
     opt_state = optim.set_hyperparams(state.opt_state, hyper)
-    updates, opt_state = setup.optimizer.tx.update(grads, opt_state, state.params)
+    if setup.fused_adam:
+        params, opt_state = fused.step(setup.optimizer, grads, opt_state, state.params)
+    else:
+        updates, opt_state = setup.optimizer.tx.update(grads, opt_state, state.params)
+        params = optax.apply_updates(state.params, updates)
     weight = jnp.float32(x.shape[0]) if batch.weight is None else batch.weight.sum()
-    params = optax.apply_updates(state.params, updates)
     skipped = None
     if setup.skip_nonfinite:  # like optax.apply_if_finite: a bad step changes nothing but `step`
         ok = jnp.isfinite(data) & _all_finite(grads)
@@ -576,6 +582,7 @@ def prepare(
         eval_batch_size=eval_batch_size,
         probe_size=min(1000, n),
         skip_nonfinite=bool(skip_nonfinite),
+        fused_adam=fused.unavailable(optimizer) is None,
     )
     return setup, hp
 
