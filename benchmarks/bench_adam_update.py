@@ -1,29 +1,27 @@
-"""Adam's parameter update alone: Optax as jaxdl runs it, against one fused pass.
+"""Adam's parameter update alone: Optax as jaxdl runs it, against jaxdl's fused update.
 
 The seed MLP's parameters (784-500-500-10: 650k floats), ``--steps`` updates in a
-``lax.scan``, one member per CPU core at once (the serial sweep's setting):
+``lax.scan``, in two settings: one member per CPU core at once (the serial sweep's), and
+one member on one device whose operations split over the cores (``fit``'s):
 
 - ``optax``: ``jaxdl.make_optimizer("adam").tx.update`` then ``optax.apply_updates``,
   compiled with jaxdl's compiler options. XLA:CPU emits three fusions per parameter
   (first moment, second moment, then the parameter, which reads both): ten passes over
   each array.
-- ``fused``: ``adam_update.cc``, an XLA FFI handler that does the update in one loop
-  (seven passes), aliased in place. Compiled here with ``$CXX`` (default ``g++``) and the
-  jaxlib headers; skipped, saying so, when that fails.
+- ``fused``: ``jaxdl.fused.step``, an XLA FFI handler (``jaxdl/adam.cc``) that does the
+  update in one loop (seven passes), aliased in place, its chunks spread over XLA's
+  thread pool. Skipped, saying so, where it cannot be built.
 
-Prints microseconds per update, the ratio, the arrays' effective bandwidth, and how far
+Prints microseconds per update, the ratios, the arrays' effective bandwidth, and how far
 the fused parameters end from Optax's. Usage:
 ``python benchmarks/bench_adam_update.py [--json] [--rounds 5] [--steps 300]``.
 """
 
 from __future__ import annotations
 
-import ctypes
 import json
 import os
-import subprocess
 import sys
-import tempfile
 
 import jax
 import jax.numpy as jnp
@@ -36,28 +34,9 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import device_name, interleaved, parse_args  # noqa: E402
 
 import jaxdl  # noqa: E402
-from jaxdl import devices  # noqa: E402
+from jaxdl import devices, fused, optim  # noqa: E402
 
-HERE = os.path.dirname(os.path.abspath(__file__))
-SHAPES = [(784, 500), (500,), (500, 500), (500,), (500, 10), (10,)]
-
-
-def build_fused() -> str | None:
-    """Compiles adam_update.cc and registers it as the FFI target ``jaxdl_bench_adam``;
-    returns None when it is registered, else why it could not be."""
-    out = os.path.join(tempfile.mkdtemp(prefix="jaxdl-bench-"), "adam_update.so")
-    cmd = [
-        os.environ.get("CXX", "g++"), "-O3", "-march=native", "-fno-math-errno",
-        "-ffp-contract=off", "-fopenmp-simd", "-std=c++17", "-shared", "-fPIC", "-w",
-        f"-I{jax.ffi.include_dir()}", os.path.join(HERE, "adam_update.cc"), "-o", out,
-    ]  # fmt: skip
-    try:
-        subprocess.run(cmd, check=True, capture_output=True, text=True)
-    except (OSError, subprocess.CalledProcessError) as e:
-        return f"could not compile adam_update.cc ({getattr(e, 'stderr', '') or e})".strip()
-    lib = ctypes.cdll.LoadLibrary(out)
-    jax.ffi.register_ffi_target("jaxdl_bench_adam", jax.ffi.pycapsule(lib.FusedAdam), "cpu")
-    return None
+SIZES = (784, 500, 500, 10)
 
 
 def main(argv=None):
@@ -70,11 +49,19 @@ def main(argv=None):
     # Arguments of the programs, as the optimizer state's values are in training (XLA
     # would fold constants and change its roundings).
     hyper = {k: jnp.float32(opt.hyperparams[k]) for k in ("learning_rate", "b1", "b2", "eps")}
-    ks = jax.random.split(jax.random.key(0), 2 * len(SHAPES))
-    params = [
-        jax.random.normal(k, s) * 0.05 for k, s in zip(ks[: len(SHAPES)], SHAPES, strict=True)
-    ]
-    grads = [jax.random.normal(k, s) * 0.01 for k, s in zip(ks[len(SHAPES) :], SHAPES, strict=True)]
+    names = [f"layer_{i}" for i in range(len(SIZES) - 2)] + ["output"]
+    shapes = {
+        name: {"kernel": (i, o), "bias": (o,)}
+        for name, i, o in zip(names, SIZES[:-1], SIZES[1:], strict=True)
+    }
+    leaves, treedef = jax.tree.flatten(shapes, is_leaf=lambda x: isinstance(x, tuple))
+    ks = jax.random.split(jax.random.key(0), 2 * len(leaves))
+    params, grads = (
+        treedef.unflatten(
+            [jax.random.normal(k, s) * scale for k, s in zip(half, leaves, strict=True)]
+        )
+        for half, scale in ((ks[: len(leaves)], 0.05), (ks[len(leaves) :], 0.01))
+    )
     steps = jnp.arange(a.steps, dtype=jnp.float32)
 
     def step_grads(grads, i, vary: bool):
@@ -82,48 +69,22 @@ def main(argv=None):
         # hoists loop-invariant products out of the loop, which changes its roundings).
         return jax.tree.map(lambda x: x * (1 + 1e-3 * i), grads) if vary else grads
 
-    def optax_run(params, grads, hyper, vary=False):
-        def body(c, i):
-            p, s = c
-            u, s = opt.tx.update(step_grads(grads, i, vary), s, p)
-            return (optax.apply_updates(p, u), s), None
+    def make_run(use_fused: bool):
+        def run(params, grads, hyper, vary=False):
+            def body(c, i):
+                p, s = c
+                g = step_grads(grads, i, vary)
+                if use_fused:
+                    return fused.step(opt, g, s, p), None
+                u, s = opt.tx.update(g, s, p)
+                return (optax.apply_updates(p, u), s), None
 
-        state = opt.tx.init(params)
-        state = state._replace(hyperparams={**state.hyperparams, **hyper})
-        return jax.lax.scan(body, (params, state), steps)[0][0]
+            state = optim.set_hyperparams(opt.init(params), hyper)
+            return jax.lax.scan(body, (params, state), steps)[0][0]
 
-    def fused_leaf(p, g, m, v, scalars):
-        out = jax.ShapeDtypeStruct(p.shape, p.dtype)
-        call = jax.ffi.ffi_call(
-            "jaxdl_bench_adam", (out, out, out), input_output_aliases={0: 0, 2: 1, 3: 2}
-        )
-        return call(p, g, m, v, scalars)
+        return run
 
-    def fused_run(params, grads, h, vary=False):
-        def body(c, i):
-            ps, ms, vs, t = c
-            g = step_grads(grads, i, vary)
-            t = t + 1
-            b1, b2, tf = h["b1"], h["b2"], t.astype(jnp.float32)  # as Optax: pow(b, float(t))
-            scalars = jnp.stack(
-                [
-                    1 - b1,
-                    b1,
-                    1 - b2,
-                    b2,
-                    1 / (1 - b1**tf),
-                    1 / (1 - b2**tf),
-                    0.0,
-                    h["eps"],
-                    -h["learning_rate"],
-                ]
-            ).astype(jnp.float32)
-            out = [fused_leaf(*leaf, scalars) for leaf in zip(ps, g, ms, vs, strict=True)]
-            return (*map(list, zip(*out, strict=True)), t), None
-
-        zeros = [jnp.zeros_like(p) for p in params]
-        init = (params, zeros, zeros, jnp.int32(0))
-        return jax.lax.scan(body, init, steps)[0][0]
+    optax_run, fused_run = make_run(False), make_run(True)
 
     mesh = Mesh(np.asarray(jax.devices()), ("core",))
 
@@ -142,29 +103,34 @@ def main(argv=None):
     stacked = jax.device_put(
         jax.tree.map(lambda x: jnp.stack([x] * n), (params, grads)), NamedSharding(mesh, P("core"))
     )
-    ways = {"optax": per_core(optax_run)}
-    skipped = build_fused()
+    one = jax.jit(optax_run, compiler_options=devices.compiler_options())
+    ways = {"optax": per_core(optax_run), "optax_one_device": one}
+    skipped = fused.unavailable(opt)
     if skipped is None:
         ways["fused"] = per_core(fused_run)
+        ways["fused_one_device"] = jax.jit(fused_run, compiler_options=devices.compiler_options())
     else:
         print(f"fused: skipped: {skipped}", file=sys.stderr)
+    args = {k: ((params, grads) if k.endswith("one_device") else stacked) for k in ways}
     calls = {
-        name: (lambda run=run: jax.block_until_ready(run(*stacked, hyper)))
+        name: (lambda run=run, x=args[name]: jax.block_until_ready(run(*x, hyper)))
         for name, run in ways.items()
     }
     for call in calls.values():  # compile and warm up
         call()
     best = interleaved(calls, a.rounds)
-    floats = sum(int(np.prod(s)) for s in SHAPES)
-    passes = {"optax": 10, "fused": 7}
+    floats = sum(int(np.prod(s)) for s in leaves)
     us = {name: t / a.steps * 1e6 for name, t in best.items()}
     summary = {"device": device_name(), "cores": n, "parameters": floats, "us_per_update": us}
-    summary["gb_per_s"] = {k: passes[k] * floats * 4 * n / (v * 1e3) for k, v in us.items()}
-    print(f"\nAdam's update, {floats:,} parameters, one member per core on {n} cores")
+    members = {k: 1 if k.endswith("one_device") else n for k in us}  # updated at once
+    summary["gb_per_s"] = {
+        k: (7 if k.startswith("fused") else 10) * floats * 4 * members[k] / (v * 1e3)
+        for k, v in us.items()
+    }
+    print(f"\nAdam's update, {floats:,} parameters: one member per core on {n} cores")
+    print("(*_one_device: one member on one device, its operations split over the cores)")
     for name, v in us.items():
-        print(
-            f"  {name:6s} {v:8.1f} us per update  ({summary['gb_per_s'][name]:.0f} GB/s over {n} cores)"
-        )
+        print(f"  {name:17s} {v:8.1f} us per update  ({summary['gb_per_s'][name]:.0f} GB/s)")
     if "fused" in ways:
         # Compared on a new gradient every step, the first core's member, array by array.
         vs = [per_core(f, vary=True)(*stacked, hyper) for f in (optax_run, fused_run)]
@@ -173,9 +139,12 @@ def main(argv=None):
         summary["unequal_params"] = sum(summary["unequal_per_array"])
         diff = max(float(jnp.abs(x - y).max()) for x, y in pairs)
         summary["fused_vs_optax"] = us["optax"] / us["fused"]
+        summary["fused_vs_optax_one_device"] = us["optax_one_device"] / us["fused_one_device"]
         summary["max_abs_param_diff"] = diff
         print(
-            f"  fused vs optax {summary['fused_vs_optax']:.2f}x; params after {a.steps} updates differ by ≤ {diff:.2g}"
+            f"  fused vs optax {summary['fused_vs_optax']:.2f}x per core, "
+            f"{summary['fused_vs_optax_one_device']:.2f}x on one device; params after "
+            f"{a.steps} updates differ by ≤ {diff:.2g}"
         )
     else:
         summary["fused_skipped"] = skipped

@@ -1,9 +1,11 @@
-"""One epoch of the default MLP (784-500-500-10, Adam, batch 100) on MNIST, five ways.
+"""One epoch of the default MLP (784-500-500-10, Adam, batch 100) on MNIST, six ways.
 
 Ways, timed in one run on the same data, after compilation:
 
 - ``jaxdl``: ``jaxdl`` compiled epoch (shuffling, per-layer gradient norms, activation
   statistics on a probe batch; no validation pass, like the others).
+- ``jaxdl_optax_update``: the same with Optax's Adam update instead of jaxdl's fused
+  one (``jaxdl.fused``; this way is left out where jaxdl itself runs Optax's).
 - ``flax_scan``: a hand-written Flax + Optax loop fused with ``lax.scan`` (shuffled copy
   of the data each epoch), as in Flax's examples.
 - ``flax_jit_per_batch``: a hand-written ``jax.jit`` train step called once per batch.
@@ -19,6 +21,7 @@ Usage: ``python benchmarks/bench_train.py [--json] [--rounds 5]``.
 
 from __future__ import annotations
 
+import dataclasses
 import os
 import sys
 import time
@@ -48,10 +51,17 @@ SIZES = (784, 500, 500, 10)
 BATCH = 100
 
 
-def bench_jaxdl(ds):
-    model = jaxdl.MLP(hidden=SIZES[1:-1], num_classes=10)
-    opt = jaxdl.make_optimizer("adam", learning_rate=1e-3)
-    setup, hp = train.prepare(model, opt, ds, epochs=1000, batch_size=BATCH)
+def _default():
+    return jaxdl.MLP(hidden=SIZES[1:-1], num_classes=10), jaxdl.make_optimizer(
+        "adam", learning_rate=1e-3
+    )
+
+
+def bench_jaxdl(ds, fused_adam: bool | None = None):
+    """``fused_adam``: None keeps what ``prepare`` chose; False: Optax's update."""
+    setup, hp = train.prepare(*_default(), ds, epochs=1000, batch_size=BATCH)
+    if fused_adam is not None:
+        setup = dataclasses.replace(setup, fused_adam=fused_adam)
     state = train.programs(setup).init(jax.random.key(0), hp)
     data = train.to_device(ds)
     t0 = time.perf_counter()
@@ -146,6 +156,11 @@ def main(argv=None):
     runs["jaxdl"], extra["jaxdl_compile_seconds"], extra["jaxdl_first_epoch_seconds"] = bench_jaxdl(
         ds
     )
+    if train.prepare(*_default(), ds, epochs=1, batch_size=BATCH)[0].fused_adam:
+        runs["jaxdl_optax_update"] = bench_jaxdl(ds, fused_adam=False)[0]
+    else:
+        print("jaxdl_optax_update: skipped: jaxdl itself runs Optax's update here", file=sys.stderr)
+    extra["jaxdl_fused_adam"] = "jaxdl_optax_update" in runs
     runs["flax_scan"], extra["flax_scan_first_epoch_seconds"] = bench_flax_scan(ds)
     runs["flax_jit_per_batch"] = bench_flax_per_batch(ds)
     for name, fn in (("keras", bench_keras), ("torch_eager", bench_torch)):
