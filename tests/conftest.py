@@ -2,11 +2,28 @@
 
 from __future__ import annotations
 
-import jax
-import numpy as np
-import pytest
+import atexit
+import os
+import shutil
+import tempfile
 
-import jaxdl
+# One XLA compilation cache for the run, made before JAX starts and inherited by the
+# worker processes, subprocesses and notebook kernels: they compile many of the same
+# programs, and compiling is most of the suite's time on 2 cores. New for each run, so
+# no entry outlives the code that made it.
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _cache = tempfile.mkdtemp(prefix="jaxdl-tests-xla-")
+    os.environ["JAX_COMPILATION_CACHE_DIR"] = _cache
+    os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+    atexit.register(shutil.rmtree, _cache, True)
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+import pytest  # noqa: E402
+
+import jaxdl  # noqa: E402
+
+jax.config.update("jax_compilation_cache_dir", os.environ["JAX_COMPILATION_CACHE_DIR"])
 
 # Start JAX now, with its default device count, so that no in-process `jaxdl sweep`
 # (whose --cpu-devices auto splits the cores before JAX starts) changes it for the
