@@ -45,7 +45,7 @@ from common import (  # noqa: E402
 )
 
 import jaxdl  # noqa: E402
-from jaxdl import train  # noqa: E402
+from jaxdl import fused, train  # noqa: E402
 
 SIZES = (784, 500, 500, 10)
 BATCH = 100
@@ -156,7 +156,7 @@ def main(argv=None):
     runs["jaxdl"], extra["jaxdl_compile_seconds"], extra["jaxdl_first_epoch_seconds"] = bench_jaxdl(
         ds
     )
-    if train.prepare(*_default(), ds, epochs=1, batch_size=BATCH)[0].fused_adam:
+    if fused.unavailable(_default()[1]) is None:
         runs["jaxdl_optax_update"] = bench_jaxdl(ds, fused_adam=False)[0]
     else:
         print("jaxdl_optax_update: skipped: jaxdl itself runs Optax's update here", file=sys.stderr)

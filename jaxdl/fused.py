@@ -138,6 +138,9 @@ def step(optimizer: Optimizer, grads, opt_state, params):
     ``opt_state`` already holds this step's hyperparameters (``optim.set_hyperparams``).
     Every leaf of ``params`` must be float32.
     """
+    why = _registered()  # at trace time: the handler exists before XLA compiles a call
+    if why is not None:
+        raise RuntimeError(why)
     if any(p.dtype != jnp.float32 for p in jax.tree.leaves(params)):
         updates, opt_state = optimizer.tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
