@@ -13,6 +13,9 @@
 // (the arrays then hold K members one after another):
 //   1-b1, b1, 1-b2, b2, r1 = 1/(1-b1^t), r2 = 1/(1-b2^t), eps_root, eps, -lr, wd
 // with wd the decoupled weight decay (0: plain Adam; fma(0, p, u) == u exactly).
+// Any further operands are not read: they only order the call after the operations that
+// produce them (jaxdl.fused passes every gradient, so that the in-place update of a kernel
+// follows the backward GEMM that reads it and XLA need not copy the kernel).
 #include <algorithm>
 #include <atomic>
 #include <cmath>
@@ -77,8 +80,8 @@ void Drain(Work& w) {
 static ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p,
                            ffi::Buffer<ffi::F32> g, ffi::Buffer<ffi::F32> m,
                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> s,
-                           ffi::ResultBuffer<ffi::F32> po, ffi::ResultBuffer<ffi::F32> mo,
-                           ffi::ResultBuffer<ffi::F32> vo) {
+                           ffi::RemainingArgs /*after*/, ffi::ResultBuffer<ffi::F32> po,
+                           ffi::ResultBuffer<ffi::F32> mo, ffi::ResultBuffer<ffi::F32> vo) {
   const size_t total = p.element_count(), rows = s.element_count() / 10;
   if (rows == 0 || s.element_count() % 10 != 0 || total % rows != 0 ||
       g.element_count() != total || m.element_count() != total || v.element_count() != total) {
@@ -106,6 +109,7 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdlAdam, AdamImpl,
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
                                   .Arg<ffi::Buffer<ffi::F32>>()
+                                  .RemainingArgs()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>()
                                   .Ret<ffi::Buffer<ffi::F32>>());
