@@ -19,7 +19,9 @@ As ``jaxdl sweep`` does, the script first makes the CPU's cores devices
 split across the cores. The sequential runs and PyTorch use every core for each step, as
 they would alone. ``JAX_NUM_CPU_DEVICES=1`` runs the script with one device throughout.
 The roofline is the faster of the step's GEMMs split across the cores and one step's
-GEMMs on every core at once.
+GEMMs on every core at once; the loop roofline likewise the faster of one compiled loop
+of an epoch's step GEMMs (``common.mlp_gemm_loop``, timed as a way) on one device and
+one such loop on every core at once.
 
 Reported per way: model-samples/s (training examples × members per second), ratios,
 the sweep's aggregate FLOP rate against the peak-matmul rate and the step-GEMM
@@ -45,6 +47,7 @@ from common import (  # noqa: E402
     emit,
     interleaved,
     matmul_flops_per_second,
+    mlp_gemm_loop,
     mlp_step_gemm_seconds,
     mlp_train_flops,
     parse_args,
@@ -119,6 +122,11 @@ def scenario(ds, sizes, members, rounds, with_torch):
     where = devices.for_members(members)
     if len(where) > 1:  # the GEMMs of one step on every core at once, per step
         probes["step_gemm_per_core"] = lambda: mlp_step_gemm_seconds(sizes, BATCH, where)
+    steps = len(ds.x) // BATCH
+    loops = {"gemm_loop": (mlp_gemm_loop(sizes, BATCH, steps), 1)}
+    if len(where) > 1:  # one loop on every core at once
+        loops["gemm_loop_per_core"] = (mlp_gemm_loop(sizes, BATCH, steps, where), len(where))
+    runs.update({k: run for k, (run, _) in loops.items()})
     best = interleaved(runs, rounds, probes)
     n = len(ds.x)
     rows = {
@@ -134,6 +142,7 @@ def scenario(ds, sizes, members, rounds, with_torch):
     flops = mlp_train_flops(sizes)
     # per member, any count; the faster of the GEMMs split over the cores or one per core
     rows["roofline"] = BATCH / min(best[p] for p in probes)
+    rows["loop_roofline"] = max(k * steps * BATCH / best[name] for name, (_, k) in loops.items())
     extra["aggregate_gflops"] = rows["jaxdl_sweep"] * flops / 1e9
     return rows, extra
 
@@ -158,6 +167,7 @@ def main(argv=None):
             if peer in rows:
                 ratios[f"jaxdl_vs_{peer}/{label}"] = rows["jaxdl_sweep"] / rows[peer]
         extra[f"{label}/roofline_fraction"] = rows["jaxdl_sweep"] / rows["roofline"]
+        extra[f"{label}/loop_roofline_fraction"] = rows["jaxdl_sweep"] / rows["loop_roofline"]
         extra[f"{label}/peak_fraction"] = ex["aggregate_gflops"] * 1e9 / peak
         extra[f"{label}/compile_seconds"] = ex["compile_seconds"]
         extra[f"{label}/devices"] = ex["devices"]

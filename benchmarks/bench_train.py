@@ -14,8 +14,10 @@ Ways, timed in one run on the same data, after compilation:
 
 Also measured, as samples/s: the roofline (the step's own GEMMs, at their shapes and
 layouts, timed alone: what a step could reach if everything else were free; measured in
-every round, between the ways, and the fastest kept) and the
-peak-matmul bound (the step's FLOPs at the best square-matmul rate of the device).
+every round, between the ways, and the fastest kept); the loop roofline (the same
+GEMMs as one compiled loop over an epoch's steps with nothing else in it, timed as a way:
+``common.mlp_gemm_loop``); and the peak-matmul bound (the step's FLOPs at the best
+square-matmul rate of the device).
 Usage: ``python benchmarks/bench_train.py [--json] [--rounds 5]``.
 """
 
@@ -39,6 +41,7 @@ from common import (  # noqa: E402
     emit,
     interleaved,
     matmul_flops_per_second,
+    mlp_gemm_loop,
     mlp_step_gemm_seconds,
     mlp_train_flops,
     parse_args,
@@ -167,20 +170,25 @@ def main(argv=None):
         run = fn(ds)
         if run is not None:
             runs[name] = run
+    steps = len(ds.x) // BATCH
+    runs["gemm_loop"] = mlp_gemm_loop(SIZES, BATCH, steps)
     best = interleaved(runs, a.rounds, {"step_gemm": lambda: mlp_step_gemm_seconds(SIZES, BATCH)})
     step_gemm = best.pop("step_gemm")
+    loop_roofline = steps * BATCH / best.pop("gemm_loop")
     rows = {k: len(ds.x) / t for k, t in best.items()}
     flops = mlp_train_flops(SIZES)
     peak = matmul_flops_per_second()
     rows["roofline"] = BATCH / step_gemm
+    rows["loop_roofline"] = loop_roofline
     rows["peak_matmul_bound"] = peak / flops
     ratios = {
         f"jaxdl_vs_{k}": rows["jaxdl"] / v
         for k, v in rows.items()
-        if k not in ("jaxdl", "roofline", "peak_matmul_bound")
+        if k not in ("jaxdl", "roofline", "loop_roofline", "peak_matmul_bound")
     }
     extra.update(
         roofline_fraction=rows["jaxdl"] / rows["roofline"],
+        loop_roofline_fraction=rows["jaxdl"] / rows["loop_roofline"],
         peak_fraction=rows["jaxdl"] / rows["peak_matmul_bound"],
         step_gemm_gflops=flops * BATCH / step_gemm / 1e9,
         matmul_gflops=peak / 1e9,

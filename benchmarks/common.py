@@ -16,6 +16,7 @@ from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
 from jaxdl import devices
+from jaxdl.devices import compiler_options
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:
@@ -104,6 +105,55 @@ def mlp_step_gemm_seconds(sizes: tuple[int, ...], batch: int, devices=None) -> f
         if i > 0:
             total += _gemm_seconds((batch, n), (k, n), ((1,), (1,)), devices=devices)  # δ Wᵀ
     return total
+
+
+def mlp_gemm_loop(sizes: tuple[int, ...], batch: int, steps: int, devices=None) -> Callable:
+    """A compiled loop of ``steps`` training steps' GEMMs and nothing else: the same eight
+    GEMMs as ``mlp_step_gemm_seconds`` (forward, weight and input gradients, on a new
+    input each step), chained as in backprop but without activations, loss or update.
+    Returns a blocking call that runs the loop once; time it like an epoch. With several
+    ``devices``, each runs its own loop at once (one step per device per iteration).
+
+    Unlike the per-GEMM probe, this bound is measured as the training programs are, one
+    long compiled loop with operands leaving the cache between steps, so its ratio to an
+    epoch does not depend on the hot-cache, best-of-200 timing of single calls."""
+    n = 1 if devices is None else len(devices)
+    shapes = list(zip(sizes[:-1], sizes[1:], strict=True))
+    keys = jax.random.split(jax.random.key(0), len(shapes) + 1)
+    ws = [jax.random.normal(k, (n, a, b), jnp.float32) / np.sqrt(a) for k, (a, b) in
+          zip(keys, shapes, strict=False)]  # fmt: skip
+    xs = jax.random.uniform(keys[-1], (n, steps, batch, sizes[0]), jnp.float32)
+
+    def loop(ws, xs):
+        def body(_, x):
+            hs = [x]
+            for w in ws:
+                hs.append(hs[-1] @ w)
+            d, grads = hs[-1], []
+            for i in reversed(range(len(ws))):
+                grads.append(hs[i].T @ d)
+                if i > 0:
+                    d = d @ ws[i].T
+            return tuple(grads), None
+
+        zeros = tuple(jnp.zeros_like(w) for w in reversed(ws))
+        return jax.lax.scan(body, zeros, xs)[0]
+
+    if n == 1:
+        args = ([w[0] for w in ws], xs[0])
+        fn = jax.jit(loop)
+    else:  # each device runs the plain program on its own slice
+        by_device = NamedSharding(Mesh(np.asarray(devices), ("d",)), P("d"))
+        args = jax.device_put((ws, xs), by_device)
+        local = lambda ws, xs: [g[None] for g in loop([w[0] for w in ws], xs[0])]  # noqa: E731
+        fn = jax.jit(jax.shard_map(local, mesh=by_device.mesh, in_specs=P("d"), out_specs=P("d")))
+    exe = fn.lower(*args).compile(compiler_options=compiler_options())
+
+    def run():
+        jax.block_until_ready(exe(*args))
+
+    run()
+    return run
 
 
 def mlp_train_flops(sizes: tuple[int, ...]) -> int:
