@@ -512,9 +512,12 @@ def test_zero_init_never_breaks_symmetry_but_xavier_does():
     k0 = np.asarray(state.params["layer_0"]["kernel"])
     k_out = np.asarray(state.params["output"]["kernel"])
     assert np.abs(k0).max() > 1e-2  # the hidden weights did train
-    assert np.ptp(k0, axis=1).max() <= 1e-6 * np.abs(k0).max()  # every column identical
+    # Every column identical up to float32 rounding: a CPU's GEMM may compute the columns
+    # in different vector lanes and round them differently (13 ulps after these 24 steps
+    # on an AVX2-only CPU), far below the spread (> 1e-2) that Xavier init gives below.
+    assert np.ptp(k0, axis=1).max() <= 1e-5 * np.abs(k0).max()
     assert np.ptp(np.asarray(state.params["layer_0"]["bias"])) <= 1e-6
-    assert np.ptp(k_out, axis=0).max() <= 1e-6 * np.abs(k_out).max()  # every row identical
+    assert np.ptp(k_out, axis=0).max() <= 1e-5 * np.abs(k_out).max()  # every row identical
     assert np.all(np.isfinite(history["train_loss"]))
 
     # The same compiled training program started from Xavier-uniform weights.
