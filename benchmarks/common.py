@@ -114,9 +114,9 @@ def mlp_gemm_loop(sizes: tuple[int, ...], batch: int, steps: int, devices=None) 
     Returns a blocking call that runs the loop once; time it like an epoch. With several
     ``devices``, each runs its own loop at once (one step per device per iteration).
 
-    Unlike the per-GEMM probe, this bound is measured as the training programs are, one
-    long compiled loop with operands leaving the cache between steps, so its ratio to an
-    epoch does not depend on the hot-cache, best-of-200 timing of single calls."""
+    Unlike the per-GEMM probe, this bound is measured as the training programs are: one
+    long compiled loop whose steps each read a new input from memory, timed whole, so its
+    ratio to an epoch does not rest on the hot-cache, best-of-200 timing of single calls."""
     n = 1 if devices is None else len(devices)
     shapes = list(zip(sizes[:-1], sizes[1:], strict=True))
     keys = jax.random.split(jax.random.key(0), len(shapes) + 1)
