@@ -74,6 +74,11 @@ def _dispatch_seconds(repeats: int = 200) -> float:
     return best_of(lambda: f(x).block_until_ready(), repeats)
 
 
+def _by_device(devices) -> NamedSharding:
+    """Arrays whose leading axis runs over ``devices``, one slice on each."""
+    return NamedSharding(Mesh(np.asarray(devices), ("d",)), P("d"))
+
+
 def _gemm_seconds(lhs_shape, rhs_shape, dims, repeats: int = 200, devices=None) -> float:
     """Seconds one ``dot_general`` of these operand shapes takes: best of ``repeats``
     blocking calls, less the dispatch round trip. (Calls queued back to back overlap
@@ -85,7 +90,7 @@ def _gemm_seconds(lhs_shape, rhs_shape, dims, repeats: int = 200, devices=None) 
     b = jax.random.normal(k2, rhs_shape, jnp.float32)
     dot = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (dims, ((), ()))))
     if n > 1:  # a leading axis over the devices: one GEMM on each
-        by_device = NamedSharding(Mesh(np.asarray(devices), ("d",)), P("d"))
+        by_device = _by_device(devices)
         a, b = jax.device_put((jnp.stack([a] * n), jnp.stack([b] * n)), by_device)
         dot = jax.jit(jax.vmap(dot), out_shardings=by_device)
     dot(a, b).block_until_ready()
@@ -143,7 +148,7 @@ def mlp_gemm_loop(sizes: tuple[int, ...], batch: int, steps: int, devices=None) 
         args = ([w[0] for w in ws], xs[0])
         fn = jax.jit(loop)
     else:  # each device runs the plain program on its own slice
-        by_device = NamedSharding(Mesh(np.asarray(devices), ("d",)), P("d"))
+        by_device = _by_device(devices)
         args = jax.device_put((ws, xs), by_device)
         local = lambda ws, xs: [g[None] for g in loop([w[0] for w in ws], xs[0])]  # noqa: E731
         fn = jax.jit(jax.shard_map(local, mesh=by_device.mesh, in_specs=P("d"), out_specs=P("d")))
