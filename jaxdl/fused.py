@@ -21,81 +21,37 @@ backend), or with ``JAXDL_FUSED_ADAM=0``, training uses Optax's update instead.
 
 from __future__ import annotations
 
-import ctypes
 import functools
-import hashlib
 import os
-import subprocess
-import sys
-import tempfile
 import warnings
-from importlib import resources
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdl import devices, inits
+from jaxdl import inits, kernels
 from jaxdl.optim import Optimizer
 
 TARGET = "jaxdl_adam"
+SOURCE = "adam.cc"
 _ENV_OFF = "JAXDL_FUSED_ADAM"
-_FLAGS = (
-    "-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp-simd",
-    "-std=c++17", "-shared", "-fPIC", "-w",
-)  # fmt: skip
-
-
-def kernel_dir() -> Path:
-    """Where compiled handlers are kept: ``$JAXDL_KERNEL_DIR``, else ``~/.cache/jaxdl/kernels``."""
-    return Path(os.environ.get("JAXDL_KERNEL_DIR") or "~/.cache/jaxdl/kernels").expanduser()
-
-
-def _compiler() -> str:
-    return os.environ.get("CXX") or "g++"
 
 
 def library_path() -> Path:
     """The shared library for this source, jaxlib, compiler and CPU (it need not exist)."""
-    source = resources.files("jaxdl").joinpath("adam.cc").read_bytes()
-    key = hashlib.sha256(source)
-    for part in (jax.__version__, _compiler(), *_FLAGS, devices.cpu_info("model name"),
-                 devices.cpu_info("flags"), sys.platform):  # fmt: skip
-        key.update(str(part).encode() + b"\0")
-    return kernel_dir() / f"adam-{key.hexdigest()[:16]}.so"
+    return kernels.library_path(SOURCE)
 
 
 def build(path: Path) -> None:
-    """Compiles ``adam.cc`` into ``path`` (atomically: a concurrent build never leaves a
-    half-written library). Raises ``OSError`` or ``CalledProcessError`` on failure."""
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with resources.as_file(resources.files("jaxdl").joinpath("adam.cc")) as src:
-        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".adam-", suffix=".so")
-        os.close(fd)
-        try:
-            cmd = [_compiler(), *_FLAGS, f"-I{jax.ffi.include_dir()}", str(src), "-o", tmp]
-            subprocess.run(cmd, check=True, capture_output=True, text=True)
-            os.replace(tmp, path)
-        finally:
-            if os.path.exists(tmp):
-                os.unlink(tmp)
+    """Compiles ``adam.cc`` into ``path`` (see ``kernels.build``)."""
+    kernels.build(SOURCE, path)
 
 
-@functools.cache
 def _registered() -> str | None:
     """Builds (once per machine) and registers the handler; None when registered, else
     why it could not be."""
-    path = library_path()
-    try:
-        if not path.exists():
-            build(path)
-        lib = ctypes.cdll.LoadLibrary(str(path))
-        jax.ffi.register_ffi_target(TARGET, jax.ffi.pycapsule(lib.JaxdlAdam), platform="cpu")
-    except (OSError, subprocess.CalledProcessError, AttributeError) as e:
-        detail = (getattr(e, "stderr", "") or str(e)).strip().splitlines()
-        return f"could not build the fused Adam update ({detail[-1] if detail else e})"
-    return None
+    return kernels.register(SOURCE, "JaxdlAdam", TARGET, "the fused Adam update")
 
 
 def unavailable(optimizer: Optimizer) -> str | None:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxdl import inits, validate
+from jaxdl import gemm, inits, validate
 
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "maxout", "linear")
 CONVENTIONS = ("inverted", "classic")
@@ -215,12 +215,19 @@ def _dense_head(
         h = apply_dropout(h, *_dropout_at(masks, rates, i), m.dropout_convention)
         if i == len(widths):
             break
-        h = nn.Dense(widths[i] * pieces, kernel_init=kernel_init, name=f"layer_{i}")(h)
+        h = nn.Dense(
+            widths[i] * pieces,
+            kernel_init=kernel_init,
+            dot_general=gemm.dot_general,
+            name=f"layer_{i}",
+        )(h)
         if m.batch_norm:
             h = _batch_norm(h, train, example_mask, f"bn_{i}")
         h = activate(m.activation, h, pieces)
         m.sow("intermediates", f"act_layer_{i}", h)
-    return nn.Dense(m.num_classes, kernel_init=kernel_init, name="output")(h)
+    return nn.Dense(
+        m.num_classes, kernel_init=kernel_init, dot_general=gemm.dot_general, name="output"
+    )(h)
 
 
 def _batch_norm(h: jax.Array, train: bool, example_mask: jax.Array | None, name: str):

@@ -227,7 +227,9 @@ def _shared_order_epoch(setup: train.Setup, form: str, states, data: train.Batch
     if concat:
         # XLA lays the stacked kernels out for the wide GEMM, not row-major as the fused
         # update takes them: its transposes made this form 2-3x slower (32 of 784-64-10).
-        setup = dataclasses.replace(setup, fused_adam=False)
+        # The same holds for jaxdl's GEMM kernel, which would run the members' first
+        # layers one after another instead of as one wide GEMM.
+        setup = dataclasses.replace(setup, fused_adam=False, gemm=False)
     # Unbatched x makes the first layer bi,kio->kbo, which XLA emits as one wide GEMM.
     step = jax.vmap(
         functools.partial(train.train_step, setup), in_axes=(0, None if concat else 0, 0)

@@ -27,7 +27,7 @@ import numpy as np
 import optax
 from flax import struct
 
-from jaxdl import devices, fused, inits, losses, models, optim, stopping, validate
+from jaxdl import devices, fused, gemm, inits, losses, models, optim, stopping, validate
 from jaxdl.data import Dataset
 from jaxdl.models import Model
 from jaxdl.optim import Optimizer
@@ -80,6 +80,9 @@ class Setup:
     # Adam/AdamW's update as one compiled loop on the CPU (jaxdl.fused); prepare() turns
     # it on where it can be built.
     fused_adam: bool = False
+    # The dense layers' GEMMs by jaxdl's CPU kernel (jaxdl.gemm); prepare() turns it on
+    # where it can be built.
+    gemm: bool = False
 
     @property
     def steps_per_epoch(self) -> int:
@@ -183,6 +186,18 @@ def layer_norms(tree) -> dict[str, jax.Array]:
     return {k: optax.tree.norm(v) for k, v in tree.items() if not k.startswith(("bn_", "conv_bn_"))}
 
 
+def _gemm_as_set(fn: Callable) -> Callable:
+    """``fn(setup, ...)`` traced with the dense layers' GEMMs as ``setup.gemm`` says."""
+
+    @functools.wraps(fn)
+    def wrapper(setup: Setup, *args, **kwargs):
+        with gemm.use(setup.gemm):
+            return fn(setup, *args, **kwargs)
+
+    return wrapper
+
+
+@_gemm_as_set
 def train_step(setup: Setup, state: TrainState, batch: Batch, hp: HParams):
     """One optimizer step. Returns ``(state, metrics)`` with this batch's data loss,
     accuracy and weight (number of real examples)."""
@@ -360,6 +375,7 @@ def run_epoch(setup: Setup, state: TrainState, train: Batch, valid: Batch | None
     return end_epoch(setup, state, metrics, train, valid, hp)
 
 
+@_gemm_as_set
 def end_epoch(setup: Setup, state: TrainState, metrics, train: Batch, valid: Batch | None, hp):
     """After an epoch's steps: validation, probe statistics, schedules, early stopping."""
     # A fixed subnetwork is evaluated as itself; otherwise the deterministic network.
@@ -583,6 +599,7 @@ def prepare(
         probe_size=min(1000, n),
         skip_nonfinite=bool(skip_nonfinite),
         fused_adam=fused.unavailable(optimizer) is None,
+        gemm=gemm.unavailable() is None,
     )
     return setup, hp
 

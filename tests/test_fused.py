@@ -12,7 +12,7 @@ import optax
 import pytest
 
 import jaxdl
-from jaxdl import fused, optim, train
+from jaxdl import fused, kernels, optim, train
 
 pytestmark = pytest.mark.skipif(
     fused.unavailable(jaxdl.make_optimizer("adam")) is not None,
@@ -133,7 +133,7 @@ def test_a_failed_build_warns_once_and_falls_back(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXDL_KERNEL_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
     assert fused.library_path().parent == tmp_path and not fused.library_path().exists()
-    fused._registered.cache_clear()
+    kernels.register.cache_clear()
     fused._warn_once.cache_clear()
     try:
         with pytest.warns(RuntimeWarning, match="could not build the fused Adam update"):
@@ -142,7 +142,7 @@ def test_a_failed_build_warns_once_and_falls_back(tmp_path, monkeypatch):
         assert list(tmp_path.iterdir()) == []  # no half-written library left behind
     finally:
         monkeypatch.undo()
-        fused._registered.cache_clear()
+        kernels.register.cache_clear()
         assert fused.unavailable(jaxdl.make_optimizer("adam")) is None
 
 

@@ -1,0 +1,368 @@
+// A float32 matrix product C = op(A)·op(B) for the CPU, op a transpose or not, as the XLA
+// FFI target "jaxdl_matmul". It runs the dense layers' three GEMMs (forward x·W, weight
+// gradient xᵀ·δ, input gradient δ·Wᵀ) at training's small batch sizes, where XLA:CPU's
+// GEMMs reach about half of the cores' FMA rate (benchmarks/README.md). jaxdl.gemm
+// compiles this file with the host's C++ compiler (-march=native) on CPUs with AVX-512.
+//
+// The scheme is the usual one for GEMMs near peak: op(A) is packed into slivers of
+// kMR rows ([k][row]), op(B) into panels of kNR = 32 columns ([k][col], zero-padded;
+// transposed operands by 16×16 register transposes), and a kernel keeps a kMR×32 tile
+// of C in 24 vector registers while it runs over a block of at most kKC values of k, so
+// that the panel's block stays in the L1 cache. Work is split over XLA's thread pool,
+// one thread per core (see Work).
+//
+// Each element of C is one sum over k in increasing order (a tile continues its sum
+// from C between k blocks), so a result never depends on the tiling, the threads or
+// the batch: a member of a vmapped call equals the same product alone, bit for bit.
+//
+// Leading dimensions are batch dimensions (vmap, unbatched operands as size 1).
+#include <immintrin.h>
+
+#include <algorithm>
+#include <atomic>
+#include <cstddef>
+#include <cstdint>
+#include <cstring>
+#include <memory>
+#include <thread>
+#include <vector>
+
+#include "xla/ffi/api/ffi.h"
+
+namespace ffi = xla::ffi;
+
+namespace {
+
+constexpr int kMR = 12;   // rows per tile: 24 accumulators + 2 panel rows + 1 broadcast ≤ 32
+constexpr int kNR = 32;   // columns per tile and panel: two 16-float vectors
+constexpr int kKC = 256;  // k per block: a panel's block (32 KiB) stays in L1
+// Below this many multiply-adds the product runs on the calling thread alone: a
+// hand-off to another core costs more than it saves.
+constexpr double kThreadedMacs = 2.0e6;
+
+// An operand as strided element access: X(i, j) = p[i*si + j*sj].
+struct View {
+  const float* p;
+  std::ptrdiff_t si, sj;
+  float at(std::ptrdiff_t i, std::ptrdiff_t j) const { return p[i * si + j * sj]; }
+};
+
+template <int R>
+void Kernel(int kc, const float* __restrict ap, const float* __restrict bp, float* c,
+            std::ptrdiff_t ldc, int nj, bool accumulate) {
+  const __mmask16 m0 = nj >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nj) - 1);
+  const __mmask16 m1 =
+      nj >= 32 ? 0xFFFF : nj <= 16 ? 0 : static_cast<__mmask16>((1u << (nj - 16)) - 1);
+  __m512 c0[R], c1[R];
+  if (accumulate) {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      c0[r] = _mm512_maskz_loadu_ps(m0, c + r * ldc);
+      c1[r] = _mm512_maskz_loadu_ps(m1, c + r * ldc + 16);
+    }
+  } else {
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) c0[r] = c1[r] = _mm512_setzero_ps();
+  }
+  for (int k = 0; k < kc; ++k) {
+    const __m512 b0 = _mm512_load_ps(bp), b1 = _mm512_load_ps(bp + 16);
+    bp += kNR;
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      const __m512 av = _mm512_set1_ps(ap[r]);
+      c0[r] = _mm512_fmadd_ps(av, b0, c0[r]);
+      c1[r] = _mm512_fmadd_ps(av, b1, c1[r]);
+    }
+    ap += R;
+  }
+#pragma GCC unroll 16
+  for (int r = 0; r < R; ++r) {
+    _mm512_mask_storeu_ps(c + r * ldc, m0, c0[r]);
+    _mm512_mask_storeu_ps(c + r * ldc + 16, m1, c1[r]);
+  }
+}
+
+// The last rows when the row count is not a multiple of kMR.
+template <int R>
+void RestKernel(int rows, int kc, const float* ap, const float* bp, float* c, std::ptrdiff_t ldc,
+                int nj, bool accumulate) {
+  if constexpr (R > 0) {
+    if (rows == R) return Kernel<R>(kc, ap, bp, c, ldc, nj, accumulate);
+    RestKernel<R - 1>(rows, kc, ap, bp, c, ldc, nj, accumulate);
+  }
+}
+
+struct Item {  // one product of the batch
+  View a, b;   // op(A) (m×k) and op(B) (k×n)
+  float* c;    // m×n, row-major
+  float* slivers;
+};
+
+// The work of one call, split into units that threads take in turn. Two ways:
+// - by_rows (op(B) no larger than op(A), e.g. the weight gradient xᵀ·δ): a unit is a
+//   range of rows of one product; it packs its own slivers and every panel, and writes
+//   rows of C no other unit writes.
+// - by panels (e.g. x·W with a large W): the slivers are packed first, one unit each,
+//   then a unit is a group of consecutive panels (few unit boundaries, so few cache
+//   lines of C written by two threads).
+struct Work {
+  int m, n, k, slivers_per_item, panels_per_item;
+  bool by_rows;
+  int slivers_per_unit, panels_per_unit, units_per_item;
+  std::vector<Item> items;
+  size_t pack_units, units;
+  std::atomic<size_t> next{0}, packed{0}, done{0};
+};
+
+// Transposes 16×16 floats in registers: afterwards r[i] holds what was column i.
+inline void Transpose16(__m512 r[16]) {
+  __m512 t[16];
+  for (int i = 0; i < 8; ++i) {
+    t[2 * i] = _mm512_unpacklo_ps(r[2 * i], r[2 * i + 1]);
+    t[2 * i + 1] = _mm512_unpackhi_ps(r[2 * i], r[2 * i + 1]);
+  }
+  for (int i = 0; i < 4; ++i) {
+    r[4 * i] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 1] = _mm512_shuffle_ps(t[4 * i], t[4 * i + 2], _MM_SHUFFLE(3, 2, 3, 2));
+    r[4 * i + 2] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(1, 0, 1, 0));
+    r[4 * i + 3] = _mm512_shuffle_ps(t[4 * i + 1], t[4 * i + 3], _MM_SHUFFLE(3, 2, 3, 2));
+  }
+  for (int i = 0; i < 2; ++i) {
+    for (int j = 0; j < 4; ++j) {
+      t[8 * i + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0x88);
+      t[8 * i + 4 + j] = _mm512_shuffle_f32x4(r[8 * i + j], r[8 * i + 4 + j], 0xdd);
+    }
+  }
+  for (int j = 0; j < 8; ++j) {
+    r[j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0x88);
+    r[8 + j] = _mm512_shuffle_f32x4(t[j], t[8 + j], 0xdd);
+  }
+}
+
+// Sliver s of op(A): rows s*kMR.. as [k][row] (a short last sliver has fewer rows).
+void PackSliver(const Work& w, const Item& it, int s) {
+  const int i0 = s * kMR, rows = std::min(kMR, w.m - i0);
+  float* d = it.slivers + static_cast<size_t>(i0) * w.k;
+  if (it.a.sj != 1) {  // op(A) = Aᵀ: a row of A holds one k for consecutive rows
+    for (int k = 0; k < w.k; ++k)
+      for (int r = 0; r < rows; ++r) d[k * rows + r] = it.a.at(i0 + r, k);
+    return;
+  }
+  // Rows contiguous in k: 16 k of each row are loaded and stored transposed.
+  const __mmask16 rm = static_cast<__mmask16>((1u << rows) - 1);
+  for (int k0 = 0; k0 < w.k; k0 += 16) {
+    const int kk = std::min(16, w.k - k0);
+    const __mmask16 km = static_cast<__mmask16>((1u << kk) - 1);
+    __m512 r[16];
+    for (int q = 0; q < 16; ++q) {
+      r[q] = q < rows ? _mm512_maskz_loadu_ps(km, it.a.p + (i0 + q) * it.a.si + k0)
+                      : _mm512_setzero_ps();
+    }
+    Transpose16(r);
+    for (int q = 0; q < kk; ++q) _mm512_mask_storeu_ps(d + (k0 + q) * rows, rm, r[q]);
+  }
+}
+
+// Panel j of op(B): columns j*kNR.. as [k][32], zero-padded.
+void PackPanel(const Work& w, const Item& it, int j, float* d) {
+  const int j0 = j * kNR, cols = std::min(kNR, w.n - j0);
+  if (it.b.sj == 1) {
+    for (int k = 0; k < w.k; ++k) {
+      std::memcpy(d + k * kNR, it.b.p + k * it.b.si + j0, cols * sizeof(float));
+      std::fill(d + k * kNR + cols, d + (k + 1) * kNR, 0.0f);
+    }
+    return;
+  }
+  // op(B) = Bᵀ: column j0+c of op(B) is row j0+c of B, contiguous in k. 16×16 blocks are
+  // loaded as rows of B and stored transposed.
+  for (int k0 = 0; k0 < w.k; k0 += 16) {
+    const int kk = std::min(16, w.k - k0);
+    const __mmask16 km = static_cast<__mmask16>((1u << kk) - 1);
+    for (int c0 = 0; c0 < kNR; c0 += 16) {
+      __m512 r[16];
+      for (int c = 0; c < 16; ++c) {
+        r[c] = j0 + c0 + c < j0 + cols
+                   ? _mm512_maskz_loadu_ps(km, it.b.p + static_cast<std::ptrdiff_t>(j0 + c0 + c) * it.b.sj + k0)
+                   : _mm512_setzero_ps();
+      }
+      Transpose16(r);
+      for (int q = 0; q < kk; ++q) _mm512_store_ps(d + (k0 + q) * kNR + c0, r[q]);
+    }
+  }
+}
+
+// Rows [r0, r1) (multiples of kMR, or to m) of panel j of C.
+void ComputePanel(const Work& w, const Item& it, int j, const float* panel, int r0, int r1) {
+  const int j0 = j * kNR, nj = std::min(kNR, w.n - j0);
+  const int blocks = (w.k + kKC - 1) / kKC, block = (w.k + blocks - 1) / blocks;  // even
+  for (int k0 = 0; k0 < w.k; k0 += block) {
+    const int kc = std::min(block, w.k - k0);
+    for (int i0 = r0; i0 < r1; i0 += kMR) {
+      const int rows = std::min(kMR, w.m - i0);
+      const float* ap = it.slivers + static_cast<size_t>(i0) * w.k + static_cast<size_t>(k0) * rows;
+      const float* bp = panel + static_cast<size_t>(k0) * kNR;
+      float* c = it.c + static_cast<size_t>(i0) * w.n + j0;
+      if (rows == kMR) {
+        Kernel<kMR>(kc, ap, bp, c, w.n, nj, k0 > 0);
+      } else {
+        RestKernel<kMR - 1>(rows, kc, ap, bp, c, w.n, nj, k0 > 0);
+      }
+    }
+  }
+}
+
+float* PanelMemory(const Work& w) {  // this thread's, 64-byte aligned for the kernel's loads
+  thread_local std::vector<float> memory;
+  const size_t floats = static_cast<size_t>(w.k) * kNR + 16;
+  if (memory.size() < floats) memory.resize(floats);
+  float* p = memory.data();
+  return p + (16 - (reinterpret_cast<uintptr_t>(p) / sizeof(float)) % 16) % 16;
+}
+
+void RunUnit(Work& w, size_t u) {
+  if (u < w.pack_units) {
+    PackSliver(w, w.items[u / w.slivers_per_item], static_cast<int>(u % w.slivers_per_item));
+    w.packed.fetch_add(1, std::memory_order_release);
+    return;
+  }
+  const size_t v = u - w.pack_units;
+  const Item& it = w.items[v / w.units_per_item];
+  const int unit = static_cast<int>(v % w.units_per_item);
+  float* panel = PanelMemory(w);
+  if (w.by_rows) {
+    const int s0 = unit * w.slivers_per_unit;
+    const int s1 = std::min(w.slivers_per_item, s0 + w.slivers_per_unit);
+    for (int s = s0; s < s1; ++s) PackSliver(w, it, s);
+    for (int j = 0; j < w.panels_per_item; ++j) {
+      PackPanel(w, it, j, panel);
+      ComputePanel(w, it, j, panel, s0 * kMR, std::min(w.m, s1 * kMR));
+    }
+    return;
+  }
+  while (w.packed.load(std::memory_order_acquire) < w.pack_units) std::this_thread::yield();
+  const int p0 = unit * w.panels_per_unit;
+  const int p1 = std::min(w.panels_per_item, p0 + w.panels_per_unit);
+  for (int j = p0; j < p1; ++j) {
+    PackPanel(w, it, j, panel);
+    ComputePanel(w, it, j, panel, 0, w.m);
+  }
+}
+
+// Takes units until none are left: first the slivers, then the panels (which wait until
+// every sliver is packed; a sliver being packed is held by a running thread, so the wait
+// ends). The calling thread alone can finish the work, so it never waits on a task that
+// has not started.
+void Drain(Work& w) {
+  for (size_t u; (u = w.next.fetch_add(1, std::memory_order_relaxed)) < w.units;) {
+    RunUnit(w, u);
+    w.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+// Offsets of each output batch element in an operand whose batch dimensions are those of
+// the output or 1 (broadcast).
+bool BatchOffsets(ffi::Span<const int64_t> out, ffi::Span<const int64_t> dims, size_t matrix,
+                  std::vector<size_t>& offsets) {
+  const size_t nb = out.size() - 2;
+  if (dims.size() != out.size()) return false;
+  size_t count = 1;
+  for (size_t d = 0; d < nb; ++d) count *= out[d];
+  offsets.assign(count, 0);
+  for (size_t i = 0; i < count; ++i) {
+    size_t rest = i, off = 0, stride = matrix;
+    for (size_t d = nb; d-- > 0;) {
+      const size_t idx = rest % out[d];
+      rest /= out[d];
+      if (dims[d] != 1 && dims[d] != out[d]) return false;
+      if (dims[d] != 1) off += idx * stride;
+      stride *= dims[d];
+    }
+    offsets[i] = off;
+  }
+  return true;
+}
+
+}  // namespace
+
+static ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
+                             ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c,
+                             int64_t ta, int64_t tb) {
+  const auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
+  const size_t r = cd.size();
+  if (r < 2 || ad.size() != r || bd.size() != r) {
+    return ffi::Error::InvalidArgument("jaxdl_matmul: operands must have the output's rank");
+  }
+  const int64_t m = cd[r - 2], n = cd[r - 1];
+  const int64_t am = ta ? ad[r - 1] : ad[r - 2], ak = ta ? ad[r - 2] : ad[r - 1];
+  const int64_t bk = tb ? bd[r - 1] : bd[r - 2], bn = tb ? bd[r - 2] : bd[r - 1];
+  if (am != m || bn != n || ak != bk) {
+    return ffi::Error::InvalidArgument("jaxdl_matmul: mismatched matrix shapes");
+  }
+  const int64_t k = ak;
+  std::vector<size_t> oa, ob;
+  if (!BatchOffsets(cd, ad, m * k, oa) || !BatchOffsets(cd, bd, k * n, ob)) {
+    return ffi::Error::InvalidArgument("jaxdl_matmul: mismatched batch dimensions");
+  }
+  float* out = c->typed_data();
+  const size_t batch = oa.size();
+  if (batch == 0 || m == 0 || n == 0) return ffi::Error::Success();
+  if (k == 0) {
+    std::fill(out, out + batch * m * n, 0.0f);
+    return ffi::Error::Success();
+  }
+  auto w = std::make_shared<Work>();
+  w->m = static_cast<int>(m), w->n = static_cast<int>(n), w->k = static_cast<int>(k);
+  w->slivers_per_item = static_cast<int>((m + kMR - 1) / kMR);
+  w->panels_per_item = static_cast<int>((n + kNR - 1) / kNR);
+  // The slivers live in the calling thread's memory, kept between calls: a fresh
+  // allocation of this size is a fresh mapping, and faulting its pages in costs as much
+  // as packing. The call returns only when every unit is done, so no helper outlives it.
+  thread_local std::unique_ptr<float[]> sliver_memory;
+  thread_local size_t sliver_floats = 0;
+  if (sliver_floats < batch * m * k) {
+    sliver_floats = batch * m * k;
+    sliver_memory.reset(new float[sliver_floats]);
+  }
+  w->items.resize(batch);
+  for (size_t i = 0; i < batch; ++i) {
+    Item& it = w->items[i];
+    const float* pa = a.typed_data() + oa[i];
+    const float* pb = b.typed_data() + ob[i];
+    it.a = ta ? View{pa, 1, m} : View{pa, k, 1};  // op(A)(i, q)
+    it.b = tb ? View{pb, 1, k} : View{pb, n, 1};  // op(B)(q, j)
+    it.c = out + i * m * n;
+    it.slivers = sliver_memory.get() + i * m * k;
+  }
+  const double macs = static_cast<double>(batch) * m * n * k;
+  size_t threads = 1;
+  // The calling thread and pool.num_threads() - 1 helpers: one thread per core (the
+  // pool has one per core, and the caller is not one of them).
+  if (macs >= kThreadedMacs) threads = std::max<size_t>(1, pool.num_threads());
+  // About two units per thread: a late helper leaves less undone, and few boundaries.
+  const size_t per_item = std::max<size_t>(1, (2 * threads + batch - 1) / batch);
+  w->by_rows = n <= m;
+  if (w->by_rows) {
+    w->slivers_per_unit = static_cast<int>((w->slivers_per_item + per_item - 1) / per_item);
+    w->units_per_item = (w->slivers_per_item + w->slivers_per_unit - 1) / w->slivers_per_unit;
+    w->pack_units = 0;
+  } else {
+    w->panels_per_unit = static_cast<int>((w->panels_per_item + per_item - 1) / per_item);
+    w->units_per_item = (w->panels_per_item + w->panels_per_unit - 1) / w->panels_per_unit;
+    w->pack_units = batch * w->slivers_per_item;
+  }
+  w->units = w->pack_units + batch * w->units_per_item;
+  const size_t helpers = std::min(threads - 1, batch * w->units_per_item - 1);
+  for (size_t t = 0; t < helpers; ++t) pool.Schedule([w] { Drain(*w); });
+  Drain(*w);
+  while (w->done.load(std::memory_order_acquire) < w->units) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdlMatmul, MatmulImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Arg<ffi::Buffer<ffi::F32>>()
+                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Attr<int64_t>("ta")
+                                  .Attr<int64_t>("tb"));

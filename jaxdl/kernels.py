@@ -1,0 +1,80 @@
+"""Compiled CPU kernels: C++ sources in this package built on first use into XLA FFI
+handlers (``jaxdl.fused``'s Adam update, ``jaxdl.gemm``'s matrix product).
+
+A source is compiled with ``$CXX`` (default ``g++``), ``-march=native`` and the jaxlib
+headers into ``$JAXDL_KERNEL_DIR`` (default ``~/.cache/jaxdl/kernels``), keyed by the
+source, jaxlib, compiler and CPU, so each machine builds each version once.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import hashlib
+import os
+import subprocess
+import sys
+import tempfile
+from importlib import resources
+from pathlib import Path
+
+import jax
+
+from jaxdl import devices
+
+FLAGS = (
+    "-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp-simd",
+    "-std=c++17", "-shared", "-fPIC", "-w",
+)  # fmt: skip
+
+
+def kernel_dir() -> Path:
+    """Where compiled handlers are kept: ``$JAXDL_KERNEL_DIR``, else ``~/.cache/jaxdl/kernels``."""
+    return Path(os.environ.get("JAXDL_KERNEL_DIR") or "~/.cache/jaxdl/kernels").expanduser()
+
+
+def compiler() -> str:
+    return os.environ.get("CXX") or "g++"
+
+
+def library_path(source: str) -> Path:
+    """The shared library for ``source`` (a file in this package), this jaxlib, compiler
+    and CPU (it need not exist)."""
+    key = hashlib.sha256(resources.files("jaxdl").joinpath(source).read_bytes())
+    for part in (jax.__version__, compiler(), *FLAGS, devices.cpu_info("model name"),
+                 devices.cpu_info("flags"), sys.platform):  # fmt: skip
+        key.update(str(part).encode() + b"\0")
+    return kernel_dir() / f"{Path(source).stem}-{key.hexdigest()[:16]}.so"
+
+
+def build(source: str, path: Path) -> None:
+    """Compiles ``source`` into ``path`` (atomically: a concurrent build never leaves a
+    half-written library). Raises ``OSError`` or ``CalledProcessError`` on failure."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    with resources.as_file(resources.files("jaxdl").joinpath(source)) as src:
+        fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{Path(source).stem}-", suffix=".so")
+        os.close(fd)
+        try:
+            cmd = [compiler(), *FLAGS, f"-I{jax.ffi.include_dir()}", str(src), "-o", tmp]
+            subprocess.run(cmd, check=True, capture_output=True, text=True)
+            os.replace(tmp, path)
+        finally:
+            if os.path.exists(tmp):
+                os.unlink(tmp)
+
+
+@functools.cache
+def register(source: str, symbol: str, target: str, what: str) -> str | None:
+    """Builds ``source`` (once per machine) and registers its handler ``symbol`` as the
+    CPU FFI target ``target``; None when registered, else why it could not be (``what``
+    names the kernel in that message)."""
+    path = library_path(source)
+    try:
+        if not path.exists():
+            build(source, path)
+        lib = ctypes.cdll.LoadLibrary(str(path))
+        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+    except (OSError, subprocess.CalledProcessError, AttributeError) as e:
+        detail = (getattr(e, "stderr", "") or str(e)).strip().splitlines()
+        return f"could not build {what} ({detail[-1] if detail else e})"
+    return None
