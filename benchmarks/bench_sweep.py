@@ -21,7 +21,9 @@ they would alone. ``JAX_NUM_CPU_DEVICES=1`` runs the script with one device thro
 The roofline is the faster of the step's GEMMs split across the cores and one step's
 GEMMs on every core at once; the loop roofline likewise the faster of one compiled loop
 of an epoch's step GEMMs (``common.mlp_gemm_loop``, timed as a way) on one device and
-one such loop on every core at once.
+one such loop on every core at once. Where jaxdl runs its own GEMM kernel
+(``jaxdl.gemm``), each is measured with XLA's GEMMs and with the kernel, and the fastest
+is the bound.
 
 Reported per way: model-samples/s (training examples × members per second), ratios,
 the sweep's aggregate FLOP rate against the peak-matmul rate and the step-GEMM
@@ -31,6 +33,7 @@ Usage: ``python benchmarks/bench_sweep.py [--json] [--rounds 3]``.
 
 from __future__ import annotations
 
+import functools
 import os
 import sys
 import time
@@ -46,6 +49,7 @@ from common import (  # noqa: E402
     device_name,
     emit,
     interleaved,
+    kernel_available,
     matmul_flops_per_second,
     mlp_gemm_loop,
     mlp_step_gemm_seconds,
@@ -118,14 +122,21 @@ def scenario(ds, sizes, members, rounds, with_torch):
         t = peers.torch_func_ensemble(ds, sizes, BATCH, members)
         if t is not None:
             runs["torch_func_vmap"] = t
-    probes = {"step_gemm": lambda: mlp_step_gemm_seconds(sizes, BATCH)}
     where = devices.for_members(members)
-    if len(where) > 1:  # the GEMMs of one step on every core at once, per step
-        probes["step_gemm_per_core"] = lambda: mlp_step_gemm_seconds(sizes, BATCH, where)
     steps = len(ds.x) // BATCH
-    loops = {"gemm_loop": (mlp_gemm_loop(sizes, BATCH, steps), 1)}
-    if len(where) > 1:  # one loop on every core at once
-        loops["gemm_loop_per_core"] = (mlp_gemm_loop(sizes, BATCH, steps, where), len(where))
+    probes, loops = {}, {}
+    # XLA's GEMMs and, where jaxdl runs them, its kernel's; the fastest is the bound
+    for by in ("xla", "kernel") if kernel_available() else ("xla",):
+        k = by == "kernel"
+        probes[f"step_gemm_{by}"] = functools.partial(mlp_step_gemm_seconds, sizes, BATCH, kernel=k)
+        loops[f"gemm_loop_{by}"] = (mlp_gemm_loop(sizes, BATCH, steps, kernel=k), 1)
+        if len(where) > 1:  # one step's GEMMs (one loop) on every core at once, per step
+            probes[f"step_gemm_per_core_{by}"] = functools.partial(
+                mlp_step_gemm_seconds, sizes, BATCH, where, kernel=k
+            )
+            loops[f"gemm_loop_per_core_{by}"] = (
+                mlp_gemm_loop(sizes, BATCH, steps, where, kernel=k), len(where)
+            )  # fmt: skip
     runs.update({k: run for k, (run, _) in loops.items()})
     best = interleaved(runs, rounds, probes)
     n = len(ds.x)

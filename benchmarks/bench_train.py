@@ -6,6 +6,8 @@ Ways, timed in one run on the same data, after compilation:
   statistics on a probe batch; no validation pass, like the others).
 - ``jaxdl_optax_update``: the same with Optax's Adam update instead of jaxdl's fused
   one (``jaxdl.fused``; this way is left out where jaxdl itself runs Optax's).
+- ``jaxdl_xla_gemm``: the same with XLA's GEMMs instead of jaxdl's kernel
+  (``jaxdl.gemm``; left out where jaxdl itself runs XLA's).
 - ``flax_scan``: a hand-written Flax + Optax loop fused with ``lax.scan`` (shuffled copy
   of the data each epoch), as in Flax's examples.
 - ``flax_jit_per_batch``: a hand-written ``jax.jit`` train step called once per batch.
@@ -17,13 +19,16 @@ layouts, timed alone: what a step could reach if everything else were free; meas
 every round, between the ways, and the fastest kept); the loop roofline (the same
 GEMMs as one compiled loop over an epoch's steps with nothing else in it, timed as a way:
 ``common.mlp_gemm_loop``); and the peak-matmul bound (the step's FLOPs at the best
-square-matmul rate of the device).
+square-matmul rate of the device). Where jaxdl runs its own GEMM kernel, both rooflines
+are measured with XLA's GEMMs and with the kernel, and the faster of each pair is the
+bound (``roofline_by``: which it was).
 Usage: ``python benchmarks/bench_train.py [--json] [--rounds 5]``.
 """
 
 from __future__ import annotations
 
 import dataclasses
+import functools
 import os
 import sys
 import time
@@ -48,7 +53,7 @@ from common import (  # noqa: E402
 )
 
 import jaxdl  # noqa: E402
-from jaxdl import fused, train  # noqa: E402
+from jaxdl import fused, gemm, train  # noqa: E402
 
 SIZES = (784, 500, 500, 10)
 BATCH = 100
@@ -60,11 +65,10 @@ def _default():
     )
 
 
-def bench_jaxdl(ds, fused_adam: bool | None = None):
-    """``fused_adam``: None keeps what ``prepare`` chose; False: Optax's update."""
+def bench_jaxdl(ds, **choices):
+    """``choices`` (``fused_adam``, ``gemm``) override what ``prepare`` chose."""
     setup, hp = train.prepare(*_default(), ds, epochs=1000, batch_size=BATCH)
-    if fused_adam is not None:
-        setup = dataclasses.replace(setup, fused_adam=fused_adam)
+    setup = dataclasses.replace(setup, **choices)
     state = train.programs(setup).init(jax.random.key(0), hp)
     data = train.to_device(ds)
     t0 = time.perf_counter()
@@ -164,6 +168,13 @@ def main(argv=None):
     else:
         print("jaxdl_optax_update: skipped: jaxdl itself runs Optax's update here", file=sys.stderr)
     extra["jaxdl_fused_adam"] = "jaxdl_optax_update" in runs
+    kernel = gemm.unavailable() is None
+    if kernel:
+        runs["jaxdl_xla_gemm"] = bench_jaxdl(ds, gemm=False)[0]
+    else:
+        print(f"jaxdl_xla_gemm: skipped: jaxdl runs XLA's GEMMs here ({gemm.unavailable()})",
+              file=sys.stderr)  # fmt: skip
+    extra["jaxdl_gemm_kernel"] = kernel
     runs["flax_scan"], extra["flax_scan_first_epoch_seconds"] = bench_flax_scan(ds)
     runs["flax_jit_per_batch"] = bench_flax_per_batch(ds)
     for name, fn in (("keras", bench_keras), ("torch_eager", bench_torch)):
@@ -171,16 +182,27 @@ def main(argv=None):
         if run is not None:
             runs[name] = run
     steps = len(ds.x) // BATCH
-    runs["gemm_loop"] = mlp_gemm_loop(SIZES, BATCH, steps)
-    best = interleaved(runs, a.rounds, {"step_gemm": lambda: mlp_step_gemm_seconds(SIZES, BATCH)})
-    step_gemm = best.pop("step_gemm")
-    loop_roofline = steps * BATCH / best.pop("gemm_loop")
+    bys = ("xla", "kernel") if kernel else ("xla",)
+    probes = {}
+    for by in bys:
+        k = by == "kernel"
+        runs[f"gemm_loop_{by}"] = mlp_gemm_loop(SIZES, BATCH, steps, kernel=k)
+        probes[f"step_gemm_{by}"] = functools.partial(mlp_step_gemm_seconds, SIZES, BATCH, kernel=k)
+    best = interleaved(runs, a.rounds, probes)
+    step_gemm = {by: best.pop(f"step_gemm_{by}") for by in bys}
+    loop = {by: steps * BATCH / best.pop(f"gemm_loop_{by}") for by in bys}
     rows = {k: len(ds.x) / t for k, t in best.items()}
     flops = mlp_train_flops(SIZES)
     peak = matmul_flops_per_second()
-    rows["roofline"] = BATCH / step_gemm
-    rows["loop_roofline"] = loop_roofline
+    by = min(step_gemm, key=step_gemm.get)  # the faster GEMMs bound the step
+    rows["roofline"] = BATCH / step_gemm[by]
+    rows["loop_roofline"] = max(loop.values())
     rows["peak_matmul_bound"] = peak / flops
+    extra["roofline_by"] = by
+    extra["loop_roofline_by"] = max(loop, key=loop.get)
+    for b in bys:
+        extra[f"roofline_{b}_gemm"] = BATCH / step_gemm[b]
+        extra[f"loop_roofline_{b}_gemm"] = loop[b]
     ratios = {
         f"jaxdl_vs_{k}": rows["jaxdl"] / v
         for k, v in rows.items()
@@ -190,7 +212,7 @@ def main(argv=None):
         roofline_fraction=rows["jaxdl"] / rows["roofline"],
         loop_roofline_fraction=rows["jaxdl"] / rows["loop_roofline"],
         peak_fraction=rows["jaxdl"] / rows["peak_matmul_bound"],
-        step_gemm_gflops=flops * BATCH / step_gemm / 1e9,
+        step_gemm_gflops=flops * BATCH / step_gemm[by] / 1e9,
         matmul_gflops=peak / 1e9,
         train_mflops_per_sample=flops / 1e6,
         device=device_name(),

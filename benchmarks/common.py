@@ -15,7 +15,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxdl import devices
+from jaxdl import devices, gemm
 from jaxdl.devices import compiler_options
 
 
@@ -79,16 +79,31 @@ def _by_device(devices) -> NamedSharding:
     return NamedSharding(Mesh(np.asarray(devices), ("d",)), P("d"))
 
 
-def _gemm_seconds(lhs_shape, rhs_shape, dims, repeats: int = 200, devices=None) -> float:
-    """Seconds one ``dot_general`` of these operand shapes takes: best of ``repeats``
-    blocking calls, less the dispatch round trip. (Calls queued back to back overlap
-    on the CPU's threads and measure contention instead.) With several ``devices``, one
-    such GEMM runs on each at once, and the time is per GEMM (the call's / the count)."""
+def kernel_available() -> bool:
+    """Whether jaxdl's dense layers run their GEMMs by ``jaxdl.gemm``'s kernel here."""
+    return gemm.unavailable() is None
+
+
+def _product(form: str, kernel: bool) -> Callable:
+    """``(a, b) -> a·b`` (``nn``), ``aᵀ·b`` (``tn``) or ``a·bᵀ`` (``nt``), by XLA or, with
+    ``kernel``, by ``jaxdl.gemm``'s kernel."""
+    if kernel:
+        return lambda a, b: gemm.matmul(a, b, ta=form == "tn", tb=form == "nt")
+    return {"nn": lambda a, b: a @ b, "tn": lambda a, b: a.T @ b, "nt": lambda a, b: a @ b.T}[form]
+
+
+def _gemm_seconds(lhs_shape, rhs_shape, form, repeats: int = 200, devices=None,
+                  kernel=False) -> float:  # fmt: skip
+    """Seconds one GEMM (``form`` as in ``_product``) of these operand shapes takes: best
+    of ``repeats`` blocking calls, less the dispatch round trip. (Calls queued back to
+    back overlap on the CPU's threads and measure contention instead.) With several
+    ``devices``, one such GEMM runs on each at once, and the time is per GEMM (the
+    call's / the count)."""
     n = 1 if devices is None else len(devices)
     k1, k2 = jax.random.split(jax.random.key(0))
     a = jax.random.normal(k1, lhs_shape, jnp.float32)
     b = jax.random.normal(k2, rhs_shape, jnp.float32)
-    dot = jax.jit(lambda a, b: jax.lax.dot_general(a, b, (dims, ((), ()))))
+    dot = jax.jit(_product(form, kernel))
     if n > 1:  # a leading axis over the devices: one GEMM on each
         by_device = _by_device(devices)
         a, b = jax.device_put((jnp.stack([a] * n), jnp.stack([b] * n)), by_device)
@@ -97,22 +112,31 @@ def _gemm_seconds(lhs_shape, rhs_shape, dims, repeats: int = 200, devices=None) 
     return (best_of(lambda: dot(a, b).block_until_ready(), repeats) - _dispatch_seconds()) / n
 
 
-def mlp_step_gemm_seconds(sizes: tuple[int, ...], batch: int, devices=None) -> float:
+def _by_kernel(kernel: bool, width: int) -> bool:
+    # as jaxdl's dense layers choose: the kernel for layers at least MIN_WIDTH wide
+    return kernel and width >= gemm.MIN_WIDTH
+
+
+def mlp_step_gemm_seconds(sizes: tuple[int, ...], batch: int, devices=None,
+                          kernel: bool = False) -> float:  # fmt: skip
     """Time the GEMMs of one training step of a dense net take on their own, at their
     own shapes and operand layouts: forward x·W, weight gradient xᵀ·δ, and input
     gradient δ·Wᵀ for every layer but the first. The ceiling a step could reach. With
     several ``devices`` (CPU cores as devices, say), each runs one step's GEMMs at once
-    and the time is per step."""
+    and the time is per step. ``kernel``: as jaxdl's dense layers run them with
+    ``jaxdl.gemm``'s kernel (layers narrower than its ``MIN_WIDTH`` by XLA)."""
     total = 0.0
     for i, (k, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        total += _gemm_seconds((batch, k), (k, n), ((1,), (0,)), devices=devices)  # x W
-        total += _gemm_seconds((batch, k), (batch, n), ((0,), (0,)), devices=devices)  # xᵀ δ
+        kw = {"devices": devices, "kernel": _by_kernel(kernel, n)}
+        total += _gemm_seconds((batch, k), (k, n), "nn", **kw)  # x W
+        total += _gemm_seconds((batch, k), (batch, n), "tn", **kw)  # xᵀ δ
         if i > 0:
-            total += _gemm_seconds((batch, n), (k, n), ((1,), (1,)), devices=devices)  # δ Wᵀ
+            total += _gemm_seconds((batch, n), (k, n), "nt", **kw)  # δ Wᵀ
     return total
 
 
-def mlp_gemm_loop(sizes: tuple[int, ...], batch: int, steps: int, devices=None) -> Callable:
+def mlp_gemm_loop(sizes: tuple[int, ...], batch: int, steps: int, devices=None,
+                  kernel: bool = False) -> Callable:  # fmt: skip
     """A compiled loop of ``steps`` training steps' GEMMs and nothing else: the same eight
     GEMMs as ``mlp_step_gemm_seconds`` (forward, weight and input gradients, on a new
     input each step), chained as in backprop but without activations, loss or update.
@@ -121,24 +145,26 @@ def mlp_gemm_loop(sizes: tuple[int, ...], batch: int, steps: int, devices=None) 
 
     Unlike the per-GEMM probe, this bound is measured as the training programs are: one
     long compiled loop whose steps each read a new input from memory, timed whole, so its
-    ratio to an epoch does not rest on the hot-cache, best-of-200 timing of single calls."""
+    ratio to an epoch does not rest on the hot-cache, best-of-200 timing of single calls.
+    ``kernel``: the GEMMs as jaxdl's dense layers run them with ``jaxdl.gemm``'s kernel."""
     n = 1 if devices is None else len(devices)
     shapes = list(zip(sizes[:-1], sizes[1:], strict=True))
     keys = jax.random.split(jax.random.key(0), len(shapes) + 1)
     ws = [jax.random.normal(k, (n, a, b), jnp.float32) / np.sqrt(a) for k, (a, b) in
           zip(keys, shapes, strict=False)]  # fmt: skip
     xs = jax.random.uniform(keys[-1], (n, steps, batch, sizes[0]), jnp.float32)
+    forms = [{f: _product(f, _by_kernel(kernel, b)) for f in ("nn", "tn", "nt")} for _, b in shapes]
 
     def loop(ws, xs):
         def body(_, x):
             hs = [x]
-            for w in ws:
-                hs.append(hs[-1] @ w)
+            for w, f in zip(ws, forms, strict=True):
+                hs.append(f["nn"](hs[-1], w))
             d, grads = hs[-1], []
             for i in reversed(range(len(ws))):
-                grads.append(hs[i].T @ d)
+                grads.append(forms[i]["tn"](hs[i], d))
                 if i > 0:
-                    d = d @ ws[i].T
+                    d = forms[i]["nt"](d, ws[i])
             return tuple(grads), None
 
         zeros = tuple(jnp.zeros_like(w) for w in reversed(ws))
@@ -151,7 +177,9 @@ def mlp_gemm_loop(sizes: tuple[int, ...], batch: int, steps: int, devices=None) 
         by_device = _by_device(devices)
         args = jax.device_put((ws, xs), by_device)
         local = lambda ws, xs: [g[None] for g in loop([w[0] for w in ws], xs[0])]  # noqa: E731
-        fn = jax.jit(jax.shard_map(local, mesh=by_device.mesh, in_specs=P("d"), out_specs=P("d")))
+        # check_vma=False: an FFI call (jaxdl.gemm) does not mark its results per device
+        fn = jax.jit(jax.shard_map(local, mesh=by_device.mesh, in_specs=P("d"), out_specs=P("d"),
+                                   check_vma=False))  # fmt: skip
     exe = fn.lower(*args).compile(compiler_options=compiler_options())
 
     def run():

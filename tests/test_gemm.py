@@ -10,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxdl
-from jaxdl import devices, gemm, train
+from jaxdl import devices, gemm, sweep, train
 
 needs_kernel = pytest.mark.skipif(
     gemm.unavailable() is not None, reason=f"GEMM kernel unavailable: {gemm.unavailable()}"
@@ -163,3 +163,26 @@ def test_bad_shapes_are_named_on_the_host(a, b, kw, match):
         gemm.matmul(jnp.ones(a), jnp.ones(b), **kw)
     with pytest.raises(ValueError, match="expected float32"):
         gemm.matmul(jnp.ones((4, 5), jnp.int32), jnp.ones((5, 3)))
+
+
+@needs_kernel
+@pytest.mark.parametrize("form", ["serial", "shared_batched", "own"])
+def test_sweep_members_with_it_equal_standalone_fits(blobs, monkeypatch, form):
+    """In each way a sweep runs its members (in turn, vmapped over a shared minibatch,
+    vmapped with their own), a member equals its standalone fit."""
+    monkeypatch.setattr(sweep, "CONCAT_MAX_WIDTH", 8)  # the concatenated form runs XLA's
+    if form != "serial":
+        monkeypatch.setattr(sweep, "SERIAL_PLATFORMS", ())
+    model, opt = jaxdl.MLP(hidden=(40,), num_classes=3), jaxdl.make_optimizer("adam")
+    seeds = [5, 6] if form == "own" else [5]
+    configs = sweep.grid(learning_rate=[3e-3, 3e-2])
+    kw = dict(epochs=2, batch_size=48, validation=blobs.valid)
+    setup, *_ = sweep.prepare_sweep(model, opt, blobs.train, configs, seeds=seeds, **kw)
+    assert setup.gemm and sweep.batch_form(setup, shared=len(seeds) == 1) == form
+    res = sweep.sweep(model, opt, blobs.train, configs, seeds=seeds, **kw)
+    for i, row in enumerate(res.rows):
+        o = jaxdl.make_optimizer("adam", learning_rate=row["learning_rate"])
+        state, _ = jaxdl.fit(model, o, blobs.train, key=row["seed"], **kw)
+        member = jax.tree_util.tree_map(lambda v, i=i: v[i], res.states.params)
+        for a, b in zip(jax.tree.leaves(member), jax.tree.leaves(state.params), strict=True):
+            np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
