@@ -6,15 +6,17 @@ libraries in turn for ``--rounds`` rounds, each library's GEMMs after a pause th
 the previous library's threads go idle (best kept):
 
 - ``xla``: ``lax.dot_general`` inside a compiled ``lax.scan``, as an epoch runs it (what
-  jaxdl, the hand-written loops and Keras on JAX get);
+  the hand-written loops and Keras on JAX get);
+- ``jaxdl``: ``jaxdl.gemm``'s kernel in the same loop, as jaxdl's dense layers run it
+  (where it is available: a CPU with AVX-512 and a C++ compiler);
 - ``torch``: PyTorch's ``matmul`` in eager mode (MKL/oneDNN), if PyTorch is installed;
 - ``numpy``: NumPy's ``matmul`` (its bundled OpenBLAS).
 
 Each uses all cores (PyTorch and OpenBLAS their own thread pools). Prints GFLOP/s per
 GEMM and the step's GEMM time per library. A step cannot take less than its GEMMs, so
-this says which bounds a library built on XLA can reach against a peer built on MKL:
-``bench_train.py``'s ≥ 2× PyTorch eager needs a step in half of PyTorch's, which is
-below XLA's GEMM time on CPUs where MKL's GEMMs are much faster (benchmarks/README.md).
+this says which bounds each library's GEMMs set: ``bench_train.py``'s ≥ 2× PyTorch
+eager needs a step in half of PyTorch's, which is below XLA's GEMM time on CPUs where
+MKL's GEMMs are much faster (benchmarks/README.md).
 Usage: ``python benchmarks/bench_gemm.py [--json] [--rounds 5] [--calls 50]``.
 """
 
@@ -30,7 +32,14 @@ import jax.numpy as jnp
 import numpy as np
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import best_of, device_name, mlp_train_flops, parse_args  # noqa: E402
+from common import (  # noqa: E402
+    best_of,
+    device_name,
+    gemm_fn,
+    kernel_available,
+    mlp_train_flops,
+    parse_args,
+)
 from peers import torch_available  # noqa: E402
 
 SIZES = (784, 500, 500, 10)
@@ -59,14 +68,14 @@ def product(a, b, form):
     return {"nn": lambda: a @ b, "tn": lambda: a.T @ b, "nt": lambda: a @ b.T}[form]()
 
 
-def xla_way(a, b, form, calls: int):
-    """``calls`` GEMMs in one compiled scan; the carry feeds each into the next call's
-    operand so that XLA can neither hoist nor drop them."""
-    dims = {"nn": ((1,), (0,)), "tn": ((0,), (0,)), "nt": ((1,), (1,))}[form]
+def compiled_way(a, b, form, calls: int, kernel: bool):
+    """``calls`` GEMMs in one compiled scan, by XLA or by jaxdl's kernel; the carry feeds
+    each into the next call's operand so that XLA can neither hoist nor drop them."""
+    fn = gemm_fn(form, kernel)
 
     def loop(a, b):
         def body(c, _):
-            out = jax.lax.dot_general(a + c, b, (dims, ((), ())))
+            out = fn(a + c, b)
             return c + 0 * out[0, 0], None
 
         return jax.lax.scan(body, jnp.float32(0), None, length=calls)[0]
@@ -99,11 +108,17 @@ def main(argv=None) -> dict:
     gemms = step_gemms()
     # the same FLOPs as bench_train's roofline counts
     assert sum(flops(ls, rs, f) for _, ls, rs, f in gemms) == mlp_train_flops(SIZES) * BATCH
-    libs = ["xla", *(["torch"] if torch is not None else []), "numpy"]
+    kernel = kernel_available()
+    if not kernel:
+        print("  jaxdl: its GEMM kernel is not available here; skipped")
+    libs = ["xla", *(["jaxdl"] if kernel else []), *(["torch"] if torch is not None else []),
+            "numpy"]  # fmt: skip
     runs = {}
     for name, ls, rs, form in gemms:
         a, b = rng.standard_normal(ls, np.float32), rng.standard_normal(rs, np.float32)
-        runs[f"xla|{name}"] = xla_way(a, b, form, args.calls)
+        runs[f"xla|{name}"] = compiled_way(a, b, form, args.calls, kernel=False)
+        if kernel:
+            runs[f"jaxdl|{name}"] = compiled_way(a, b, form, args.calls, kernel=True)
         if torch is not None:
             ta, tb = torch.from_numpy(a), torch.from_numpy(b)
             runs[f"torch|{name}"] = eager_way(ta, tb, form, args.calls)
@@ -128,7 +143,8 @@ def main(argv=None) -> dict:
         print(f"  {name:<24}" + "".join(f"{row[lib]:9.1f}" for lib in libs))
     step_ms = {lib: 1e3 * sum(seconds[f"{lib}|{g[0]}"] for g in gemms) for lib in libs}
     print(f"  {'step (ms)':<24}" + "".join(f"{step_ms[lib]:9.3f}" for lib in libs))
-    ratios = {f"xla_vs_{lib}": step_ms[lib] / step_ms["xla"] for lib in libs if lib != "xla"}
+    # how much faster than XLA's GEMMs each library's are (above 1: faster)
+    ratios = {f"{lib}_vs_xla": step_ms["xla"] / step_ms[lib] for lib in libs if lib != "xla"}
     for name, r in ratios.items():
         print(f"  {name}: {r:.2f}x")
     print(f"  ({time.perf_counter() - t0:.1f} s; {device_name()})")

@@ -84,7 +84,7 @@ def kernel_available() -> bool:
     return gemm.unavailable() is None
 
 
-def _product(form: str, kernel: bool) -> Callable:
+def gemm_fn(form: str, kernel: bool) -> Callable:
     """``(a, b) -> a·b`` (``nn``), ``aᵀ·b`` (``tn``) or ``a·bᵀ`` (``nt``), by XLA or, with
     ``kernel``, by ``jaxdl.gemm``'s kernel."""
     if kernel:
@@ -94,7 +94,7 @@ def _product(form: str, kernel: bool) -> Callable:
 
 def _gemm_seconds(lhs_shape, rhs_shape, form, repeats: int = 200, devices=None,
                   kernel=False) -> float:  # fmt: skip
-    """Seconds one GEMM (``form`` as in ``_product``) of these operand shapes takes: best
+    """Seconds one GEMM (``form`` as in ``gemm_fn``) of these operand shapes takes: best
     of ``repeats`` blocking calls, less the dispatch round trip. (Calls queued back to
     back overlap on the CPU's threads and measure contention instead.) With several
     ``devices``, one such GEMM runs on each at once, and the time is per GEMM (the
@@ -103,7 +103,7 @@ def _gemm_seconds(lhs_shape, rhs_shape, form, repeats: int = 200, devices=None,
     k1, k2 = jax.random.split(jax.random.key(0))
     a = jax.random.normal(k1, lhs_shape, jnp.float32)
     b = jax.random.normal(k2, rhs_shape, jnp.float32)
-    dot = jax.jit(_product(form, kernel))
+    dot = jax.jit(gemm_fn(form, kernel))
     if n > 1:  # a leading axis over the devices: one GEMM on each
         by_device = _by_device(devices)
         a, b = jax.device_put((jnp.stack([a] * n), jnp.stack([b] * n)), by_device)
@@ -153,7 +153,7 @@ def mlp_gemm_loop(sizes: tuple[int, ...], batch: int, steps: int, devices=None,
     ws = [jax.random.normal(k, (n, a, b), jnp.float32) / np.sqrt(a) for k, (a, b) in
           zip(keys, shapes, strict=False)]  # fmt: skip
     xs = jax.random.uniform(keys[-1], (n, steps, batch, sizes[0]), jnp.float32)
-    forms = [{f: _product(f, _by_kernel(kernel, b)) for f in ("nn", "tn", "nt")} for _, b in shapes]
+    forms = [{f: gemm_fn(f, _by_kernel(kernel, b)) for f in ("nn", "tn", "nt")} for _, b in shapes]
 
     def loop(ws, xs):
         def body(_, x):
