@@ -7,8 +7,9 @@ the previous library's threads go idle (best kept):
 
 - ``xla``: ``lax.dot_general`` inside a compiled ``lax.scan``, as an epoch runs it (what
   the hand-written loops and Keras on JAX get);
-- ``jaxdl``: ``jaxdl.gemm``'s kernel in the same loop, as jaxdl's dense layers run it
-  (where it is available: a CPU with AVX-512 and a C++ compiler);
+- ``jaxdl``: as jaxdl's dense layers run them: ``jaxdl.gemm``'s kernel in the same loop,
+  and XLA's GEMMs for the 10-wide output layer (narrower than ``gemm.MIN_WIDTH``); where
+  the kernel is available (a CPU with AVX-512 and a C++ compiler);
 - ``torch``: PyTorch's ``matmul`` in eager mode (MKL/oneDNN), if PyTorch is installed;
 - ``numpy``: NumPy's ``matmul`` (its bundled OpenBLAS).
 
@@ -42,13 +43,16 @@ from common import (  # noqa: E402
 )
 from peers import torch_available  # noqa: E402
 
+from jaxdl import gemm  # noqa: E402
+
 SIZES = (784, 500, 500, 10)
 BATCH = 100
 
 
 def step_gemms(sizes=SIZES, batch=BATCH) -> list[tuple[str, tuple, tuple, str]]:
     """(name, lhs shape, rhs shape, form) of one step's GEMMs; form ``nn``: a·b, ``tn``:
-    aᵀ·b, ``nt``: a·bᵀ."""
+    aᵀ·b, ``nt``: a·bᵀ. The layer's width is the last dimension of ``nn``'s and ``tn``'s
+    right operand and of ``nt``'s left one."""
     out = []
     for i, (k, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         out.append((f"x·W {batch}x{k}·{k}x{n}", (batch, k), (k, n), "nn"))
@@ -118,7 +122,9 @@ def main(argv=None) -> dict:
         a, b = rng.standard_normal(ls, np.float32), rng.standard_normal(rs, np.float32)
         runs[f"xla|{name}"] = compiled_way(a, b, form, args.calls, kernel=False)
         if kernel:
-            runs[f"jaxdl|{name}"] = compiled_way(a, b, form, args.calls, kernel=True)
+            width = ls[1] if form == "nt" else rs[1]
+            by_kernel = width >= gemm.MIN_WIDTH  # as the dense layers choose
+            runs[f"jaxdl|{name}"] = compiled_way(a, b, form, args.calls, kernel=by_kernel)
         if torch is not None:
             ta, tb = torch.from_numpy(a), torch.from_numpy(b)
             runs[f"torch|{name}"] = eager_way(ta, tb, form, args.calls)

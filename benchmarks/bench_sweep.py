@@ -154,6 +154,13 @@ def scenario(ds, sizes, members, rounds, with_torch):
     # per member, any count; the faster of the GEMMs split over the cores or one per core
     rows["roofline"] = BATCH / min(best[p] for p in probes)
     rows["loop_roofline"] = max(k * steps * BATCH / best[name] for name, (_, k) in loops.items())
+    for by in ("xla", "kernel"):  # each GEMMs' bounds, as samples/s
+        mine = [p for p in probes if p.endswith(by)]
+        if mine:
+            extra[f"roofline_{by}_gemm"] = BATCH / min(best[p] for p in mine)
+            extra[f"loop_roofline_{by}_gemm"] = max(
+                k * steps * BATCH / best[n] for n, (_, k) in loops.items() if n.endswith(by)
+            )
     extra["aggregate_gflops"] = rows["jaxdl_sweep"] * flops / 1e9
     return rows, extra
 
@@ -182,6 +189,9 @@ def main(argv=None):
         extra[f"{label}/peak_fraction"] = ex["aggregate_gflops"] * 1e9 / peak
         extra[f"{label}/compile_seconds"] = ex["compile_seconds"]
         extra[f"{label}/devices"] = ex["devices"]
+        for key in [k for k in ex if k.startswith(("roofline_", "loop_roofline_"))]:
+            extra[f"{label}/{key}"] = ex[key]
+            extra[f"{label}/{key}_fraction"] = rows["jaxdl_sweep"] / ex[key]
         if ex["bytes_per_member"] is not None:
             extra[f"{label}/mib_per_member"] = ex["bytes_per_member"] / 2**20
     extra["roofline_fraction"] = extra["seed_mlp_8/roofline_fraction"]

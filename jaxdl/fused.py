@@ -21,9 +21,6 @@ backend), or with ``JAXDL_FUSED_ADAM=0``, training uses Optax's update instead.
 
 from __future__ import annotations
 
-import functools
-import os
-import warnings
 from pathlib import Path
 
 import jax
@@ -61,19 +58,10 @@ def unavailable(optimizer: Optimizer) -> str | None:
         return f"{optimizer.name} is not adam or adamw"
     if optimizer.freeze or optimizer.layer_lr or optimizer.constrain:
         return "frozen layers, per-layer learning rates and max-norm use Optax's chain"
-    if os.environ.get(_ENV_OFF, "1") == "0":
-        return f"{_ENV_OFF}=0"
-    if jax.default_backend() != "cpu":
-        return f"the default backend is {jax.default_backend()}, not cpu"
-    why = _registered()
-    if why is not None:
-        _warn_once(why)
-    return why
-
-
-@functools.cache
-def _warn_once(why: str) -> None:
-    warnings.warn(f"{why}; training uses Optax's Adam update", RuntimeWarning, stacklevel=3)
+    return kernels.why_not(
+        SOURCE, "JaxdlAdam", TARGET, env_off=_ENV_OFF, what="the fused Adam update",
+        instead="training uses Optax's Adam update",
+    )  # fmt: skip
 
 
 def _leaf(p, g, m, v, scalars, after=()):

@@ -2,8 +2,9 @@
 
 At training's batch sizes (e.g. 100×784 · 784×500) XLA:CPU's GEMMs use about half of
 the cores' FMA rate. A packed, register-tiled AVX-512 kernel runs the default MLP's
-wide GEMMs 1.1–1.5× faster, and a whole epoch of ``fit`` 1.05–1.07× (measured:
-``benchmarks/bench_gemm.py``, ``benchmarks/README.md``).
+step GEMMs 1.1–1.2× faster (x·W and δ·Wᵀ 1.2–1.5×, xᵀ·δ about as fast), and a whole
+epoch of ``fit`` 1.05–1.09× (``benchmarks/bench_gemm.py``, ``bench_train.py``;
+``benchmarks/README.md``).
 
 ``dot_general`` is a drop-in for ``lax.dot_general`` that ``jaxdl.models`` gives its
 dense layers: a float32 (B, I)·(I, O) product with O ≥ ``MIN_WIDTH`` uses the kernel,
@@ -21,17 +22,14 @@ same product alone bit for bit.
 from __future__ import annotations
 
 import contextlib
-import functools
-import os
 import threading
-import warnings
 from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxdl import devices, kernels
+from jaxdl import kernels
 
 TARGET = "jaxdl_matmul"
 SOURCE = "gemm.cc"
@@ -43,21 +41,10 @@ _local = threading.local()
 def unavailable() -> str | None:
     """Why the kernel cannot be used here (None: it can). Builds it on first use; a failed
     build warns once and the dense layers use XLA's GEMMs."""
-    if os.environ.get(_ENV_OFF, "1") == "0":
-        return f"{_ENV_OFF}=0"
-    if jax.default_backend() != "cpu":
-        return f"the default backend is {jax.default_backend()}, not cpu"
-    if "avx512f" not in devices.cpu_info("flags").split():
-        return "the CPU has no AVX-512"
-    why = kernels.register(SOURCE, "JaxdlMatmul", TARGET, "the GEMM kernel")
-    if why is not None:
-        _warn_once(why)
-    return why
-
-
-@functools.cache
-def _warn_once(why: str) -> None:
-    warnings.warn(f"{why}; dense layers use XLA's GEMMs", RuntimeWarning, stacklevel=3)
+    return kernels.why_not(
+        SOURCE, "JaxdlMatmul", TARGET, env_off=_ENV_OFF, what="the GEMM kernel",
+        instead="dense layers use XLA's GEMMs", cpu_flag="avx512f",
+    )  # fmt: skip
 
 
 @contextlib.contextmanager

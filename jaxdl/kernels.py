@@ -15,6 +15,7 @@ import os
 import subprocess
 import sys
 import tempfile
+import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -78,3 +79,25 @@ def register(source: str, symbol: str, target: str, what: str) -> str | None:
         detail = (getattr(e, "stderr", "") or str(e)).strip().splitlines()
         return f"could not build {what} ({detail[-1] if detail else e})"
     return None
+
+
+def why_not(source: str, symbol: str, target: str, *, env_off: str, what: str, instead: str,
+            cpu_flag: str | None = None) -> str | None:  # fmt: skip
+    """Why the handler ``symbol`` of ``source`` cannot be used here (None: it can):
+    ``env_off`` set to 0, a backend other than the CPU, a CPU without ``cpu_flag``, or a
+    failed build, which warns once that jaxdl does ``instead``. Builds it on first use."""
+    if os.environ.get(env_off, "1") == "0":
+        return f"{env_off}=0"
+    if jax.default_backend() != "cpu":
+        return f"the default backend is {jax.default_backend()}, not cpu"
+    if cpu_flag is not None and cpu_flag not in (devices.cpu_info("flags") or "").split():
+        return f"the CPU has no {cpu_flag}"
+    why = register(source, symbol, target, what)
+    if why is not None:
+        _warn_once(f"{why}; {instead}")
+    return why
+
+
+@functools.cache
+def _warn_once(message: str) -> None:
+    warnings.warn(message, RuntimeWarning, stacklevel=4)
