@@ -24,6 +24,8 @@ from __future__ import annotations
 import functools
 import json
 import math
+import os
+import time
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from types import ModuleType
@@ -46,6 +48,16 @@ def require() -> ModuleType:
             "pip install 'jaxdl[tensorboard]'"
         ) from None
     return tensorboardX
+
+
+def writer(logdir: str | Path, **kwargs: Any) -> Any:
+    """A ``SummaryWriter`` for ``logdir`` whose event file never takes the name of one
+    already there. tensorboardX names its files by the second and the host alone, so a
+    run resumed within the same second as the interrupted one started (or a sweep
+    written twice) would truncate the earlier file and lose its events. The suffix sorts
+    in the order the files were opened, the order TensorBoard reads them in."""
+    suffix = f".{time.time_ns():020d}.{os.getpid()}"
+    return require().SummaryWriter(logdir=str(logdir), filename_suffix=suffix, **kwargs)
 
 
 def scalar_tag(key: str) -> str:
@@ -117,7 +129,7 @@ class RunWriter:
         resumed_from: int | None = None,
     ):
         purge = None if resumed_from is None else int(resumed_from) + 1
-        self.writer = require().SummaryWriter(logdir=str(logdir), flush_secs=10, purge_step=purge)
+        self.writer = writer(logdir, flush_secs=10, purge_step=purge)
         self.model = model
         self.probe_x = probe_x
         self.step = 0
@@ -176,7 +188,7 @@ def write_sweep(
     exp, _, _ = tbx.summary.hparams(
         {k: _hparam(rows[0][k]) for k in settings}, {f"results/{k}": 0.0 for k in metrics}
     )
-    with tbx.SummaryWriter(logdir=str(run_dir)) as w:
+    with writer(run_dir) as w:
         w.file_writer.add_summary(exp)
     host_params = None if params is None else jax.device_get(params)
     dirs = []
@@ -184,7 +196,7 @@ def write_sweep(
         values = {f"results/{k}": float(row[k]) for k in metrics if _is_number(row.get(k))}
         _, ssi, sei = tbx.summary.hparams({k: _hparam(row[k]) for k in settings}, values)
         logdir = run_dir / f"member-{i:03d}"
-        with tbx.SummaryWriter(logdir=str(logdir)) as w:
+        with writer(logdir) as w:
             w.file_writer.add_summary(ssi)
             last = 0
             for key, curves in history.items():

@@ -183,3 +183,25 @@ def test_missing_tensorboardx_is_a_one_line_error(tmp_path, monkeypatch, capsys)
     assert code == 2 and len(err.strip().splitlines()) == 1
     assert "pip install 'jaxdl[tensorboard]'" in err
     assert not (tmp_path / "r").exists()
+
+
+def test_a_run_resumed_within_the_same_second_keeps_the_earlier_events(tmp_path, monkeypatch):
+    """tensorboardX names event files by the second and the host: two writers in one
+    directory within a second would share a file, the second truncating the first."""
+    import types
+
+    from tensorboardX import event_file_writer
+
+    monkeypatch.setattr(event_file_writer, "time", types.SimpleNamespace(time=lambda: 1.8e9))
+    first = tracking.RunWriter(tmp_path, None, None, None)
+    for epoch in (1, 2):
+        first.epoch(epoch, {"train_loss": 1.0 / epoch})
+    first.close()
+    resumed = tracking.RunWriter(tmp_path, None, None, None, resumed_from=2)
+    for epoch in (3, 4):
+        resumed.epoch(epoch, {"train_loss": 1.0 / epoch})
+    resumed.close()
+    assert len(list(tmp_path.iterdir())) == 2
+    steps, values = _scalars(_events(tmp_path), tracking.scalar_tag("train_loss"))
+    assert steps == [1, 2, 3, 4]
+    np.testing.assert_allclose(values, [1.0, 0.5, 1 / 3, 0.25], rtol=1e-6)
