@@ -35,6 +35,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from common import (  # noqa: E402
     best_of,
+    by_kernel,
     device_name,
     gemm_fn,
     kernel_available,
@@ -42,8 +43,6 @@ from common import (  # noqa: E402
     parse_args,
 )
 from peers import torch_available  # noqa: E402
-
-from jaxdl import gemm  # noqa: E402
 
 SIZES = (784, 500, 500, 10)
 BATCH = 100
@@ -68,10 +67,6 @@ def flops(lhs, rhs, form) -> int:
     return 2 * m * k * n
 
 
-def product(a, b, form):
-    return {"nn": lambda: a @ b, "tn": lambda: a.T @ b, "nt": lambda: a @ b.T}[form]()
-
-
 def compiled_way(a, b, form, calls: int, kernel: bool):
     """``calls`` GEMMs in one compiled scan, by XLA or by jaxdl's kernel; the carry feeds
     each into the next call's operand so that XLA can neither hoist nor drop them."""
@@ -91,9 +86,11 @@ def compiled_way(a, b, form, calls: int, kernel: bool):
 
 
 def eager_way(a, b, form, calls: int):
+    fn = gemm_fn(form, kernel=False)  # the same operators work on NumPy and PyTorch arrays
+
     def run():
         for _ in range(calls):
-            product(a, b, form)
+            fn(a, b)
 
     run()
     return run
@@ -123,8 +120,7 @@ def main(argv=None) -> dict:
         runs[f"xla|{name}"] = compiled_way(a, b, form, args.calls, kernel=False)
         if kernel:
             width = ls[1] if form == "nt" else rs[1]
-            by_kernel = width >= gemm.MIN_WIDTH  # as the dense layers choose
-            runs[f"jaxdl|{name}"] = compiled_way(a, b, form, args.calls, kernel=by_kernel)
+            runs[f"jaxdl|{name}"] = compiled_way(a, b, form, args.calls, by_kernel(True, width))
         if torch is not None:
             ta, tb = torch.from_numpy(a), torch.from_numpy(b)
             runs[f"torch|{name}"] = eager_way(ta, tb, form, args.calls)

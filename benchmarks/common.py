@@ -112,8 +112,9 @@ def _gemm_seconds(lhs_shape, rhs_shape, form, repeats: int = 200, devices=None,
     return (best_of(lambda: dot(a, b).block_until_ready(), repeats) - _dispatch_seconds()) / n
 
 
-def _by_kernel(kernel: bool, width: int) -> bool:
-    # as jaxdl's dense layers choose: the kernel for layers at least MIN_WIDTH wide
+def by_kernel(kernel: bool, width: int) -> bool:
+    """Whether a layer ``width`` wide runs its GEMMs by the kernel, as jaxdl's dense
+    layers choose (with ``kernel`` on): layers narrower than ``gemm.MIN_WIDTH`` use XLA's."""
     return kernel and width >= gemm.MIN_WIDTH
 
 
@@ -127,7 +128,7 @@ def mlp_step_gemm_seconds(sizes: tuple[int, ...], batch: int, devices=None,
     ``jaxdl.gemm``'s kernel (layers narrower than its ``MIN_WIDTH`` by XLA)."""
     total = 0.0
     for i, (k, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        kw = {"devices": devices, "kernel": _by_kernel(kernel, n)}
+        kw = {"devices": devices, "kernel": by_kernel(kernel, n)}
         total += _gemm_seconds((batch, k), (k, n), "nn", **kw)  # x W
         total += _gemm_seconds((batch, k), (batch, n), "tn", **kw)  # xᵀ δ
         if i > 0:
@@ -153,7 +154,7 @@ def mlp_gemm_loop(sizes: tuple[int, ...], batch: int, steps: int, devices=None,
     ws = [jax.random.normal(k, (n, a, b), jnp.float32) / np.sqrt(a) for k, (a, b) in
           zip(keys, shapes, strict=False)]  # fmt: skip
     xs = jax.random.uniform(keys[-1], (n, steps, batch, sizes[0]), jnp.float32)
-    forms = [{f: gemm_fn(f, _by_kernel(kernel, b)) for f in ("nn", "tn", "nt")} for _, b in shapes]
+    forms = [{f: gemm_fn(f, by_kernel(kernel, b)) for f in ("nn", "tn", "nt")} for _, b in shapes]
 
     def loop(ws, xs):
         def body(_, x):
