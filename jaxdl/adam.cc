@@ -23,6 +23,7 @@
 #include <memory>
 #include <thread>
 
+#include "team.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -95,7 +96,7 @@ static ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p,
   w->chunks_per_row = (w->n + kChunk - 1) / kChunk;
   w->chunks = rows * w->chunks_per_row;
   const size_t helpers = std::min<size_t>(static_cast<size_t>(pool.num_threads()), w->chunks - 1);
-  for (size_t t = 0; t < helpers; ++t) pool.Schedule([w] { Drain(*w); });
+  jaxdl_team::Share<Work, Drain>(pool, w, helpers);
   Drain(*w);
   while (w->done.load(std::memory_order_acquire) < w->chunks) std::this_thread::yield();
   return ffi::Error::Success();

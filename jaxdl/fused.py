@@ -31,6 +31,7 @@ from jaxdl import inits, kernels
 from jaxdl.optim import Optimizer
 
 TARGET = "jaxdl_adam"
+_HANDLERS = (("JaxdlAdam", TARGET),)
 SOURCE = "adam.cc"
 _ENV_OFF = "JAXDL_FUSED_ADAM"
 
@@ -48,7 +49,7 @@ def build(path: Path) -> None:
 def _registered() -> str | None:
     """Builds (once per machine) and registers the handler; None when registered, else
     why it could not be."""
-    return kernels.register(SOURCE, "JaxdlAdam", TARGET, "the fused Adam update")
+    return kernels.register(SOURCE, _HANDLERS, "the fused Adam update")
 
 
 def unavailable(optimizer: Optimizer) -> str | None:
@@ -59,7 +60,7 @@ def unavailable(optimizer: Optimizer) -> str | None:
     if optimizer.freeze or optimizer.layer_lr or optimizer.constrain:
         return "frozen layers, per-layer learning rates and max-norm use Optax's chain"
     return kernels.why_not(
-        SOURCE, "JaxdlAdam", TARGET, env_off=_ENV_OFF, what="the fused Adam update",
+        SOURCE, _HANDLERS, env_off=_ENV_OFF, what="the fused Adam update",
         instead="training uses Optax's Adam update",
     )  # fmt: skip
 

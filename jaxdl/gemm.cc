@@ -16,6 +16,13 @@
 // the batch: a member of a vmapped call equals the same product alone, bit for bit.
 //
 // Leading dimensions are batch dimensions (vmap, unbatched operands as size 1).
+//
+// Three more targets serve a dense ReLU layer (jaxdl.gemm.dense_relu) with no
+// elementwise pass left to XLA: "jaxdl_matmul_bias" adds the bias and takes the ReLU as a
+// tile is stored; "jaxdl_matmul_gate_a" and "jaxdl_matmul_gate_b" zero δ where the
+// layer's output is not > 0 as they pack it, and the latter also sums δ's columns (the
+// bias gradient). "jaxdl_take_rows" copies a minibatch's rows. Helpers are shared with
+// the other kernels as team.h describes.
 #include <immintrin.h>
 
 #include <algorithm>
@@ -27,6 +34,7 @@
 #include <thread>
 #include <vector>
 
+#include "team.h"
 #include "xla/ffi/api/ffi.h"
 
 namespace ffi = xla::ffi;
@@ -47,9 +55,17 @@ struct View {
   float at(std::ptrdiff_t i, std::ptrdiff_t j) const { return p[i * si + j * sj]; }
 };
 
+// What a tile does after its last k block: nothing, or adds the bias (32 columns from
+// `bias`) and, if `relu`, takes max(0, ·), which keeps a NaN (max returns its second
+// operand when either is NaN).
+struct Epilogue {
+  const float* bias = nullptr;
+  bool relu = false;
+};
+
 template <int R>
 void Kernel(int kc, const float* __restrict ap, const float* __restrict bp, float* c,
-            std::ptrdiff_t ldc, int nj, bool accumulate) {
+            std::ptrdiff_t ldc, int nj, bool accumulate, Epilogue e = {}) {
   const __mmask16 m0 = nj >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << nj) - 1);
   const __mmask16 m1 =
       nj >= 32 ? 0xFFFF : nj <= 16 ? 0 : static_cast<__mmask16>((1u << (nj - 16)) - 1);
@@ -75,6 +91,22 @@ void Kernel(int kc, const float* __restrict ap, const float* __restrict bp, floa
     }
     ap += R;
   }
+  if (e.bias != nullptr) {
+    const __m512 b0 = _mm512_maskz_loadu_ps(m0, e.bias), b1 = _mm512_maskz_loadu_ps(m1, e.bias + 16);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      c0[r] = _mm512_add_ps(c0[r], b0);
+      c1[r] = _mm512_add_ps(c1[r], b1);
+    }
+  }
+  if (e.relu) {
+    const __m512 zero = _mm512_setzero_ps();
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      c0[r] = _mm512_max_ps(zero, c0[r]);
+      c1[r] = _mm512_max_ps(zero, c1[r]);
+    }
+  }
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     _mm512_mask_storeu_ps(c + r * ldc, m0, c0[r]);
@@ -85,10 +117,10 @@ void Kernel(int kc, const float* __restrict ap, const float* __restrict bp, floa
 // The last rows when the row count is not a multiple of kMR.
 template <int R>
 void RestKernel(int rows, int kc, const float* ap, const float* bp, float* c, std::ptrdiff_t ldc,
-                int nj, bool accumulate) {
+                int nj, bool accumulate, Epilogue e) {
   if constexpr (R > 0) {
-    if (rows == R) return Kernel<R>(kc, ap, bp, c, ldc, nj, accumulate);
-    RestKernel<R - 1>(rows, kc, ap, bp, c, ldc, nj, accumulate);
+    if (rows == R) return Kernel<R>(kc, ap, bp, c, ldc, nj, accumulate, e);
+    RestKernel<R - 1>(rows, kc, ap, bp, c, ldc, nj, accumulate, e);
   }
 }
 
@@ -96,6 +128,11 @@ struct Item {  // one product of the batch
   View a, b;   // op(A) (m×k) and op(B) (k×n)
   float* c;    // m×n, row-major
   float* slivers;
+  // Optional (null when unused), for the fused dense layer (see the handlers below):
+  const float* bias = nullptr;   // n: added to C, before the ReLU if any
+  const float* gate_a = nullptr; // as A (op(A) = A): an element of A counts where gate > 0
+  const float* gate_b = nullptr; // as B (op(B) = B): likewise for B
+  float* b_sums = nullptr;       // n: the column sums of op(B) (after gating)
 };
 
 // The work of one call, split into units that threads take in turn. Two ways:
@@ -107,7 +144,7 @@ struct Item {  // one product of the batch
 //   lines of C written by two threads).
 struct Work {
   int m, n, k, slivers_per_item, panels_per_item;
-  bool by_rows;
+  bool by_rows, relu = false;
   int slivers_per_unit, panels_per_unit, units_per_item;
   std::vector<Item> items;
   size_t pack_units, units;
@@ -155,8 +192,17 @@ void PackSliver(const Work& w, const Item& it, int s) {
     const __mmask16 km = static_cast<__mmask16>((1u << kk) - 1);
     __m512 r[16];
     for (int q = 0; q < 16; ++q) {
-      r[q] = q < rows ? _mm512_maskz_loadu_ps(km, it.a.p + (i0 + q) * it.a.si + k0)
-                      : _mm512_setzero_ps();
+      if (q >= rows) {
+        r[q] = _mm512_setzero_ps();
+        continue;
+      }
+      const std::ptrdiff_t at = (i0 + q) * it.a.si + k0;
+      __mmask16 use = km;
+      if (it.gate_a != nullptr) {  // a gated-off element packs as an exact 0
+        const __m512 g = _mm512_maskz_loadu_ps(km, it.gate_a + at);
+        use = _mm512_mask_cmp_ps_mask(km, g, _mm512_setzero_ps(), _CMP_GT_OQ);
+      }
+      r[q] = _mm512_maskz_loadu_ps(use, it.a.p + at);
     }
     Transpose16(r);
     for (int q = 0; q < kk; ++q) _mm512_mask_storeu_ps(d + (k0 + q) * rows, rm, r[q]);
@@ -164,12 +210,36 @@ void PackSliver(const Work& w, const Item& it, int s) {
 }
 
 // Panel j of op(B): columns j*kNR.. as [k][32], zero-padded.
-void PackPanel(const Work& w, const Item& it, int j, float* d) {
+// With `sums`, also writes the panel's column sums of op(B) to b_sums (one sum over k in
+// increasing order per column).
+void PackPanel(const Work& w, const Item& it, int j, float* d, bool sums = false) {
   const int j0 = j * kNR, cols = std::min(kNR, w.n - j0);
-  if (it.b.sj == 1) {
+  if (it.b.sj == 1) {  // rows of op(B): two vectors each, the columns past n zeroed
+    const __mmask16 m0 = cols >= 16 ? 0xFFFF : static_cast<__mmask16>((1u << cols) - 1);
+    const __mmask16 m1 =
+        cols >= 32 ? 0xFFFF : cols <= 16 ? 0 : static_cast<__mmask16>((1u << (cols - 16)) - 1);
+    const __m512 zero = _mm512_setzero_ps();
+    __m512 s0 = zero, s1 = zero;
     for (int k = 0; k < w.k; ++k) {
-      std::memcpy(d + k * kNR, it.b.p + k * it.b.si + j0, cols * sizeof(float));
-      std::fill(d + k * kNR + cols, d + (k + 1) * kNR, 0.0f);
+      const std::ptrdiff_t at = k * it.b.si + j0;
+      __mmask16 u0 = m0, u1 = m1;
+      if (it.gate_b != nullptr) {
+        u0 = _mm512_mask_cmp_ps_mask(m0, _mm512_maskz_loadu_ps(m0, it.gate_b + at), zero, _CMP_GT_OQ);
+        u1 = _mm512_mask_cmp_ps_mask(m1, _mm512_maskz_loadu_ps(m1, it.gate_b + at + 16), zero,
+                                     _CMP_GT_OQ);
+      }
+      const __m512 v0 = _mm512_maskz_loadu_ps(u0, it.b.p + at);
+      const __m512 v1 = _mm512_maskz_loadu_ps(u1, it.b.p + at + 16);
+      _mm512_store_ps(d + k * kNR, v0);
+      _mm512_store_ps(d + k * kNR + 16, v1);
+      if (sums) {
+        s0 = _mm512_add_ps(s0, v0);
+        s1 = _mm512_add_ps(s1, v1);
+      }
+    }
+    if (sums) {
+      _mm512_mask_storeu_ps(it.b_sums + j0, m0, s0);
+      _mm512_mask_storeu_ps(it.b_sums + j0 + 16, m1, s1);
     }
     return;
   }
@@ -202,10 +272,12 @@ void ComputePanel(const Work& w, const Item& it, int j, const float* panel, int 
       const float* ap = it.slivers + static_cast<size_t>(i0) * w.k + static_cast<size_t>(k0) * rows;
       const float* bp = panel + static_cast<size_t>(k0) * kNR;
       float* c = it.c + static_cast<size_t>(i0) * w.n + j0;
+      Epilogue e;
+      if (k0 + kc == w.k) e = {it.bias == nullptr ? nullptr : it.bias + j0, w.relu};
       if (rows == kMR) {
-        Kernel<kMR>(kc, ap, bp, c, w.n, nj, k0 > 0);
+        Kernel<kMR>(kc, ap, bp, c, w.n, nj, k0 > 0, e);
       } else {
-        RestKernel<kMR - 1>(rows, kc, ap, bp, c, w.n, nj, k0 > 0);
+        RestKernel<kMR - 1>(rows, kc, ap, bp, c, w.n, nj, k0 > 0, e);
       }
     }
   }
@@ -234,7 +306,8 @@ void RunUnit(Work& w, size_t u) {
     const int s1 = std::min(w.slivers_per_item, s0 + w.slivers_per_unit);
     for (int s = s0; s < s1; ++s) PackSliver(w, it, s);
     for (int j = 0; j < w.panels_per_item; ++j) {
-      PackPanel(w, it, j, panel);
+      // Every unit packs every panel; the first writes the column sums.
+      PackPanel(w, it, j, panel, it.b_sums != nullptr && unit == 0);
       ComputePanel(w, it, j, panel, s0 * kMR, std::min(w.m, s1 * kMR));
     }
     return;
@@ -243,7 +316,7 @@ void RunUnit(Work& w, size_t u) {
   const int p0 = unit * w.panels_per_unit;
   const int p1 = std::min(w.panels_per_item, p0 + w.panels_per_unit);
   for (int j = p0; j < p1; ++j) {
-    PackPanel(w, it, j, panel);
+    PackPanel(w, it, j, panel, it.b_sums != nullptr);
     ComputePanel(w, it, j, panel, 0, w.m);
   }
 }
@@ -284,10 +357,25 @@ bool BatchOffsets(ffi::Span<const int64_t> out, ffi::Span<const int64_t> dims, s
 
 }  // namespace
 
-static ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
-                             ffi::Buffer<ffi::F32> b, ffi::ResultBuffer<ffi::F32> c,
-                             int64_t ta, int64_t tb) {
-  const auto ad = a.dimensions(), bd = b.dimensions(), cd = c->dimensions();
+// An optional operand: its data and dimensions (data null when absent).
+struct Operand {
+  const float* p = nullptr;
+  ffi::Span<const int64_t> dims;
+};
+
+// What the fused dense layer adds to a product (jaxdl.gemm.dense_relu):
+// - forward: C = relu(A·B + bias);
+// - input gradient: A gated by the layer's output (an element of δ counts where y > 0);
+// - weight gradient: B gated likewise, and B's column sums (the bias gradient).
+struct Extras {
+  Operand bias, gate_a, gate_b;
+  float* sums = nullptr;
+  bool relu = false;
+};
+
+static ffi::Error Run(ffi::ThreadPool& pool, const float* a_data, ffi::Span<const int64_t> ad,
+                      const float* b_data, ffi::Span<const int64_t> bd, float* out,
+                      ffi::Span<const int64_t> cd, int64_t ta, int64_t tb, const Extras& x) {
   const size_t r = cd.size();
   if (r < 2 || ad.size() != r || bd.size() != r) {
     return ffi::Error::InvalidArgument("jaxdl_matmul: operands must have the output's rank");
@@ -299,19 +387,48 @@ static ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
     return ffi::Error::InvalidArgument("jaxdl_matmul: mismatched matrix shapes");
   }
   const int64_t k = ak;
-  std::vector<size_t> oa, ob;
+  std::vector<size_t> oa, ob, obias, oga, ogb;
   if (!BatchOffsets(cd, ad, m * k, oa) || !BatchOffsets(cd, bd, k * n, ob)) {
     return ffi::Error::InvalidArgument("jaxdl_matmul: mismatched batch dimensions");
   }
-  float* out = c->typed_data();
+  // An optional operand shaped as `like` in its last two dimensions, batched as C.
+  auto offsets = [&](const Operand& o, int64_t rows, int64_t cols, std::vector<size_t>& off) {
+    return o.p == nullptr || (o.dims.size() == r && o.dims[r - 2] == rows &&
+                              o.dims[r - 1] == cols && BatchOffsets(cd, o.dims, rows * cols, off));
+  };
+  if (!offsets(x.bias, 1, n, obias) || !offsets(x.gate_a, ad[r - 2], ad[r - 1], oga) ||
+      !offsets(x.gate_b, bd[r - 2], bd[r - 1], ogb) || (x.gate_a.p != nullptr && ta) ||
+      (x.gate_b.p != nullptr && tb)) {
+    return ffi::Error::InvalidArgument("jaxdl_matmul: mismatched bias or gate");
+  }
   const size_t batch = oa.size();
+  if (m == 0 && x.sums != nullptr) {  // no rows of C, but op(B)'s column sums are asked
+    for (size_t i = 0; i < batch; ++i) {
+      for (int64_t j = 0; j < n; ++j) {
+        float sum = 0.0f;
+        for (int64_t q = 0; q < k; ++q) {
+          const size_t at = tb ? j * k + q : q * n + j;
+          const bool on = x.gate_b.p == nullptr || x.gate_b.p[ogb[i] + at] > 0.0f;
+          sum += on ? b_data[ob[i] + at] : 0.0f;
+        }
+        x.sums[i * n + j] = sum;
+      }
+    }
+  }
   if (batch == 0 || m == 0 || n == 0) return ffi::Error::Success();
-  if (k == 0) {
-    std::fill(out, out + batch * m * n, 0.0f);
+  if (k == 0) {  // an empty sum: C = relu(0 + bias), column sums 0
+    for (size_t i = 0; i < batch; ++i) {
+      for (int64_t q = 0; q < m * n; ++q) {
+        const float v = x.bias.p == nullptr ? 0.0f : x.bias.p[obias[i] + q % n];
+        out[i * m * n + q] = x.relu && !(v != v) ? std::max(0.0f, v) : v;
+      }
+    }
+    if (x.sums != nullptr) std::fill(x.sums, x.sums + batch * n, 0.0f);
     return ffi::Error::Success();
   }
   auto w = std::make_shared<Work>();
   w->m = static_cast<int>(m), w->n = static_cast<int>(n), w->k = static_cast<int>(k);
+  w->relu = x.relu;
   w->slivers_per_item = static_cast<int>((m + kMR - 1) / kMR);
   w->panels_per_item = static_cast<int>((n + kNR - 1) / kNR);
   // The slivers live in the calling thread's memory, kept between calls: a fresh
@@ -326,12 +443,16 @@ static ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
   w->items.resize(batch);
   for (size_t i = 0; i < batch; ++i) {
     Item& it = w->items[i];
-    const float* pa = a.typed_data() + oa[i];
-    const float* pb = b.typed_data() + ob[i];
+    const float* pa = a_data + oa[i];
+    const float* pb = b_data + ob[i];
     it.a = ta ? View{pa, 1, m} : View{pa, k, 1};  // op(A)(i, q)
     it.b = tb ? View{pb, 1, k} : View{pb, n, 1};  // op(B)(q, j)
     it.c = out + i * m * n;
     it.slivers = sliver_memory.get() + i * m * k;
+    if (x.bias.p != nullptr) it.bias = x.bias.p + obias[i];
+    if (x.gate_a.p != nullptr) it.gate_a = x.gate_a.p + oga[i];
+    if (x.gate_b.p != nullptr) it.gate_b = x.gate_b.p + ogb[i];
+    if (x.sums != nullptr) it.b_sums = x.sums + i * n;
   }
   const double macs = static_cast<double>(batch) * m * n * k;
   size_t threads = 1;
@@ -352,17 +473,156 @@ static ffi::Error MatmulImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> a,
   }
   w->units = w->pack_units + batch * w->units_per_item;
   const size_t helpers = std::min(threads - 1, batch * w->units_per_item - 1);
-  for (size_t t = 0; t < helpers; ++t) pool.Schedule([w] { Drain(*w); });
+  jaxdl_team::Share<Work, Drain>(pool, w, helpers);
   Drain(*w);
   while (w->done.load(std::memory_order_acquire) < w->units) std::this_thread::yield();
   return ffi::Error::Success();
 }
 
+using F32 = ffi::Buffer<ffi::F32>;
+
+// out[i] = x[idx[i]] for rows of F floats: a minibatch taken from the data set. XLA:CPU's
+// gather copies element by element (90 µs for 100 rows of 784 in a training step); this
+// copies rows, split over the cores. Indices are read as jnp's x[idx] reads them: a
+// negative one counts from the end, then any outside [0, N) is clamped.
+namespace {
+
+struct Rows {
+  const float* x;
+  const int32_t* idx;
+  float* out;
+  int64_t n, f, b, per_unit;
+  size_t units;
+  std::atomic<size_t> next{0}, done{0};
+};
+
+int64_t Row(const Rows& w, int64_t i) {
+  const int64_t j = w.idx[i] < 0 ? w.idx[i] + w.n : w.idx[i];
+  return std::min<int64_t>(std::max<int64_t>(j, 0), w.n - 1);
+}
+
+void DrainRows(Rows& w) {
+  for (size_t u; (u = w.next.fetch_add(1, std::memory_order_relaxed)) < w.units;) {
+    for (int64_t i = u * w.per_unit, e = std::min(w.b, i + w.per_unit); i < e; ++i) {
+      std::memcpy(w.out + i * w.f, w.x + Row(w, i) * w.f, w.f * sizeof(float));
+    }
+    w.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
+}  // namespace
+
+static ffi::Error TakeRowsImpl(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::S32> idx,
+                               ffi::ResultBuffer<ffi::F32> out) {
+  const auto xd = x.dimensions(), od = out->dimensions();
+  if (xd.size() != 2 || idx.dimensions().size() != 1 || od.size() != 2 ||
+      od[0] != idx.dimensions()[0] || od[1] != xd[1]) {
+    return ffi::Error::InvalidArgument("jaxdl_take_rows: expected x (N, F), idx (B,), out (B, F)");
+  }
+  auto w = std::make_shared<Rows>();
+  w->x = x.typed_data(), w->idx = idx.typed_data(), w->out = out->typed_data();
+  w->n = xd[0], w->f = xd[1], w->b = od[0];
+  if (w->b == 0 || w->f == 0) return ffi::Error::Success();
+  if (w->n == 0) return ffi::Error::InvalidArgument("jaxdl_take_rows: x has no rows");
+  // Units of about 64 KiB: a hand-off costs more than copying less.
+  w->per_unit = std::max<int64_t>(1, (int64_t{1} << 14) / w->f);
+  w->units = static_cast<size_t>((w->b + w->per_unit - 1) / w->per_unit);
+  const size_t helpers = std::min<size_t>(pool.num_threads() > 0 ? pool.num_threads() - 1 : 0,
+                                          w->units - 1);
+  jaxdl_team::Share<Rows, DrainRows>(pool, w, helpers);
+  DrainRows(*w);
+  while (w->done.load(std::memory_order_acquire) < w->units) std::this_thread::yield();
+  return ffi::Error::Success();
+}
+
+static Operand Of(const F32& buffer) { return {buffer.typed_data(), buffer.dimensions()}; }
+
+// C = op(A)·op(B).
+static ffi::Error MatmulImpl(ffi::ThreadPool pool, F32 a, F32 b, ffi::ResultBuffer<ffi::F32> c,
+                             int64_t ta, int64_t tb) {
+  return Run(pool, a.typed_data(), a.dimensions(), b.typed_data(), b.dimensions(),
+             c->typed_data(), c->dimensions(), ta, tb, {});
+}
+
+// C = op(A)·op(B) + bias, then max(0, ·) if relu: the dense layer's forward.
+static ffi::Error MatmulBiasImpl(ffi::ThreadPool pool, F32 a, F32 b, F32 bias,
+                                 ffi::ResultBuffer<ffi::F32> c, int64_t ta, int64_t tb,
+                                 int64_t relu) {
+  Extras x;
+  x.bias = Of(bias);
+  x.relu = relu != 0;
+  return Run(pool, a.typed_data(), a.dimensions(), b.typed_data(), b.dimensions(),
+             c->typed_data(), c->dimensions(), ta, tb, x);
+}
+
+// C = (A gated by G)·op(B): the input gradient δ·Wᵀ of a ReLU layer, δ counted where the
+// layer's output G > 0.
+static ffi::Error MatmulGateAImpl(ffi::ThreadPool pool, F32 a, F32 b, F32 gate,
+                                  ffi::ResultBuffer<ffi::F32> c, int64_t tb) {
+  Extras x;
+  x.gate_a = Of(gate);
+  return Run(pool, a.typed_data(), a.dimensions(), b.typed_data(), b.dimensions(),
+             c->typed_data(), c->dimensions(), 0, tb, x);
+}
+
+// C = op(A)·(B gated by G) and the column sums of gated B: a ReLU layer's weight
+// gradient xᵀ·δ and bias gradient Σδ.
+static ffi::Error MatmulGateBImpl(ffi::ThreadPool pool, F32 a, F32 b, F32 gate,
+                                  ffi::ResultBuffer<ffi::F32> c,
+                                  ffi::ResultBuffer<ffi::F32> sums, int64_t ta) {
+  Extras x;
+  x.gate_b = Of(gate);
+  x.sums = sums->typed_data();
+  const auto sd = sums->dimensions(), cd = c->dimensions();
+  if (sd.size() != cd.size() || sd[sd.size() - 2] != 1 || sd[sd.size() - 1] != cd[cd.size() - 1]) {
+    return ffi::Error::InvalidArgument("jaxdl_matmul: the column sums must be (..., 1, n)");
+  }
+  return Run(pool, a.typed_data(), a.dimensions(), b.typed_data(), b.dimensions(),
+             c->typed_data(), cd, ta, 0, x);
+}
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdlMatmul, MatmulImpl,
                               ffi::Ffi::Bind()
                                   .Ctx<ffi::ThreadPool>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Arg<ffi::Buffer<ffi::F32>>()
-                                  .Ret<ffi::Buffer<ffi::F32>>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Ret<F32>()
                                   .Attr<int64_t>("ta")
                                   .Attr<int64_t>("tb"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdlMatmulBias, MatmulBiasImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Ret<F32>()
+                                  .Attr<int64_t>("ta")
+                                  .Attr<int64_t>("tb")
+                                  .Attr<int64_t>("relu"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdlMatmulGateA, MatmulGateAImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Ret<F32>()
+                                  .Attr<int64_t>("tb"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdlMatmulGateB, MatmulGateBImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Arg<F32>()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Attr<int64_t>("ta"));
+
+XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdlTakeRows, TakeRowsImpl,
+                              ffi::Ffi::Bind()
+                                  .Ctx<ffi::ThreadPool>()
+                                  .Arg<F32>()
+                                  .Arg<ffi::Buffer<ffi::S32>>()
+                                  .Ret<F32>());

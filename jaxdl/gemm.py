@@ -9,10 +9,22 @@ epoch of ``fit`` 1.05–1.09× (``benchmarks/bench_gemm.py``, ``bench_train.py``
 ``dot_general`` is a drop-in for ``lax.dot_general`` that ``jaxdl.models`` gives its
 dense layers: a float32 (B, I)·(I, O) product with O ≥ ``MIN_WIDTH`` uses the kernel,
 with its own gradient rule (x·W forward, δ·Wᵀ and xᵀ·δ backward, all by the kernel)
-and batching rule (members of a ``vmap`` share unbatched operands, never copied);
-anything else goes to ``lax.dot_general``. It is on where the kernel can be used: the
-CPU backend, a CPU with AVX-512, a C++ compiler (``jaxdl.kernels``). ``JAXDL_GEMM=0``
-turns it off, and ``use(False)`` does for what is traced inside it (``Setup.gemm``).
+and batching rule (members of a ``vmap`` share unbatched operands, never copied); a
+narrower one (the output layer) keeps XLA's products but for its weight gradient
+(``narrow``); anything else goes to ``lax.dot_general``. A hidden ReLU layer without
+batch norm runs as ``DenseReLU`` (``dense_relu``): bias and ReLU inside the forward
+call, the ReLU's mask and the bias gradient inside the backward calls. ``take_rows``
+takes a minibatch from the data set by rows.
+
+Why fuse: between two kernel calls, XLA's elementwise passes over (B, O) wait on a pool
+thread that has gone idle, and waking one takes 30-50 µs on some virtual machines; the
+kernels' helpers instead wait for the next call spinning, for a while (``team.h``).
+Together: one epoch of the default MLP 1.08–1.10× faster than with the plain kernel
+(``benchmarks/README.md``).
+
+It is on where the kernel can be used: the CPU backend, a CPU with AVX-512, a C++
+compiler (``jaxdl.kernels``). ``JAXDL_GEMM=0`` turns it off, and ``use(False)`` does for
+what is traced inside it (``Setup.gemm``).
 
 Values equal XLA's up to float32 rounding. Each output is one sum over k in increasing
 order, whatever the tiling, the threads or the batch, so a vmapped member equals the
@@ -27,11 +39,21 @@ from collections.abc import Iterator
 
 import jax
 import jax.numpy as jnp
+from flax import linen as nn
 from jax import lax
 
 from jaxdl import kernels
 
 TARGET = "jaxdl_matmul"
+TARGET_BIAS = "jaxdl_matmul_bias"  # relu(x·W + b), the fused layer's forward
+TARGET_GATE_A = "jaxdl_matmul_gate_a"  # (δ where y > 0)·Wᵀ, its input gradient
+TARGET_GATE_B = "jaxdl_matmul_gate_b"  # xᵀ·(δ where y > 0) and Σδ, its parameters' gradients
+TARGET_TAKE_ROWS = "jaxdl_take_rows"  # x[idx], a minibatch
+_HANDLERS = (
+    ("JaxdlMatmul", TARGET), ("JaxdlMatmulBias", TARGET_BIAS),
+    ("JaxdlMatmulGateA", TARGET_GATE_A), ("JaxdlMatmulGateB", TARGET_GATE_B),
+    ("JaxdlTakeRows", TARGET_TAKE_ROWS),
+)  # fmt: skip
 SOURCE = "gemm.cc"
 _ENV_OFF = "JAXDL_GEMM"
 MIN_WIDTH = 32  # dense layers narrower than this use XLA's GEMMs
@@ -42,7 +64,7 @@ def unavailable() -> str | None:
     """Why the kernel cannot be used here (None: it can). Builds it on first use; a failed
     build warns once and the dense layers use XLA's GEMMs."""
     return kernels.why_not(
-        SOURCE, "JaxdlMatmul", TARGET, env_off=_ENV_OFF, what="the GEMM kernel",
+        SOURCE, _HANDLERS, env_off=_ENV_OFF, what="the GEMM kernel",
         instead="dense layers use XLA's GEMMs", cpu_flag="avx512f",
     )  # fmt: skip
 
@@ -65,10 +87,10 @@ def active() -> bool:
     return on is not False and unavailable() is None
 
 
-def matmul(a: jax.Array, b: jax.Array, *, ta: bool = False, tb: bool = False) -> jax.Array:
-    """``op(a) @ op(b)`` for float32 matrices, ``op`` a transpose where ``ta``/``tb``:
-    (M, K)·(K, N) -> (M, N) with ``a`` stored (K, M) if ``ta`` and ``b`` (N, K) if ``tb``.
-    Under ``vmap``, unbatched operands are shared by every member (not copied)."""
+def _contract(a: jax.Array, b: jax.Array, ta: bool, tb: bool) -> tuple[int, int]:
+    """(M, N) of ``op(a) @ op(b)``; raises ``ValueError`` for anything but float32
+    matrices that contract over equal lengths, and ``RuntimeError`` where the kernel
+    cannot run. At trace time: the handler exists before XLA compiles a call."""
     if a.ndim != 2 or b.ndim != 2 or a.dtype != jnp.float32 or b.dtype != jnp.float32:
         raise ValueError(f"matmul: expected float32 matrices, got {a.dtype}{a.shape} and "
                          f"{b.dtype}{b.shape}")  # fmt: skip
@@ -76,13 +98,25 @@ def matmul(a: jax.Array, b: jax.Array, *, ta: bool = False, tb: bool = False) ->
     if k_a != k_b:
         raise ValueError(f"matmul: op(a) {a.shape} and op(b) {b.shape} contract over "
                          f"{k_a} and {k_b} elements; expected equal")  # fmt: skip
-    why = unavailable()  # at trace time: the handler exists before XLA compiles a call
+    why = unavailable()
     if why is not None:
         raise RuntimeError(why)
-    m, n = a.shape[1 if ta else 0], b.shape[0 if tb else 1]
-    out = jax.ShapeDtypeStruct((m, n), jnp.float32)
-    call = jax.ffi.ffi_call(TARGET, out, vmap_method="expand_dims")
-    return call(a, b, ta=int(ta), tb=int(tb))
+    return a.shape[1 if ta else 0], b.shape[0 if tb else 1]
+
+
+def _call(target: str, shapes, *args, **attrs):
+    """One kernel call; ``shapes``: the float32 outputs' shapes. Under ``vmap``,
+    unbatched operands are shared by every member (not copied)."""
+    outs = tuple(jax.ShapeDtypeStruct(s, jnp.float32) for s in shapes)
+    call = jax.ffi.ffi_call(target, outs if len(outs) > 1 else outs[0], vmap_method="expand_dims")
+    return call(*args, **{k: int(v) for k, v in attrs.items()})
+
+
+def matmul(a: jax.Array, b: jax.Array, *, ta: bool = False, tb: bool = False) -> jax.Array:
+    """``op(a) @ op(b)`` for float32 matrices, ``op`` a transpose where ``ta``/``tb``:
+    (M, K)·(K, N) -> (M, N) with ``a`` stored (K, M) if ``ta`` and ``b`` (N, K) if ``tb``.
+    Under ``vmap``, unbatched operands are shared by every member (not copied)."""
+    return _call(TARGET, [_contract(a, b, ta, tb)], a, b, ta=ta, tb=tb)
 
 
 @jax.custom_vjp
@@ -103,6 +137,90 @@ def _dense_bwd(res, g):
 dense.defvjp(_dense_fwd, _dense_bwd)
 
 
+@jax.custom_vjp
+def narrow(x: jax.Array, w: jax.Array) -> jax.Array:
+    """``x @ w`` for a layer narrower than ``MIN_WIDTH`` (B, I)·(I, O): XLA's GEMMs, but
+    for the weight gradient: xᵀ·δ (I, O) is computed as (δᵀ·x)ᵀ by the kernel, whose
+    rows then fill its tiles (XLA's CPU GEMM takes 2-4× longer at (500, 100)·(100, 10))."""
+    return lax.dot(x, w)
+
+
+def _narrow_fwd(x, w):
+    return lax.dot(x, w), (x, w)
+
+
+def _narrow_bwd(res, g):
+    x, w = res
+    return lax.dot(g, w.T), matmul(g, x, ta=True).T
+
+
+narrow.defvjp(_narrow_fwd, _narrow_bwd)
+
+
+@jax.custom_vjp
+def dense_relu(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+    """``relu(x @ w + b)``: (B, I)·(I, O) + (O,) -> (B, O), float32, in one kernel call;
+    its gradient takes two more (δ·Wᵀ; xᵀ·δ with Σδ), each applying the ReLU's mask
+    (δ where the output is > 0) as it packs δ, so no elementwise pass over (B, O) runs
+    outside the kernel. Values equal ``relu(dense(x, w) + b)``'s, except the bias
+    gradient's rounding (one sum over the batch in order)."""
+    return _dense_relu_fwd(x, w, b)[0]
+
+
+def _dense_relu_fwd(x, w, b):
+    if b.shape != (w.shape[-1],) or b.dtype != jnp.float32:
+        raise ValueError(f"dense_relu: bias {b.dtype}{b.shape}; expected float32"
+                         f"{(w.shape[-1],)}")  # fmt: skip
+    y = _call(TARGET_BIAS, [_contract(x, w, False, False)], x, w, b[None], ta=0, tb=0, relu=1)
+    return y, (x, w, y)
+
+
+def _dense_relu_bwd(res, g):
+    x, w, y = res
+    dx = _call(TARGET_GATE_A, [x.shape], g, w, y, tb=1)
+    dw, db = _call(TARGET_GATE_B, [w.shape, (1, w.shape[1])], x, g, y, ta=1)
+    return dx, dw, db[0]
+
+
+dense_relu.defvjp(_dense_relu_fwd, _dense_relu_bwd)
+
+
+def fusable(activation: str, x: jax.Array, width: int) -> bool:
+    """Whether a dense layer of ``width`` units on ``x`` followed by ``activation`` runs
+    as one ``dense_relu`` (traced now, float32 (B, I) input)."""
+    return (
+        activation == "relu" and x.ndim == 2 and x.dtype == jnp.float32
+        and width >= MIN_WIDTH and active()
+    )  # fmt: skip
+
+
+class DenseReLU(nn.Module):
+    """``nn.Dense`` followed by ReLU, as ``dense_relu``: the same parameters (``kernel``
+    (I, O), ``bias`` (O,) zeros), initialised alike."""
+
+    features: int
+    kernel_init: nn.initializers.Initializer
+
+    @nn.compact
+    def __call__(self, x: jax.Array) -> jax.Array:
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
+        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
+        return dense_relu(x, kernel, bias)
+
+
+def take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
+    """``x[idx]``: (N, *F)[(B,)] -> (B, *F), by rows copied in the kernel's library when
+    ``active()`` and ``x`` is float32 (XLA:CPU's gather copies element by element), else
+    by XLA. Indices are read as ``x[idx]`` reads them (negative from the end, then clamped)."""
+    if not (active() and x.dtype == jnp.float32 and x.ndim >= 2 and idx.ndim == 1
+            and x.shape[0] > 0 and idx.dtype == jnp.int32):  # fmt: skip
+        return x[idx]
+    rows = x.reshape(x.shape[0], -1)
+    out = jax.ShapeDtypeStruct((idx.shape[0], rows.shape[1]), jnp.float32)
+    taken = jax.ffi.ffi_call(TARGET_TAKE_ROWS, out, vmap_method="sequential")(rows, idx)
+    return taken.reshape(idx.shape[0], *x.shape[1:])
+
+
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
     """``lax.dot_general``, with float32 (B, I)·(I, O) products by the kernel when
     ``active()`` (the signature flax's ``nn.Dense(dot_general=...)`` calls)."""
@@ -114,7 +232,7 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
         and preferred_element_type in (None, jnp.float32)
     )
     # Narrow layers (the output layer's 10 classes) fill too little of the kernel's 32
-    # columns; XLA's GEMMs are faster for them.
-    if plain and rhs.shape[1] >= MIN_WIDTH and active():
-        return dense(lhs, rhs)
+    # columns; XLA's GEMMs are faster for them, but for the weight gradient (``narrow``).
+    if plain and active():
+        return dense(lhs, rhs) if rhs.shape[1] >= MIN_WIDTH else narrow(lhs, rhs)
     return lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)

@@ -23,6 +23,14 @@ import jax
 
 from jaxdl import devices
 
+Handlers = tuple[tuple[str, str], ...]  # (symbol in the library, FFI target name)
+HEADERS = ("team.h",)  # included by the sources: part of every library's key
+
+# The process's mailbox through which the kernels' helpers pass work (team.h): zeroed
+# memory every library is given as it loads, aligned to a cache line.
+_MAILBOX = ctypes.create_string_buffer(128)
+_MAILBOX_ADDRESS = -ctypes.addressof(_MAILBOX) % 64 + ctypes.addressof(_MAILBOX)
+
 FLAGS = (
     "-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp-simd",
     "-std=c++17", "-shared", "-fPIC", "-w",
@@ -39,9 +47,11 @@ def compiler() -> str:
 
 
 def library_path(source: str) -> Path:
-    """The shared library for ``source`` (a file in this package), this jaxlib, compiler
-    and CPU (it need not exist)."""
-    key = hashlib.sha256(resources.files("jaxdl").joinpath(source).read_bytes())
+    """The shared library for ``source`` (a file in this package, with the package's
+    ``HEADERS``), this jaxlib, compiler and CPU (it need not exist)."""
+    key = hashlib.sha256()
+    for name in (source, *HEADERS):
+        key.update(resources.files("jaxdl").joinpath(name).read_bytes())
     for part in (jax.__version__, compiler(), *FLAGS, devices.cpu_info("model name"),
                  devices.cpu_info("flags"), sys.platform):  # fmt: skip
         key.update(str(part).encode() + b"\0")
@@ -52,11 +62,13 @@ def build(source: str, path: Path) -> None:
     """Compiles ``source`` into ``path`` (atomically: a concurrent build never leaves a
     half-written library). Raises ``OSError`` or ``CalledProcessError`` on failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with resources.as_file(resources.files("jaxdl").joinpath(source)) as src:
+    with resources.as_file(resources.files("jaxdl")) as package:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{Path(source).stem}-", suffix=".so")
         os.close(fd)
         try:
-            cmd = [compiler(), *FLAGS, f"-I{jax.ffi.include_dir()}", str(src), "-o", tmp]
+            src = Path(package) / source
+            cmd = [compiler(), *FLAGS, f"-I{package}", f"-I{jax.ffi.include_dir()}", str(src),
+                   "-o", tmp]  # fmt: skip
             subprocess.run(cmd, check=True, capture_output=True, text=True)
             os.replace(tmp, path)
         finally:
@@ -65,25 +77,28 @@ def build(source: str, path: Path) -> None:
 
 
 @functools.cache
-def register(source: str, symbol: str, target: str, what: str) -> str | None:
-    """Builds ``source`` (once per machine) and registers its handler ``symbol`` as the
-    CPU FFI target ``target``; None when registered, else why it could not be (``what``
-    names the kernel in that message)."""
+def register(source: str, handlers: Handlers, what: str) -> str | None:
+    """Builds ``source`` (once per machine) and registers each of its handlers (symbol,
+    target) as a CPU FFI target; None when registered, else why it could not be
+    (``what`` names the kernel in that message)."""
     path = library_path(source)
     try:
         if not path.exists():
             build(source, path)
         lib = ctypes.cdll.LoadLibrary(str(path))
-        jax.ffi.register_ffi_target(target, jax.ffi.pycapsule(getattr(lib, symbol)), platform="cpu")
+        lib.jaxdl_team_attach(ctypes.c_void_p(_MAILBOX_ADDRESS))
+        for symbol, target in handlers:
+            capsule = jax.ffi.pycapsule(getattr(lib, symbol))
+            jax.ffi.register_ffi_target(target, capsule, platform="cpu")
     except (OSError, subprocess.CalledProcessError, AttributeError) as e:
         detail = (getattr(e, "stderr", "") or str(e)).strip().splitlines()
         return f"could not build {what} ({detail[-1] if detail else e})"
     return None
 
 
-def why_not(source: str, symbol: str, target: str, *, env_off: str, what: str, instead: str,
+def why_not(source: str, handlers: Handlers, *, env_off: str, what: str, instead: str,
             cpu_flag: str | None = None) -> str | None:  # fmt: skip
-    """Why the handler ``symbol`` of ``source`` cannot be used here (None: it can):
+    """Why the ``handlers`` of ``source`` cannot be used here (None: they can):
     ``env_off`` set to 0, a backend other than the CPU, a CPU without ``cpu_flag``, or a
     failed build, which warns once that jaxdl does ``instead``. Builds it on first use."""
     if os.environ.get(env_off, "1") == "0":
@@ -92,7 +107,7 @@ def why_not(source: str, symbol: str, target: str, *, env_off: str, what: str, i
         return f"the default backend is {jax.default_backend()}, not cpu"
     if cpu_flag is not None and cpu_flag not in (devices.cpu_info("flags") or "").split():
         return f"the CPU has no {cpu_flag}"
-    why = register(source, symbol, target, what)
+    why = register(source, handlers, what)
     if why is not None:
         _warn_once(f"{why}; {instead}")
     return why

@@ -215,15 +215,18 @@ def _dense_head(
         h = apply_dropout(h, *_dropout_at(masks, rates, i), m.dropout_convention)
         if i == len(widths):
             break
-        h = nn.Dense(
-            widths[i] * pieces,
-            kernel_init=kernel_init,
-            dot_general=gemm.dot_general,
-            name=f"layer_{i}",
-        )(h)
-        if m.batch_norm:
-            h = _batch_norm(h, train, example_mask, f"bn_{i}")
-        h = activate(m.activation, h, pieces)
+        if not m.batch_norm and gemm.fusable(m.activation, h, widths[i]):
+            h = gemm.DenseReLU(widths[i], kernel_init, name=f"layer_{i}")(h)
+        else:
+            h = nn.Dense(
+                widths[i] * pieces,
+                kernel_init=kernel_init,
+                dot_general=gemm.dot_general,
+                name=f"layer_{i}",
+            )(h)
+            if m.batch_norm:
+                h = _batch_norm(h, train, example_mask, f"bn_{i}")
+            h = activate(m.activation, h, pieces)
         m.sow("intermediates", f"act_layer_{i}", h)
     return nn.Dense(
         m.num_classes, kernel_init=kernel_init, dot_general=gemm.dot_general, name="output"

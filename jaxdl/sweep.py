@@ -38,7 +38,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxdl import models, optim, train, validate
+from jaxdl import gemm, models, optim, train, validate
 from jaxdl.data import Dataset
 from jaxdl.devices import compiler_options, for_members
 from jaxdl.models import Model
@@ -237,7 +237,8 @@ def _shared_order_epoch(setup: train.Setup, form: str, states, data: train.Batch
 
     def body(st, xs):
         i, w = xs
-        batch = train.Batch(data.x[i], data.y[i], w)
+        with gemm.use(setup.gemm):
+            batch = train.Batch(gemm.take_rows(data.x, i), data.y[i], w)
         if not concat:
             batch = jax.tree_util.tree_map(lambda v: jnp.broadcast_to(v, (k, *v.shape)), batch)
         return step(st, batch, hps)

@@ -273,6 +273,7 @@ def _all_finite(tree) -> jax.Array:
     return jnp.stack([jnp.isfinite(v).all() for v in jax.tree_util.tree_leaves(tree)]).all()
 
 
+@_gemm_as_set
 def train_epoch(setup: Setup, state: TrainState, train: Batch, hp: HParams):
     """One pass over ``train`` as a ``lax.scan``; returns (state, epoch-mean metrics).
 
@@ -284,7 +285,7 @@ def train_epoch(setup: Setup, state: TrainState, train: Batch, hp: HParams):
 
     def body(st, xs):
         i, w = xs
-        return train_step(setup, st, Batch(train.x[i], train.y[i], w), hp)
+        return train_step(setup, st, Batch(gemm.take_rows(train.x, i), train.y[i], w), hp)
 
     state, m = jax.lax.scan(body, state, (idx, weights))
     return state, epoch_metrics(setup, state, m)
@@ -320,7 +321,10 @@ def chunked_logits(
     steps = math.ceil(n / b)
     idx = jnp.minimum(jnp.arange(steps * b), n - 1).reshape(steps, b)
     out = jax.lax.map(
-        lambda i: _apply(model, params, batch_stats, x[i], rates=rates, masks=masks), idx
+        lambda i: _apply(
+            model, params, batch_stats, gemm.take_rows(x, i), rates=rates, masks=masks
+        ),
+        idx,
     )
     return out.reshape(steps * b, -1)[:n]
 

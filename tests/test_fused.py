@@ -152,6 +152,8 @@ def test_the_epoch_never_copies_a_kernel(blobs):
     exe, _ = train.compile_epoch(setup, state, train.to_device(blobs.train), None, hp)
     kernels = {f"f32[{','.join(map(str, k.shape))}]" for k in jax.tree.leaves(state.params)
                if k.ndim == 2}  # fmt: skip
-    copied = set(re.findall(r"= (f32\[[0-9,]+\])\{[0-9,]+\} copy\(", exe.as_text()))
+    # A narrow layer's weight gradient is a transposed product: its copy is not a kernel's.
+    copies = re.findall(r"= (f32\[[0-9,]+\])\{[0-9,]+\} copy\(%([\w.-]+)", exe.as_text())
+    copied = {shape for shape, source in copies if not source.startswith("transpose")}
     assert kernels == {"f32[20,16]", "f32[16,16]", "f32[16,3]"}
     assert not kernels & copied, copied

@@ -170,3 +170,176 @@ def test_sweep_members_with_it_equal_standalone_fits(blobs, monkeypatch, form):
         member = jax.tree_util.tree_map(lambda v, i=i: v[i], res.states.params)
         for a, b in zip(jax.tree.leaves(member), jax.tree.leaves(state.params), strict=True):
             np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6)
+
+
+def _relu_layer(b, i, o, seed=0):
+    x, w = _mats(b, i, o, seed)
+    rng = np.random.default_rng(seed + 1)
+    bias = rng.standard_normal(o).astype(np.float32)
+    x[:2] = 0.0  # rows whose pre-activations are the bias alone,
+    bias[: o // 3] = 0.0  # some exactly 0: the ReLU's gradient is 0 there, as jax's
+    g = rng.standard_normal((b, o)).astype(np.float32)
+    return jnp.asarray(x), jnp.asarray(w / np.sqrt(i)), jnp.asarray(bias), jnp.asarray(g)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "b,i,o",
+    [
+        (100, 784, 500),  # the default MLP's first layer: threaded, by panels
+        (100, 500, 500),
+        (37, 50, 70),  # weight gradient with fewer rows than columns: by panels
+        (130, 500, 40),  # weight gradient by rows
+        (13, 40, 600),
+        (5, 3, 33),  # one short sliver, a 1-column last panel
+    ],
+)
+def test_dense_relu_equals_the_unfused_layer_bit_for_bit(b, i, o):
+    """relu(x·W + b) in one call and its gradient with the mask applied while packing: the
+    same values as the kernel's plain products with XLA's bias, ReLU and mask around
+    them, bit for bit; the bias gradient (one sum over the batch in order) to rounding."""
+    x, w, bias, g = _relu_layer(b, i, o)
+    y, vjp = jax.vjp(jax.jit(gemm.dense_relu), x, w, bias)
+    dx, dw, db = vjp(g)
+    np.testing.assert_array_equal(y, jax.nn.relu(gemm.matmul(x, w) + bias))
+    gz = jnp.where(y > 0, g, 0.0)
+    np.testing.assert_array_equal(dx, gemm.matmul(gz, w, tb=True))
+    np.testing.assert_array_equal(dw, gemm.matmul(x, gz, ta=True))
+    want_db = np.asarray(gz, np.float64).sum(0)
+    np.testing.assert_allclose(db, want_db, rtol=1e-5, atol=1e-5 * np.sqrt(b))
+    assert float(jnp.abs(gz).sum()) > 0 and float((y == 0).mean()) > 0.2  # both sides of 0
+
+    def xla(x, w, bias):
+        return jax.nn.relu(jnp.dot(x, w, precision="highest") + bias)
+
+    want = jax.vjp(xla, x, w, bias)
+    np.testing.assert_allclose(y, want[0], rtol=1e-5, atol=1e-5)
+    for got, ref in zip((dx, dw, db), want[1](g), strict=True):
+        np.testing.assert_allclose(got, ref, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
+def test_dense_relu_members_equal_the_layer_alone():
+    """vmapped over members with a shared input (not copied) or their own."""
+    x, w, bias, g = _relu_layer(60, 90, 70, seed=3)
+    ws, bs = jnp.stack([w, -w, 0.5 * w]), jnp.stack([bias, bias + 0.1, -bias])
+    xs = jnp.stack([x, x[::-1], 2 * x])
+
+    def grads(x, w, b):
+        return jax.grad(lambda x, w, b: jnp.sum(gemm.dense_relu(x, w, b) * g), (0, 1, 2))(x, w, b)
+
+    shared = jax.jit(jax.vmap(grads, in_axes=(None, 0, 0)))(x, ws, bs)
+    own = jax.jit(jax.vmap(grads))(xs, ws, bs)
+    for k in range(3):
+        for got, alone in zip(shared, grads(x, ws[k], bs[k]), strict=True):
+            np.testing.assert_array_equal(got[k], alone)
+        for got, alone in zip(own, grads(xs[k], ws[k], bs[k]), strict=True):
+            np.testing.assert_array_equal(got[k], alone)
+
+
+@needs_kernel
+def test_dense_relu_keeps_nan_and_empty_shapes():
+    x, w, bias, g = _relu_layer(20, 40, 50, seed=4)
+    y = gemm.dense_relu(x.at[3, 5].set(jnp.nan), w, bias)
+    assert bool(jnp.isnan(y[3]).all()) and bool(jnp.isfinite(jnp.delete(y, 3, 0)).all())
+    # no inputs: relu(bias) per row; its gradients are empty or the gated sum
+    y0, vjp = jax.vjp(gemm.dense_relu, jnp.zeros((4, 0)), jnp.zeros((0, 50)), bias)
+    np.testing.assert_array_equal(y0, jnp.broadcast_to(jax.nn.relu(bias), (4, 50)))
+    dx, dw, db = vjp(g[:4])
+    assert dx.shape == (4, 0) and dw.shape == (0, 50)
+    np.testing.assert_allclose(db, jnp.where(bias > 0, g[:4], 0.0).sum(0), rtol=1e-6, atol=1e-6)
+    # an empty batch: no rows out, zero gradients
+    y1, vjp = jax.vjp(gemm.dense_relu, jnp.zeros((0, 40)), w, bias)
+    dx, dw, db = vjp(jnp.zeros((0, 50)))
+    assert y1.shape == (0, 50) and dx.shape == (0, 40)
+    assert not bool(dw.any()) and not bool(db.any())
+    with pytest.raises(ValueError, match=r"bias float32\(3,\); expected float32\(50,\)"):
+        gemm.dense_relu(x, w, jnp.zeros(3))
+
+
+@needs_kernel
+def test_relu_layers_run_fused_with_nn_dense_parameters():
+    """Hidden ReLU layers at least MIN_WIDTH wide run as dense_relu, with the parameters
+    nn.Dense would have (same names, shapes and initial values); batch norm, other
+    activations and use(False) keep nn.Dense."""
+    x = jnp.ones((8, 20))
+
+    def targets(model, **kw):
+        params = model.init(jax.random.key(0), x)
+        text = str(jax.jit(lambda p: model.apply(p, x, **kw)).lower(params).as_text())
+        return params, gemm.TARGET_BIAS in text, gemm.TARGET in text
+
+    fused, has_fused, _ = targets(jaxdl.MLP(hidden=(64, 40), num_classes=3))
+    assert has_fused
+    with gemm.use(False):
+        plain, has_fused, has_any = targets(jaxdl.MLP(hidden=(64, 40), num_classes=3))
+    assert not has_fused and not has_any
+    assert jax.tree.structure(fused) == jax.tree.structure(plain)
+    for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(plain), strict=True):
+        np.testing.assert_array_equal(a, b)
+    for model in (jaxdl.MLP(hidden=(64,), activation="tanh"),
+                  jaxdl.MLP(hidden=(64,), batch_norm=True)):  # fmt: skip
+        _, has_fused, has_any = targets(model)
+        assert not has_fused and has_any
+
+
+@needs_kernel
+def test_a_narrow_layers_weight_gradient_equals_xla_autodiff():
+    """Layers narrower than MIN_WIDTH keep XLA's products but for xᵀ·δ, taken by the
+    kernel as (δᵀ·x)ᵀ."""
+    x, w = (jnp.asarray(v) for v in _mats(100, 500, 10, seed=5))
+    f = lambda x, w: jnp.sum(jnp.tanh(gemm.dot_general(x, w, (((1,), (0,)), ((), ())))) ** 2)  # noqa: E731
+    got = jax.grad(f, (0, 1))(x, w)
+    want = jax.grad(lambda x, w: jnp.sum(jnp.tanh(x @ w) ** 2), (0, 1))(x, w)
+    for a, b in zip(got, want, strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-4, atol=1e-5)
+    assert _uses_kernel(jax.grad(f, 1), x, w) and not _uses_kernel(f, x, w)
+
+
+@needs_kernel
+def test_take_rows_equals_indexing():
+    x = jax.random.normal(jax.random.key(0), (300, 784))
+    idx = jnp.array([0, 299, 5, -1, -300, -301, 300, 10_000, 7] * 12, jnp.int32)
+    np.testing.assert_array_equal(jax.jit(gemm.take_rows)(x, idx), x[idx])
+    images = jax.random.normal(jax.random.key(1), (40, 28, 28, 1))
+    np.testing.assert_array_equal(gemm.take_rows(images, idx % 40), images[idx % 40])
+    assert "jaxdl_take_rows" in jax.jit(gemm.take_rows).lower(x, idx).as_text()
+    labels = jnp.arange(300)
+    np.testing.assert_array_equal(gemm.take_rows(labels, idx), labels[idx])  # XLA's
+    with gemm.use(False):  # a new function: jit's cache knows nothing of use()
+        text = jax.jit(lambda x, i: gemm.take_rows(x, i)).lower(x, idx).as_text()
+        assert "jaxdl_take_rows" not in text
+    per_member = jax.vmap(gemm.take_rows, in_axes=(None, 0))(x, idx.reshape(4, 27))
+    np.testing.assert_array_equal(per_member, x[idx].reshape(4, 27, 784))
+
+
+@needs_kernel
+def test_kernels_sharing_helpers_give_the_same_bits_every_time():
+    """Row copies, fused layers and fused Adam updates one after another pass their work
+    to a helper that waits between calls: repeated runs are bit for bit equal."""
+    from jaxdl import fused, optim
+
+    x, w, bias, g = _relu_layer(100, 784, 500, seed=6)
+    data = jax.random.normal(jax.random.key(2), (5000, 784))
+    opt = jaxdl.make_optimizer("adam", learning_rate=1e-3)
+    params = {"layer": {"kernel": w, "bias": bias}}
+    opt_state = optim.set_hyperparams(opt.init(params), {"learning_rate": 1e-3})
+
+    @jax.jit
+    def run(params, opt_state, idx):
+        def body(c, i):
+            params, opt_state = c
+            rows = gemm.take_rows(data, i)
+            layer = params["layer"]
+            loss = lambda p: jnp.sum(gemm.dense_relu(rows, p["kernel"], p["bias"]) * g)  # noqa: E731
+            grads = {"layer": jax.grad(loss)(layer)}
+            return fused.step(opt, grads, opt_state, params), None
+
+        return jax.lax.scan(body, (params, opt_state), idx)[0]
+
+    idx = jax.random.randint(jax.random.key(3), (20, 100), 0, 5000).astype(jnp.int32)
+    first = jax.tree.leaves(run(params, opt_state, idx))
+    assert not np.array_equal(first[1], w)  # trained
+    for _ in range(3):
+        for a, b in zip(first, jax.tree.leaves(run(params, opt_state, idx)), strict=True):
+            np.testing.assert_array_equal(a, b)
