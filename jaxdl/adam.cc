@@ -96,7 +96,7 @@ static ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p,
   w->chunks_per_row = (w->n + kChunk - 1) / kChunk;
   w->chunks = rows * w->chunks_per_row;
   const size_t helpers = std::min<size_t>(static_cast<size_t>(pool.num_threads()), w->chunks - 1);
-  jaxdl_team::Share<Work, Drain>(pool, w, helpers);
+  jaxdl_team::Share<Work, Drain>(pool, w, helpers, false);
   Drain(*w);
   while (w->done.load(std::memory_order_acquire) < w->chunks) std::this_thread::yield();
   return ffi::Error::Success();

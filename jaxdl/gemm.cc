@@ -473,7 +473,7 @@ static ffi::Error Run(ffi::ThreadPool& pool, const float* a_data, ffi::Span<cons
   }
   w->units = w->pack_units + batch * w->units_per_item;
   const size_t helpers = std::min(threads - 1, batch * w->units_per_item - 1);
-  jaxdl_team::Share<Work, Drain>(pool, w, helpers);
+  jaxdl_team::Share<Work, Drain>(pool, w, helpers, true);
   Drain(*w);
   while (w->done.load(std::memory_order_acquire) < w->units) std::this_thread::yield();
   return ffi::Error::Success();
@@ -529,7 +529,7 @@ static ffi::Error TakeRowsImpl(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::S32
   w->units = static_cast<size_t>((w->b + w->per_unit - 1) / w->per_unit);
   const size_t helpers = std::min<size_t>(pool.num_threads() > 0 ? pool.num_threads() - 1 : 0,
                                           w->units - 1);
-  jaxdl_team::Share<Rows, DrainRows>(pool, w, helpers);
+  jaxdl_team::Share<Rows, DrainRows>(pool, w, helpers, true);
   DrainRows(*w);
   while (w->done.load(std::memory_order_acquire) < w->units) std::this_thread::yield();
   return ffi::Error::Success();
