@@ -83,6 +83,7 @@ static ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p,
                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> s,
                            ffi::RemainingArgs /*after*/, ffi::ResultBuffer<ffi::F32> po,
                            ffi::ResultBuffer<ffi::F32> mo, ffi::ResultBuffer<ffi::F32> vo) {
+  const jaxdl_team::Running running;
   const size_t total = p.element_count(), rows = s.element_count() / 10;
   if (rows == 0 || s.element_count() % 10 != 0 || total % rows != 0 ||
       g.element_count() != total || m.element_count() != total || v.element_count() != total) {

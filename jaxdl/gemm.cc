@@ -376,6 +376,7 @@ struct Extras {
 static ffi::Error Run(ffi::ThreadPool& pool, const float* a_data, ffi::Span<const int64_t> ad,
                       const float* b_data, ffi::Span<const int64_t> bd, float* out,
                       ffi::Span<const int64_t> cd, int64_t ta, int64_t tb, const Extras& x) {
+  const jaxdl_team::Running running;
   const size_t r = cd.size();
   if (r < 2 || ad.size() != r || bd.size() != r) {
     return ffi::Error::InvalidArgument("jaxdl_matmul: operands must have the output's rank");
@@ -514,6 +515,7 @@ void DrainRows(Rows& w) {
 
 static ffi::Error TakeRowsImpl(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::S32> idx,
                                ffi::ResultBuffer<ffi::F32> out) {
+  const jaxdl_team::Running running;
   const auto xd = x.dimensions(), od = out->dimensions();
   if (xd.size() != 2 || idx.dimensions().size() != 1 || od.size() != 2 ||
       od[0] != idx.dimensions()[0] || od[1] != xd[1]) {

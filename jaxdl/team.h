@@ -31,11 +31,17 @@ struct Job {  // a call's work: run(arg) takes units until none are left
 struct Mailbox {
   std::atomic<int> state;  // one of the states below
   Job job;
+  std::atomic<int> running;    // calls running now
+  std::atomic<int64_t> calm;   // helpers wait only after this time (ns)
 };
 
 enum : int { kIdle = 0, kWaiting = 1, kPosting = 2, kPosted = 3 };
 
 constexpr int64_t kSpin = 200000;  // ns a helper waits for the next call
+// ns without waiting helpers after two calls overlapped: calls of several devices at once
+// (a sweep's shards) need every pool thread, and a waiting helper holds one (measured:
+// a sweep over two devices 0.85x as fast with waiting helpers, 1.07x without).
+constexpr int64_t kCalm = 100000000;
 
 inline Mailbox* mailbox = nullptr;
 
@@ -52,6 +58,21 @@ inline void Pause() {
   asm volatile("yield");
 #endif
 }
+
+// Marks a call as running for its lifetime; notes when calls overlap.
+class Running {
+ public:
+  Running() {
+    if (mailbox != nullptr && mailbox->running.fetch_add(1, std::memory_order_acq_rel) > 0) {
+      mailbox->calm.store(Now() + kCalm, std::memory_order_relaxed);
+    }
+  }
+  ~Running() {
+    if (mailbox != nullptr) mailbox->running.fetch_sub(1, std::memory_order_acq_rel);
+  }
+  Running(const Running&) = delete;
+  Running& operator=(const Running&) = delete;
+};
 
 // Hands `job` to the waiting helper, if one waits.
 inline bool Post(const Job& job) {
@@ -72,7 +93,7 @@ inline void Help(Job job, bool wait) {
     job.run(job.arg);
     Mailbox* box = mailbox;
     int expected = kIdle;
-    if (!wait || box == nullptr ||
+    if (!wait || box == nullptr || Now() < box->calm.load(std::memory_order_relaxed) ||
         !box->state.compare_exchange_strong(expected, kWaiting, std::memory_order_acq_rel)) {
       return;  // another helper waits already
     }
