@@ -483,9 +483,10 @@ static ffi::Error Run(ffi::ThreadPool& pool, const float* a_data, ffi::Span<cons
 using F32 = ffi::Buffer<ffi::F32>;
 
 // out[i] = x[idx[i]] for rows of F floats: a minibatch taken from the data set. XLA:CPU's
-// gather copies element by element (90 µs for 100 rows of 784 in a training step); this
-// copies rows, split over the cores. Indices are read as jnp's x[idx] reads them: a
-// negative one counts from the end, then any outside [0, N) is clamped.
+// gather copies element by element (45 µs for 100 rows of 784 in a training step, 90
+// while a helper waits); this copies rows, split over the cores. Indices are read as
+// jnp's x[idx] reads them: a negative one counts from the end, then any outside [0, N)
+// is clamped.
 namespace {
 
 struct Rows {
@@ -583,20 +584,14 @@ static ffi::Error MatmulGateBImpl(ffi::ThreadPool pool, F32 a, F32 b, F32 gate,
              c->typed_data(), cd, ta, 0, x);
 }
 
+// The bindings' common start: the pool, then A and B.
+static auto Matrices() { return ffi::Ffi::Bind().Ctx<ffi::ThreadPool>().Arg<F32>().Arg<F32>(); }
+
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdlMatmul, MatmulImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Attr<int64_t>("ta")
-                                  .Attr<int64_t>("tb"));
+                              Matrices().Ret<F32>().Attr<int64_t>("ta").Attr<int64_t>("tb"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdlMatmulBias, MatmulBiasImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
+                              Matrices()
                                   .Arg<F32>()
                                   .Ret<F32>()
                                   .Attr<int64_t>("ta")
@@ -604,23 +599,10 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdlMatmulBias, MatmulBiasImpl,
                                   .Attr<int64_t>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdlMatmulGateA, MatmulGateAImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Attr<int64_t>("tb"));
+                              Matrices().Arg<F32>().Ret<F32>().Attr<int64_t>("tb"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdlMatmulGateB, MatmulGateBImpl,
-                              ffi::Ffi::Bind()
-                                  .Ctx<ffi::ThreadPool>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Arg<F32>()
-                                  .Ret<F32>()
-                                  .Ret<F32>()
-                                  .Attr<int64_t>("ta"));
+                              Matrices().Arg<F32>().Ret<F32>().Ret<F32>().Attr<int64_t>("ta"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdlTakeRows, TakeRowsImpl,
                               ffi::Ffi::Bind()

@@ -19,7 +19,7 @@ takes a minibatch from the data set by rows.
 Why fuse: between two kernel calls, XLA's elementwise passes over (B, O) wait on a pool
 thread that has gone idle, and waking one takes 30-50 µs on some virtual machines; the
 kernels' helpers instead wait for the next call spinning, for a while (``team.h``).
-Together: one epoch of the default MLP 1.08–1.10× faster than with the plain kernel
+Together: one epoch of the default MLP 1.06–1.15× faster than with the plain kernel
 (``benchmarks/README.md``).
 
 It is on where the kernel can be used: the CPU backend, a CPU with AVX-512, a C++
