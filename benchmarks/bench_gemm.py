@@ -8,8 +8,9 @@ the previous library's threads go idle (best kept):
 - ``xla``: ``lax.dot_general`` inside a compiled ``lax.scan``, as an epoch runs it (what
   the hand-written loops and Keras on JAX get);
 - ``jaxdl``: as jaxdl's dense layers run them: ``jaxdl.gemm``'s kernel in the same loop,
-  and XLA's GEMMs for the 10-wide output layer (narrower than ``gemm.MIN_WIDTH``); where
-  the kernel is available (a CPU with AVX-512 and a C++ compiler);
+  and for the 10-wide output layer (narrower than ``gemm.MIN_WIDTH``) XLA's GEMMs but
+  the kernel for its weight gradient, as (δᵀ·x)ᵀ; where the kernel is available (a CPU
+  with AVX-512 and a C++ compiler);
 - ``torch``: PyTorch's ``matmul`` in eager mode (MKL/oneDNN), if PyTorch is installed;
 - ``numpy``: NumPy's ``matmul`` (its bundled OpenBLAS).
 
@@ -35,7 +36,6 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(__file__))
 from common import (  # noqa: E402
     best_of,
-    by_kernel,
     device_name,
     gemm_fn,
     kernel_available,
@@ -67,10 +67,10 @@ def flops(lhs, rhs, form) -> int:
     return 2 * m * k * n
 
 
-def compiled_way(a, b, form, calls: int, kernel: bool):
+def compiled_way(a, b, form, calls: int, kernel: bool, width: int | None = None):
     """``calls`` GEMMs in one compiled scan, by XLA or by jaxdl's kernel; the carry feeds
     each into the next call's operand so that XLA can neither hoist nor drop them."""
-    fn = gemm_fn(form, kernel)
+    fn = gemm_fn(form, kernel, width)
 
     def loop(a, b):
         def body(c, _):
@@ -120,7 +120,7 @@ def main(argv=None) -> dict:
         runs[f"xla|{name}"] = compiled_way(a, b, form, args.calls, kernel=False)
         if kernel:
             width = ls[1] if form == "nt" else rs[1]
-            runs[f"jaxdl|{name}"] = compiled_way(a, b, form, args.calls, by_kernel(True, width))
+            runs[f"jaxdl|{name}"] = compiled_way(a, b, form, args.calls, True, width)
         if torch is not None:
             ta, tb = torch.from_numpy(a), torch.from_numpy(b)
             runs[f"torch|{name}"] = eager_way(ta, tb, form, args.calls)

@@ -84,16 +84,21 @@ def kernel_available() -> bool:
     return gemm.unavailable() is None
 
 
-def gemm_fn(form: str, kernel: bool) -> Callable:
+def gemm_fn(form: str, kernel: bool, width: int | None = None) -> Callable:
     """``(a, b) -> a·b`` (``nn``), ``aᵀ·b`` (``tn``) or ``a·bᵀ`` (``nt``), by XLA or, with
-    ``kernel``, by ``jaxdl.gemm``'s kernel."""
-    if kernel:
-        return lambda a, b: gemm.matmul(a, b, ta=form == "tn", tb=form == "nt")
-    return {"nn": lambda a, b: a @ b, "tn": lambda a, b: a.T @ b, "nt": lambda a, b: a @ b.T}[form]
+    ``kernel``, as jaxdl's dense layers run them for a layer ``width`` wide: by
+    ``jaxdl.gemm``'s kernel, or for a layer narrower than ``gemm.MIN_WIDTH`` by XLA but
+    for the weight gradient aᵀ·b, which the kernel takes as (bᵀ·a)ᵀ (``gemm.narrow``)."""
+    xla = {"nn": lambda a, b: a @ b, "tn": lambda a, b: a.T @ b, "nt": lambda a, b: a @ b.T}
+    if not kernel:
+        return xla[form]
+    if width is not None and width < gemm.MIN_WIDTH:
+        return (lambda a, b: gemm.matmul(b, a, ta=True).T) if form == "tn" else xla[form]
+    return lambda a, b: gemm.matmul(a, b, ta=form == "tn", tb=form == "nt")
 
 
 def _gemm_seconds(lhs_shape, rhs_shape, form, repeats: int = 200, devices=None,
-                  kernel=False) -> float:  # fmt: skip
+                  kernel=False, width=None) -> float:  # fmt: skip
     """Seconds one GEMM (``form`` as in ``gemm_fn``) of these operand shapes takes: best
     of ``repeats`` blocking calls, less the dispatch round trip. (Calls queued back to
     back overlap on the CPU's threads and measure contention instead.) With several
@@ -103,19 +108,13 @@ def _gemm_seconds(lhs_shape, rhs_shape, form, repeats: int = 200, devices=None,
     k1, k2 = jax.random.split(jax.random.key(0))
     a = jax.random.normal(k1, lhs_shape, jnp.float32)
     b = jax.random.normal(k2, rhs_shape, jnp.float32)
-    dot = jax.jit(gemm_fn(form, kernel))
+    dot = jax.jit(gemm_fn(form, kernel, width))
     if n > 1:  # a leading axis over the devices: one GEMM on each
         by_device = _by_device(devices)
         a, b = jax.device_put((jnp.stack([a] * n), jnp.stack([b] * n)), by_device)
         dot = jax.jit(jax.vmap(dot), out_shardings=by_device)
     dot(a, b).block_until_ready()
     return (best_of(lambda: dot(a, b).block_until_ready(), repeats) - _dispatch_seconds()) / n
-
-
-def by_kernel(kernel: bool, width: int) -> bool:
-    """Whether a layer ``width`` wide runs its GEMMs by the kernel, as jaxdl's dense
-    layers choose (with ``kernel`` on): layers narrower than ``gemm.MIN_WIDTH`` use XLA's."""
-    return kernel and width >= gemm.MIN_WIDTH
 
 
 def mlp_step_gemm_seconds(sizes: tuple[int, ...], batch: int, devices=None,
@@ -125,10 +124,10 @@ def mlp_step_gemm_seconds(sizes: tuple[int, ...], batch: int, devices=None,
     gradient δ·Wᵀ for every layer but the first. The ceiling a step could reach. With
     several ``devices`` (CPU cores as devices, say), each runs one step's GEMMs at once
     and the time is per step. ``kernel``: as jaxdl's dense layers run them with
-    ``jaxdl.gemm``'s kernel (layers narrower than its ``MIN_WIDTH`` by XLA)."""
+    ``jaxdl.gemm``'s kernel (see ``gemm_fn`` for narrow layers)."""
     total = 0.0
     for i, (k, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
-        kw = {"devices": devices, "kernel": by_kernel(kernel, n)}
+        kw = {"devices": devices, "kernel": kernel, "width": n}
         total += _gemm_seconds((batch, k), (k, n), "nn", **kw)  # x W
         total += _gemm_seconds((batch, k), (batch, n), "tn", **kw)  # xᵀ δ
         if i > 0:
@@ -154,7 +153,7 @@ def mlp_gemm_loop(sizes: tuple[int, ...], batch: int, steps: int, devices=None,
     ws = [jax.random.normal(k, (n, a, b), jnp.float32) / np.sqrt(a) for k, (a, b) in
           zip(keys, shapes, strict=False)]  # fmt: skip
     xs = jax.random.uniform(keys[-1], (n, steps, batch, sizes[0]), jnp.float32)
-    forms = [{f: gemm_fn(f, by_kernel(kernel, b)) for f in ("nn", "tn", "nt")} for _, b in shapes]
+    forms = [{f: gemm_fn(f, kernel, b) for f in ("nn", "tn", "nt")} for _, b in shapes]
 
     def loop(ws, xs):
         def body(_, x):
