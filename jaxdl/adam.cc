@@ -83,7 +83,6 @@ static ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p,
                            ffi::Buffer<ffi::F32> v, ffi::Buffer<ffi::F32> s,
                            ffi::RemainingArgs /*after*/, ffi::ResultBuffer<ffi::F32> po,
                            ffi::ResultBuffer<ffi::F32> mo, ffi::ResultBuffer<ffi::F32> vo) {
-  const jaxdl_team::Running running;
   const size_t total = p.element_count(), rows = s.element_count() / 10;
   if (rows == 0 || s.element_count() % 10 != 0 || total % rows != 0 ||
       g.element_count() != total || m.element_count() != total || v.element_count() != total) {
@@ -97,9 +96,7 @@ static ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p,
   w->chunks_per_row = (w->n + kChunk - 1) / kChunk;
   w->chunks = rows * w->chunks_per_row;
   const size_t helpers = std::min<size_t>(static_cast<size_t>(pool.num_threads()), w->chunks - 1);
-  jaxdl_team::Share<Work, Drain>(pool, w, helpers, false);
-  Drain(*w);
-  while (w->done.load(std::memory_order_acquire) < w->chunks) std::this_thread::yield();
+  jaxdl_team::Run<Work, Drain, &Work::chunks>(pool, w, helpers, false);
   return ffi::Error::Success();
 }
 

@@ -376,7 +376,6 @@ struct Extras {
 static ffi::Error Run(ffi::ThreadPool& pool, const float* a_data, ffi::Span<const int64_t> ad,
                       const float* b_data, ffi::Span<const int64_t> bd, float* out,
                       ffi::Span<const int64_t> cd, int64_t ta, int64_t tb, const Extras& x) {
-  const jaxdl_team::Running running;
   const size_t r = cd.size();
   if (r < 2 || ad.size() != r || bd.size() != r) {
     return ffi::Error::InvalidArgument("jaxdl_matmul: operands must have the output's rank");
@@ -474,9 +473,7 @@ static ffi::Error Run(ffi::ThreadPool& pool, const float* a_data, ffi::Span<cons
   }
   w->units = w->pack_units + batch * w->units_per_item;
   const size_t helpers = std::min(threads - 1, batch * w->units_per_item - 1);
-  jaxdl_team::Share<Work, Drain>(pool, w, helpers, true);
-  Drain(*w);
-  while (w->done.load(std::memory_order_acquire) < w->units) std::this_thread::yield();
+  jaxdl_team::Run<Work, Drain, &Work::units>(pool, w, helpers, true);
   return ffi::Error::Success();
 }
 
@@ -516,7 +513,6 @@ void DrainRows(Rows& w) {
 
 static ffi::Error TakeRowsImpl(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::S32> idx,
                                ffi::ResultBuffer<ffi::F32> out) {
-  const jaxdl_team::Running running;
   const auto xd = x.dimensions(), od = out->dimensions();
   if (xd.size() != 2 || idx.dimensions().size() != 1 || od.size() != 2 ||
       od[0] != idx.dimensions()[0] || od[1] != xd[1]) {
@@ -532,9 +528,7 @@ static ffi::Error TakeRowsImpl(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::S32
   w->units = static_cast<size_t>((w->b + w->per_unit - 1) / w->per_unit);
   const size_t helpers = std::min<size_t>(pool.num_threads() > 0 ? pool.num_threads() - 1 : 0,
                                           w->units - 1);
-  jaxdl_team::Share<Rows, DrainRows>(pool, w, helpers, true);
-  DrainRows(*w);
-  while (w->done.load(std::memory_order_acquire) < w->units) std::this_thread::yield();
+  jaxdl_team::Run<Rows, DrainRows, &Rows::units>(pool, w, helpers, true);
   return ffi::Error::Success();
 }
 

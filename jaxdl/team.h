@@ -17,6 +17,7 @@
 #include <chrono>
 #include <cstdint>
 #include <memory>
+#include <thread>
 #include <utility>
 
 #include "xla/ffi/api/ffi.h"
@@ -133,6 +134,17 @@ void Share(xla::ffi::ThreadPool& pool, const std::shared_ptr<W>& work, size_t he
                   new std::shared_ptr<W>(work)};
     if (!Post(job)) pool.Schedule([job, wait] { Help(job, wait); });
   }
+}
+
+// The whole of a call: helpers started on `work`, the calling thread taking units too,
+// then waiting until all `work->*units` are done (`work->done` counts them); marked
+// as running meanwhile.
+template <class W, void (*Drain)(W&), size_t W::*units>
+void Run(xla::ffi::ThreadPool& pool, const std::shared_ptr<W>& work, size_t helpers, bool wait) {
+  const Running running;
+  Share<W, Drain>(pool, work, helpers, wait);
+  Drain(*work);
+  while (work->done.load(std::memory_order_acquire) < (*work).*units) std::this_thread::yield();
 }
 
 }  // namespace jaxdl_team
