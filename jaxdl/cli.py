@@ -183,7 +183,10 @@ def _add_train_flags(p: argparse.ArgumentParser, number=float) -> None:
     ):  # fmt: skip
         g.add_argument(f"--{name}", type=number, default=None, help=text)
     g.add_argument(
-        "--schedule", choices=optim.SCHEDULES, default="constant", help="learning-rate schedule"
+        "--schedule",
+        choices=optim.SCHEDULES,
+        default="warmup_cosine",
+        help="learning-rate schedule (default: a cosine from the learning rate to 0 over --epochs)",
     )
     g.add_argument(
         "--freeze", type=_names, default=(), help="comma-separated layers to freeze, e.g. layer_0"

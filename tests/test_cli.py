@@ -32,6 +32,7 @@ def test_train_end_to_end_writes_run_dir_and_json(tmp_path, tiny_npz, capsys):
     code, out, err = _run(
         capsys, "train", "--data", str(tiny_npz), "--hidden", "32", "--epochs", "4", "--batch-size", "50",
         "--runs-dir", str(tmp_path), "--name", "r1", "--json", "--no-progress", "--early-stopping", "3",
+        "--lr", "3e-3",
     )  # fmt: skip
     assert code == 0, err
     res = json.loads(out.strip().splitlines()[-1])
