@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxdl import gemm, inits, validate
+from jaxdl import bernoulli, gemm, inits, validate
 
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "maxout", "linear")
 CONVENTIONS = ("inverted", "classic")
@@ -284,11 +284,11 @@ def sample_masks(
     """Draws keep-masks: unit j of layer i is kept with probability 1 - rates[i].
 
     Returns one float32 0/1 array per masked layer, (batch, widths[i]), or (widths[i],)
-    when ``batch`` is None (one subnetwork shared by all examples).
+    when ``batch`` is None (one subnetwork shared by all examples). The draws are
+    ``jax.random.bernoulli``'s, bit for bit (on the CPU by ``jaxdl.bernoulli``'s kernel).
     """
     keys = jax.random.split(key, len(widths))
     lead = () if batch is None else (batch,)
     return tuple(
-        jax.random.bernoulli(k, 1.0 - r, (*lead, w)).astype(jnp.float32)
-        for k, r, w in zip(keys, rates, widths, strict=True)
+        bernoulli.draw(k, 1.0 - r, (*lead, w)) for k, r, w in zip(keys, rates, widths, strict=True)
     )
