@@ -30,6 +30,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <cstring>
+#include <initializer_list>
 #include <memory>
 #include <thread>
 #include <vector>
@@ -57,10 +58,14 @@ struct View {
 
 // What a tile does after its last k block: nothing, or adds the bias (32 columns from
 // `bias`) and, if `relu`, takes max(0, ·), which keeps a NaN (max returns its second
-// operand when either is NaN).
+// operand when either is NaN); then, with `keep` (a dropout mask laid out as C), multiplies
+// by it and by `scale`, as XLA computes (h·mask)/p: it divides by a broadcast scalar as a
+// multiplication by the scalar's reciprocal.
 struct Epilogue {
   const float* bias = nullptr;
   bool relu = false;
+  const float* keep = nullptr;
+  float scale = 1.0f;
 };
 
 template <int R>
@@ -107,6 +112,15 @@ void Kernel(int kc, const float* __restrict ap, const float* __restrict bp, floa
       c1[r] = _mm512_max_ps(zero, c1[r]);
     }
   }
+  if (e.keep != nullptr) {
+    const __m512 scale = _mm512_set1_ps(e.scale);
+#pragma GCC unroll 16
+    for (int r = 0; r < R; ++r) {
+      c0[r] = _mm512_mul_ps(_mm512_mul_ps(c0[r], _mm512_maskz_loadu_ps(m0, e.keep + r * ldc)), scale);
+      c1[r] = _mm512_mul_ps(_mm512_mul_ps(c1[r], _mm512_maskz_loadu_ps(m1, e.keep + r * ldc + 16)),
+                            scale);
+    }
+  }
 #pragma GCC unroll 16
   for (int r = 0; r < R; ++r) {
     _mm512_mask_storeu_ps(c + r * ldc, m0, c0[r]);
@@ -133,6 +147,9 @@ struct Item {  // one product of the batch
   const float* gate_a = nullptr; // as A (op(A) = A): an element of A counts where gate > 0
   const float* gate_b = nullptr; // as B (op(B) = B): likewise for B
   float* b_sums = nullptr;       // n: the column sums of op(B) (after gating)
+  const float* keep = nullptr;   // m×n as C: the forward's dropout mask (see Epilogue)
+  float scale = 1.0f;            // 1/divisor: multiplies the forward's output after `keep`,
+                                 // and the gated operand's counted elements as they are packed
 };
 
 // The work of one call, split into units that threads take in turn. Two ways:
@@ -203,6 +220,7 @@ void PackSliver(const Work& w, const Item& it, int s) {
         use = _mm512_mask_cmp_ps_mask(km, g, _mm512_setzero_ps(), _CMP_GT_OQ);
       }
       r[q] = _mm512_maskz_loadu_ps(use, it.a.p + at);
+      if (it.gate_a != nullptr && it.scale != 1.0f) r[q] = _mm512_mul_ps(r[q], _mm512_set1_ps(it.scale));
     }
     Transpose16(r);
     for (int q = 0; q < kk; ++q) _mm512_mask_storeu_ps(d + (k0 + q) * rows, rm, r[q]);
@@ -228,8 +246,12 @@ void PackPanel(const Work& w, const Item& it, int j, float* d, bool sums = false
         u1 = _mm512_mask_cmp_ps_mask(m1, _mm512_maskz_loadu_ps(m1, it.gate_b + at + 16), zero,
                                      _CMP_GT_OQ);
       }
-      const __m512 v0 = _mm512_maskz_loadu_ps(u0, it.b.p + at);
-      const __m512 v1 = _mm512_maskz_loadu_ps(u1, it.b.p + at + 16);
+      __m512 v0 = _mm512_maskz_loadu_ps(u0, it.b.p + at);
+      __m512 v1 = _mm512_maskz_loadu_ps(u1, it.b.p + at + 16);
+      if (it.gate_b != nullptr && it.scale != 1.0f) {
+        v0 = _mm512_mul_ps(v0, _mm512_set1_ps(it.scale));
+        v1 = _mm512_mul_ps(v1, _mm512_set1_ps(it.scale));
+      }
       _mm512_store_ps(d + k * kNR, v0);
       _mm512_store_ps(d + k * kNR + 16, v1);
       if (sums) {
@@ -273,7 +295,10 @@ void ComputePanel(const Work& w, const Item& it, int j, const float* panel, int 
       const float* bp = panel + static_cast<size_t>(k0) * kNR;
       float* c = it.c + static_cast<size_t>(i0) * w.n + j0;
       Epilogue e;
-      if (k0 + kc == w.k) e = {it.bias == nullptr ? nullptr : it.bias + j0, w.relu};
+      if (k0 + kc == w.k) {
+        e = {it.bias == nullptr ? nullptr : it.bias + j0, w.relu,
+             it.keep == nullptr ? nullptr : it.keep + static_cast<size_t>(i0) * w.n + j0, it.scale};
+      }
       if (rows == kMR) {
         Kernel<kMR>(kc, ap, bp, c, w.n, nj, k0 > 0, e);
       } else {
@@ -364,11 +389,13 @@ struct Operand {
 };
 
 // What the fused dense layer adds to a product (jaxdl.gemm.dense_relu):
-// - forward: C = relu(A·B + bias);
-// - input gradient: A gated by the layer's output (an element of δ counts where y > 0);
+// - forward: C = relu(A·B + bias), then with dropout (keep) (C·keep)·(1/div);
+// - input gradient: A gated by the layer's output (an element of δ counts where y > 0),
+//   with dropout each counted element multiplied by 1/div;
 // - weight gradient: B gated likewise, and B's column sums (the bias gradient).
+// div: a (1, 1) operand batched as C.
 struct Extras {
-  Operand bias, gate_a, gate_b;
+  Operand bias, gate_a, gate_b, keep, div;
   float* sums = nullptr;
   bool relu = false;
 };
@@ -387,7 +414,7 @@ static ffi::Error Run(ffi::ThreadPool& pool, const float* a_data, ffi::Span<cons
     return ffi::Error::InvalidArgument("jaxdl_matmul: mismatched matrix shapes");
   }
   const int64_t k = ak;
-  std::vector<size_t> oa, ob, obias, oga, ogb;
+  std::vector<size_t> oa, ob, obias, oga, ogb, okeep, odiv;
   if (!BatchOffsets(cd, ad, m * k, oa) || !BatchOffsets(cd, bd, k * n, ob)) {
     return ffi::Error::InvalidArgument("jaxdl_matmul: mismatched batch dimensions");
   }
@@ -398,9 +425,12 @@ static ffi::Error Run(ffi::ThreadPool& pool, const float* a_data, ffi::Span<cons
   };
   if (!offsets(x.bias, 1, n, obias) || !offsets(x.gate_a, ad[r - 2], ad[r - 1], oga) ||
       !offsets(x.gate_b, bd[r - 2], bd[r - 1], ogb) || (x.gate_a.p != nullptr && ta) ||
-      (x.gate_b.p != nullptr && tb)) {
-    return ffi::Error::InvalidArgument("jaxdl_matmul: mismatched bias or gate");
+      (x.gate_b.p != nullptr && tb) || !offsets(x.keep, m, n, okeep) ||
+      !offsets(x.div, 1, 1, odiv)) {
+    return ffi::Error::InvalidArgument("jaxdl_matmul: mismatched bias, gate, mask or divisor");
   }
+  // XLA's x / p for a broadcast scalar p: x · (1/p).
+  auto scale = [&](size_t i) { return x.div.p == nullptr ? 1.0f : 1.0f / x.div.p[odiv[i]]; };
   const size_t batch = oa.size();
   if (m == 0 && x.sums != nullptr) {  // no rows of C, but op(B)'s column sums are asked
     for (size_t i = 0; i < batch; ++i) {
@@ -409,7 +439,7 @@ static ffi::Error Run(ffi::ThreadPool& pool, const float* a_data, ffi::Span<cons
         for (int64_t q = 0; q < k; ++q) {
           const size_t at = tb ? j * k + q : q * n + j;
           const bool on = x.gate_b.p == nullptr || x.gate_b.p[ogb[i] + at] > 0.0f;
-          sum += on ? b_data[ob[i] + at] : 0.0f;
+          sum += on ? b_data[ob[i] + at] * scale(i) : 0.0f;
         }
         x.sums[i * n + j] = sum;
       }
@@ -420,7 +450,8 @@ static ffi::Error Run(ffi::ThreadPool& pool, const float* a_data, ffi::Span<cons
     for (size_t i = 0; i < batch; ++i) {
       for (int64_t q = 0; q < m * n; ++q) {
         const float v = x.bias.p == nullptr ? 0.0f : x.bias.p[obias[i] + q % n];
-        out[i * m * n + q] = x.relu && !(v != v) ? std::max(0.0f, v) : v;
+        const float y = x.relu && !(v != v) ? std::max(0.0f, v) : v;
+        out[i * m * n + q] = x.keep.p == nullptr ? y : (y * x.keep.p[okeep[i] + q]) * scale(i);
       }
     }
     if (x.sums != nullptr) std::fill(x.sums, x.sums + batch * n, 0.0f);
@@ -453,6 +484,8 @@ static ffi::Error Run(ffi::ThreadPool& pool, const float* a_data, ffi::Span<cons
     if (x.gate_a.p != nullptr) it.gate_a = x.gate_a.p + oga[i];
     if (x.gate_b.p != nullptr) it.gate_b = x.gate_b.p + ogb[i];
     if (x.sums != nullptr) it.b_sums = x.sums + i * n;
+    if (x.keep.p != nullptr) it.keep = x.keep.p + okeep[i];
+    it.scale = scale(i);
   }
   const double macs = static_cast<double>(batch) * m * n * k;
   size_t threads = 1;
@@ -534,6 +567,20 @@ static ffi::Error TakeRowsImpl(ffi::ThreadPool pool, F32 x, ffi::Buffer<ffi::S32
 
 static Operand Of(const F32& buffer) { return {buffer.typed_data(), buffer.dimensions()}; }
 
+// The optional trailing operands (dropout's mask and divisor) into `into`, in order; false
+// if one is not float32.
+static bool Trailing(const ffi::RemainingArgs& rest, std::initializer_list<Operand*> into) {
+  if (rest.size() > into.size()) return false;
+  size_t i = 0;
+  for (Operand* o : into) {
+    if (i == rest.size()) break;
+    auto buffer = rest.get<F32>(i++);
+    if (!buffer.has_value()) return false;
+    *o = Of(*buffer);
+  }
+  return true;
+}
+
 // C = op(A)·op(B).
 static ffi::Error MatmulImpl(ffi::ThreadPool pool, F32 a, F32 b, ffi::ResultBuffer<ffi::F32> c,
                              int64_t ta, int64_t tb) {
@@ -541,34 +588,46 @@ static ffi::Error MatmulImpl(ffi::ThreadPool pool, F32 a, F32 b, ffi::ResultBuff
              c->typed_data(), c->dimensions(), ta, tb, {});
 }
 
-// C = op(A)·op(B) + bias, then max(0, ·) if relu: the dense layer's forward.
+// C = op(A)·op(B) + bias, then max(0, ·) if relu: the dense layer's forward. Optional
+// trailing operands: a dropout mask shaped as C and its divisor (1, 1): C = (C·mask)/div,
+// as XLA divides by a broadcast scalar: C·mask·(1/div).
 static ffi::Error MatmulBiasImpl(ffi::ThreadPool pool, F32 a, F32 b, F32 bias,
-                                 ffi::ResultBuffer<ffi::F32> c, int64_t ta, int64_t tb,
-                                 int64_t relu) {
+                                 ffi::RemainingArgs rest, ffi::ResultBuffer<ffi::F32> c,
+                                 int64_t ta, int64_t tb, int64_t relu) {
   Extras x;
   x.bias = Of(bias);
   x.relu = relu != 0;
+  if (!Trailing(rest, {&x.keep, &x.div}) || (x.keep.p == nullptr) != (x.div.p == nullptr)) {
+    return ffi::Error::InvalidArgument("jaxdl_matmul_bias: expected a float32 mask and divisor");
+  }
   return Run(pool, a.typed_data(), a.dimensions(), b.typed_data(), b.dimensions(),
              c->typed_data(), c->dimensions(), ta, tb, x);
 }
 
 // C = (A gated by G)·op(B): the input gradient δ·Wᵀ of a ReLU layer, δ counted where the
-// layer's output G > 0.
+// layer's output G > 0 (and times 1/d for the optional trailing divisor d (1, 1): dropout's).
 static ffi::Error MatmulGateAImpl(ffi::ThreadPool pool, F32 a, F32 b, F32 gate,
-                                  ffi::ResultBuffer<ffi::F32> c, int64_t tb) {
+                                  ffi::RemainingArgs rest, ffi::ResultBuffer<ffi::F32> c,
+                                  int64_t tb) {
   Extras x;
   x.gate_a = Of(gate);
+  if (!Trailing(rest, {&x.div})) {
+    return ffi::Error::InvalidArgument("jaxdl_matmul_gate_a: expected a float32 divisor");
+  }
   return Run(pool, a.typed_data(), a.dimensions(), b.typed_data(), b.dimensions(),
              c->typed_data(), c->dimensions(), 0, tb, x);
 }
 
 // C = op(A)·(B gated by G) and the column sums of gated B: a ReLU layer's weight
-// gradient xᵀ·δ and bias gradient Σδ.
+// gradient xᵀ·δ and bias gradient Σδ (δ divided as in the input gradient).
 static ffi::Error MatmulGateBImpl(ffi::ThreadPool pool, F32 a, F32 b, F32 gate,
-                                  ffi::ResultBuffer<ffi::F32> c,
+                                  ffi::RemainingArgs rest, ffi::ResultBuffer<ffi::F32> c,
                                   ffi::ResultBuffer<ffi::F32> sums, int64_t ta) {
   Extras x;
   x.gate_b = Of(gate);
+  if (!Trailing(rest, {&x.div})) {
+    return ffi::Error::InvalidArgument("jaxdl_matmul_gate_b: expected a float32 divisor");
+  }
   x.sums = sums->typed_data();
   const auto sd = sums->dimensions(), cd = c->dimensions();
   if (sd.size() != cd.size() || sd[sd.size() - 2] != 1 || sd[sd.size() - 1] != cd[cd.size() - 1]) {
@@ -587,16 +646,22 @@ XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdlMatmul, MatmulImpl,
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdlMatmulBias, MatmulBiasImpl,
                               Matrices()
                                   .Arg<F32>()
+                                  .RemainingArgs()
                                   .Ret<F32>()
                                   .Attr<int64_t>("ta")
                                   .Attr<int64_t>("tb")
                                   .Attr<int64_t>("relu"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdlMatmulGateA, MatmulGateAImpl,
-                              Matrices().Arg<F32>().Ret<F32>().Attr<int64_t>("tb"));
+                              Matrices().Arg<F32>().RemainingArgs().Ret<F32>().Attr<int64_t>("tb"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdlMatmulGateB, MatmulGateBImpl,
-                              Matrices().Arg<F32>().Ret<F32>().Ret<F32>().Attr<int64_t>("ta"));
+                              Matrices()
+                                  .Arg<F32>()
+                                  .RemainingArgs()
+                                  .Ret<F32>()
+                                  .Ret<F32>()
+                                  .Attr<int64_t>("ta"));
 
 XLA_FFI_DEFINE_HANDLER_SYMBOL(JaxdlTakeRows, TakeRowsImpl,
                               ffi::Ffi::Bind()

@@ -13,8 +13,9 @@ and batching rule (members of a ``vmap`` share unbatched operands, never copied)
 narrower one (the output layer) keeps XLA's products but for its weight gradient
 (``narrow``); anything else goes to ``lax.dot_general``. A hidden ReLU layer without
 batch norm runs as ``DenseReLU`` (``dense_relu``): bias and ReLU inside the forward
-call, the ReLU's mask and the bias gradient inside the backward calls. ``take_rows``
-takes a minibatch from the data set by rows.
+call, the ReLU's mask and the bias gradient inside the backward calls, and a training
+step's dropout on the layer's output too (mask and scale, forward and backward).
+``take_rows`` takes a minibatch from the data set by rows.
 
 Why fuse: between two kernel calls, XLA's elementwise passes over (B, O) wait on a pool
 thread that has gone idle, and waking one takes 30-50 µs on some virtual machines; the
@@ -157,32 +158,50 @@ def _narrow_bwd(res, g):
 narrow.defvjp(_narrow_fwd, _narrow_bwd)
 
 
-@jax.custom_vjp
-def dense_relu(x: jax.Array, w: jax.Array, b: jax.Array) -> jax.Array:
+def dense_relu(
+    x: jax.Array, w: jax.Array, b: jax.Array, mask: jax.Array | None = None, div=None
+) -> jax.Array:
     """``relu(x @ w + b)``: (B, I)·(I, O) + (O,) -> (B, O), float32, in one kernel call;
     its gradient takes two more (δ·Wᵀ; xᵀ·δ with Σδ), each applying the ReLU's mask
     (δ where the output is > 0) as it packs δ, so no elementwise pass over (B, O) runs
-    outside the kernel. Values equal ``relu(dense(x, w) + b)``'s, except the bias
-    gradient's rounding (one sum over the batch in order)."""
-    return _dense_relu_fwd(x, w, b)[0]
-
-
-def _dense_relu_fwd(x, w, b):
+    outside the kernel. With dropout's ``mask`` (B, O) of 0/1 and divisor ``div`` (a
+    float32 scalar: the keep probability, or 1), ``(relu(x @ w + b) * mask) / div``, the
+    gradient's δ divided by ``div`` as it is packed. Values equal the unfused
+    expression's with ``dense``, except the bias gradient's rounding (one sum over the
+    batch in order)."""
+    if (mask is None) != (div is None):
+        raise ValueError("dense_relu: give dropout's mask and divisor together")
     if b.shape != (w.shape[-1],) or b.dtype != jnp.float32:
         raise ValueError(f"dense_relu: bias {b.dtype}{b.shape}; expected float32"
                          f"{(w.shape[-1],)}")  # fmt: skip
-    y = _call(TARGET_BIAS, [_contract(x, w, False, False)], x, w, b[None], ta=0, tb=0, relu=1)
-    return y, (x, w, y)
+    drop = ()
+    if mask is not None:
+        shape = _contract(x, w, False, False)
+        if mask.shape != shape or mask.dtype != jnp.float32:
+            raise ValueError(f"dense_relu: mask {mask.dtype}{mask.shape}; expected float32{shape}")
+        drop = (mask, lax.stop_gradient(jnp.asarray(div, jnp.float32)).reshape(1, 1))
+    return _dense_relu(x, w, b, drop)
+
+
+@jax.custom_vjp
+def _dense_relu(x, w, b, drop):
+    return _dense_relu_fwd(x, w, b, drop)[0]
+
+
+def _dense_relu_fwd(x, w, b, drop):
+    shape = _contract(x, w, False, False)
+    y = _call(TARGET_BIAS, [shape], x, w, b[None], *drop, ta=0, tb=0, relu=1)
+    return y, (x, w, y, drop[1:])
 
 
 def _dense_relu_bwd(res, g):
-    x, w, y = res
-    dx = _call(TARGET_GATE_A, [x.shape], g, w, y, tb=1)
-    dw, db = _call(TARGET_GATE_B, [w.shape, (1, w.shape[1])], x, g, y, ta=1)
-    return dx, dw, db[0]
+    x, w, y, div = res
+    dx = _call(TARGET_GATE_A, [x.shape], g, w, y, *div, tb=1)
+    dw, db = _call(TARGET_GATE_B, [w.shape, (1, w.shape[1])], x, g, y, *div, ta=1)
+    return dx, dw, db[0], None
 
 
-dense_relu.defvjp(_dense_relu_fwd, _dense_relu_bwd)
+_dense_relu.defvjp(_dense_relu_fwd, _dense_relu_bwd)
 
 
 def fusable(activation: str, x: jax.Array, width: int) -> bool:
@@ -202,10 +221,11 @@ class DenseReLU(nn.Module):
     kernel_init: nn.initializers.Initializer
 
     @nn.compact
-    def __call__(self, x: jax.Array) -> jax.Array:
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, div=None) -> jax.Array:
+        """``mask``, ``div``: dropout on the output, as ``dense_relu`` applies it."""
         kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
         bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        return dense_relu(x, kernel, bias)
+        return dense_relu(x, kernel, bias, mask, div)
 
 
 def take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:

@@ -55,7 +55,9 @@ def apply_dropout(
     if mask is None:
         return h * keep if convention == "classic" else h
     h = h * mask.astype(h.dtype)
-    return h / keep if convention == "inverted" else h
+    # h · (1/keep): how XLA:CPU divides by a broadcast scalar, and the fused ReLU layers'
+    # dropout (gemm.dense_relu), so every path rounds alike.
+    return h * (1.0 / keep) if convention == "inverted" else h
 
 
 def _dropout_at(masks: Masks | None, rates: jax.Array | None, i: int):
@@ -209,14 +211,19 @@ def _dense_head(
     m = module
     kernel_init = inits.unit_initializer(m.weight_init)
     pieces = m.maxout_pieces if m.activation == "maxout" else 1
+    dropped = False  # whether h's dropout ran inside the layer that made it
     for i in range(start, len(widths) + 1):
         if i == stop:
             return h
-        h = apply_dropout(h, *_dropout_at(masks, rates, i), m.dropout_convention)
+        if not dropped:
+            h = apply_dropout(h, *_dropout_at(masks, rates, i), m.dropout_convention)
+        dropped = False
         if i == len(widths):
             break
         if not m.batch_norm and gemm.fusable(m.activation, h, widths[i]):
-            h = gemm.DenseReLU(widths[i], kernel_init, name=f"layer_{i}")(h)
+            drop = _fused_dropout(m, masks, rates, i + 1, (h.shape[0], widths[i]), stop)
+            h = gemm.DenseReLU(widths[i], kernel_init, name=f"layer_{i}")(h, *drop)
+            dropped = bool(drop)
         else:
             h = nn.Dense(
                 widths[i] * pieces,
@@ -231,6 +238,20 @@ def _dense_head(
     return nn.Dense(
         m.num_classes, kernel_init=kernel_init, dot_general=gemm.dot_general, name="output"
     )(h)
+
+
+def _fused_dropout(module, masks, rates, i: int, shape: tuple[int, int], stop) -> tuple:
+    """(mask, divisor) for a fused ReLU layer to apply masked layer ``i``'s dropout to its
+    output of ``shape``, as ``apply_dropout`` would, or () where it cannot: no mask of that
+    shape, an early ``stop`` there, or activations recorded (they are taken before dropout)."""
+    mask, rate = _dropout_at(masks, rates, i)
+    if mask is None or rate is None or i == stop or mask.shape != shape:
+        return ()
+    if module.is_mutable_collection("intermediates"):
+        return ()
+    keep = (1.0 - rate).astype(jnp.float32)
+    div = keep if module.dropout_convention == "inverted" else jnp.ones((), jnp.float32)
+    return mask.astype(jnp.float32), div
 
 
 def _batch_norm(h: jax.Array, train: bool, example_mask: jax.Array | None, name: str):

@@ -2,13 +2,15 @@
 
 from __future__ import annotations
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
 import jaxdl
-from jaxdl import devices, gemm, sweep, train
+from jaxdl import devices, gemm, models, sweep, train
 
 needs_kernel = pytest.mark.skipif(
     gemm.unavailable() is not None, reason=f"GEMM kernel unavailable: {gemm.unavailable()}"
@@ -255,6 +257,109 @@ def test_dense_relu_keeps_nan_and_empty_shapes():
     assert not bool(dw.any()) and not bool(db.any())
     with pytest.raises(ValueError, match=r"bias float32\(3,\); expected float32\(50,\)"):
         gemm.dense_relu(x, w, jnp.zeros(3))
+
+
+@needs_kernel
+@pytest.mark.parametrize("b,i,o", [(100, 784, 500), (130, 500, 40), (5, 3, 33)])
+@pytest.mark.parametrize("keep", [0.5, 0.8, 1.0])
+def test_dense_relu_with_dropout_equals_the_unfused_layer_bit_for_bit(b, i, o, keep):
+    """Dropout on the output inside the same calls: relu(x·W + b)·mask·(1/keep) forward, δ
+    times 1/keep where the output is > 0 as it is packed; the same values as the
+    kernel's plain products with XLA's bias, ReLU, mask and scaling around them (and
+    autodiff of that expression), bit for bit; the bias gradient to rounding."""
+    x, w, bias, g = _relu_layer(b, i, o, seed=6)
+    mask = jax.random.bernoulli(jax.random.key(b + o), 0.6, (b, o)).astype(jnp.float32)
+    div = jnp.float32(keep)
+    fused = jax.jit(lambda x, w, bias: gemm.dense_relu(x, w, bias, mask, div))
+    y, vjp = jax.vjp(fused, x, w, bias)
+    dx, dw, db = vjp(g)
+
+    def unfused(x, w, bias, div):  # as models.apply_dropout writes it
+        return (jax.nn.relu(gemm.dense(x, w) + bias) * mask) * (1.0 / div)
+
+    want, want_vjp = jax.vjp(jax.jit(unfused), x, w, bias, div)
+    np.testing.assert_array_equal(y, want)
+    want_dx, want_dw, want_db, _ = want_vjp(g)
+    np.testing.assert_array_equal(dx, want_dx)
+    np.testing.assert_array_equal(dw, want_dw)
+    np.testing.assert_allclose(db, want_db, rtol=1e-5, atol=1e-5 * np.sqrt(b))
+    assert float((mask == 0).mean()) > 0.2 and float((y > 0).mean()) > 0.1
+
+
+@needs_kernel
+def test_dense_relu_with_dropout_members_equal_the_layer_alone():
+    x, w, bias, g = _relu_layer(60, 90, 70, seed=7)
+    ws = jnp.stack([w, -w, 0.5 * w])
+    masks = jax.random.bernoulli(jax.random.key(0), 0.5, (3, 60, 70)).astype(jnp.float32)
+    divs = jnp.array([0.5, 0.8, 1.0], jnp.float32)
+
+    def grads(w, mask, div):
+        f = lambda x, w, b: jnp.sum(gemm.dense_relu(x, w, b, mask, div) * g)  # noqa: E731
+        return jax.value_and_grad(f, (0, 1, 2))(x, w, bias)
+
+    batched = jax.jit(jax.vmap(grads))(ws, masks, divs)
+    for k in range(3):
+        alone = grads(ws[k], masks[k], divs[k])
+        for got, want in zip(jax.tree.leaves(batched), jax.tree.leaves(alone), strict=True):
+            np.testing.assert_array_equal(got[k], want)
+
+
+@needs_kernel
+def test_dense_relu_dropout_errors_and_empty_inputs():
+    x, w, bias, g = _relu_layer(20, 40, 50, seed=8)
+    mask = jnp.ones((20, 50))
+    with pytest.raises(ValueError, match="mask and divisor together"):
+        gemm.dense_relu(x, w, bias, mask)
+    with pytest.raises(ValueError, match=r"mask float32\(20, 49\); expected float32\(20, 50\)"):
+        gemm.dense_relu(x, w, bias, mask[:, 1:], 0.5)
+    # no inputs: (relu(bias)·mask)/div per row, and the gated, divided sum
+    half = mask.at[:, ::2].set(0.0)[:4]
+    y0, vjp = jax.vjp(lambda x, w, b: gemm.dense_relu(x, w, b, half, 0.5),
+                      jnp.zeros((4, 0)), jnp.zeros((0, 50)), bias)  # fmt: skip
+    np.testing.assert_array_equal(y0, (jax.nn.relu(bias) * half) * 2.0)
+    _, _, db = vjp(g[:4])
+    want = jnp.where(y0 > 0, g[:4] / 0.5, 0.0).sum(0)
+    np.testing.assert_allclose(db, want, rtol=1e-6, atol=1e-6)
+
+
+@needs_kernel
+@pytest.mark.parametrize(
+    "convention,hidden", [("inverted", (64, 40)), ("classic", (64, 40)), ("inverted", (64, 16, 40))]
+)
+def test_mlp_dropout_runs_inside_the_fused_layers_with_the_same_values(convention, hidden):
+    """A training forward with masks applies the hidden layers' dropout inside the fused
+    calls (no elementwise multiply by a (B, O) mask left to XLA) and gives the loss and
+    gradients of the layer-by-layer expression with the same kernel, to rounding; a
+    layer too narrow for the kernel between them (16 units) still gets its dropout."""
+    model = jaxdl.MLP(hidden=hidden, num_classes=3, dropout_convention=convention)
+    x = jax.random.normal(jax.random.key(1), (16, 20))
+    params = model.init(jax.random.key(0), x)
+    rates = jnp.linspace(0.2, 0.5, len(hidden) + 1)
+    masks = jaxdl.sample_masks(jax.random.key(2), rates, (20, *hidden), 16)
+
+    def loss(p, m):
+        return jnp.sum(model.apply(p, x, rates=rates, masks=m, train=True) ** 2)
+
+    def unfused(p, m):  # the same layers, each step as XLA would run it around the kernel
+        h = models.apply_dropout(x, m[0], rates[0], convention)
+        for i, width in enumerate(hidden):
+            layer = p["params"][f"layer_{i}"]
+            product = gemm.dense if width >= gemm.MIN_WIDTH else gemm.narrow
+            h = jax.nn.relu(product(h, layer["kernel"]) + layer["bias"])
+            h = models.apply_dropout(h, m[i + 1], rates[i + 1], convention)
+        out = p["params"]["output"]
+        return jnp.sum((gemm.narrow(h, out["kernel"]) + out["bias"]) ** 2)
+
+    text = jax.jit(jax.grad(loss)).lower(params, masks).as_text()
+    calls = re.findall(rf"@{gemm.TARGET_BIAS}\(([^)]*)\)", text)
+    assert [c.count(",") + 1 for c in calls] == [5, 5]  # x, W, b, mask, divisor
+    got, want = (
+        jax.jit(jax.value_and_grad(loss))(params, masks),
+        jax.value_and_grad(unfused)(params, masks),
+    )
+    np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
+    for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 
 
 @needs_kernel
