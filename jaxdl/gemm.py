@@ -166,9 +166,10 @@ def dense_relu(
     (δ where the output is > 0) as it packs δ, so no elementwise pass over (B, O) runs
     outside the kernel. With dropout's ``mask`` (B, O) of 0/1 and divisor ``div`` (a
     float32 scalar: the keep probability, or 1), ``(relu(x @ w + b) * mask) / div``, the
-    gradient's δ divided by ``div`` as it is packed. Values equal the unfused
-    expression's with ``dense``, except the bias gradient's rounding (one sum over the
-    batch in order)."""
+    gradient's δ divided by ``div`` as it is packed; ``div`` gets its gradient
+    (−Σ g·y / div, which XLA drops when nothing uses it), ``mask`` none: a sample, as
+    in ``models.apply_dropout``. Values equal the unfused expression's with ``dense``,
+    except the bias gradient's rounding (one sum over the batch in order)."""
     if (mask is None) != (div is None):
         raise ValueError("dense_relu: give dropout's mask and divisor together")
     if b.shape != (w.shape[-1],) or b.dtype != jnp.float32:
@@ -179,7 +180,7 @@ def dense_relu(
         shape = _contract(x, w, False, False)
         if mask.shape != shape or mask.dtype != jnp.float32:
             raise ValueError(f"dense_relu: mask {mask.dtype}{mask.shape}; expected float32{shape}")
-        drop = (mask, lax.stop_gradient(jnp.asarray(div, jnp.float32)).reshape(1, 1))
+        drop = (lax.stop_gradient(mask), jnp.asarray(div, jnp.float32).reshape(1, 1))
     return _dense_relu(x, w, b, drop)
 
 
@@ -198,7 +199,9 @@ def _dense_relu_bwd(res, g):
     x, w, y, div = res
     dx = _call(TARGET_GATE_A, [x.shape], g, w, y, *div, tb=1)
     dw, db = _call(TARGET_GATE_B, [w.shape, (1, w.shape[1])], x, g, y, *div, ta=1)
-    return dx, dw, db[0], None
+    # y = relu(z)·mask/div, so ∂y/∂div = −y/div
+    drop = (None, -jnp.sum(g * y).reshape(1, 1) / div[0]) if div else ()
+    return dx, dw, db[0], drop
 
 
 _dense_relu.defvjp(_dense_relu_fwd, _dense_relu_bwd)

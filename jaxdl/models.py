@@ -48,13 +48,14 @@ def activate(name: str, h: jax.Array, pieces: int) -> jax.Array:
 def apply_dropout(
     h: jax.Array, mask: jax.Array | None, rate: jax.Array | None, convention: str
 ) -> jax.Array:
-    """Applies one dropout layer. ``h``: (B, units); ``mask``: (B, units) or (units,) of 0/1."""
+    """Applies one dropout layer. ``h``: (B, units); ``mask``: (B, units) or (units,) of 0/1,
+    a sample: it gets no gradient (the rate does)."""
     if rate is None:
         return h
     keep = (1.0 - rate).astype(h.dtype)
     if mask is None:
         return h * keep if convention == "classic" else h
-    h = h * mask.astype(h.dtype)
+    h = h * jax.lax.stop_gradient(mask.astype(h.dtype))
     # h · (1/keep): how XLA:CPU divides by a broadcast scalar, and the fused ReLU layers'
     # dropout (gemm.dense_relu), so every path rounds alike.
     return h * (1.0 / keep) if convention == "inverted" else h

@@ -270,19 +270,21 @@ def test_dense_relu_with_dropout_equals_the_unfused_layer_bit_for_bit(b, i, o, k
     x, w, bias, g = _relu_layer(b, i, o, seed=6)
     mask = jax.random.bernoulli(jax.random.key(b + o), 0.6, (b, o)).astype(jnp.float32)
     div = jnp.float32(keep)
-    fused = jax.jit(lambda x, w, bias: gemm.dense_relu(x, w, bias, mask, div))
-    y, vjp = jax.vjp(fused, x, w, bias)
-    dx, dw, db = vjp(g)
+    fused = jax.jit(lambda x, w, bias, div: gemm.dense_relu(x, w, bias, mask, div))
+    y, vjp = jax.vjp(fused, x, w, bias, div)
+    dx, dw, db, ddiv = vjp(g)
 
     def unfused(x, w, bias, div):  # as models.apply_dropout writes it
         return (jax.nn.relu(gemm.dense(x, w) + bias) * mask) * (1.0 / div)
 
     want, want_vjp = jax.vjp(jax.jit(unfused), x, w, bias, div)
     np.testing.assert_array_equal(y, want)
-    want_dx, want_dw, want_db, _ = want_vjp(g)
+    want_dx, want_dw, want_db, want_ddiv = want_vjp(g)
     np.testing.assert_array_equal(dx, want_dx)
     np.testing.assert_array_equal(dw, want_dw)
     np.testing.assert_allclose(db, want_db, rtol=1e-5, atol=1e-5 * np.sqrt(b))
+    np.testing.assert_allclose(ddiv, want_ddiv, rtol=1e-4)  # the keep probability's
+    assert float(jnp.abs(ddiv)) > 0
     assert float((mask == 0).mean()) > 0.2 and float((y > 0).mean()) > 0.1
 
 
@@ -329,18 +331,19 @@ def test_dense_relu_dropout_errors_and_empty_inputs():
 def test_mlp_dropout_runs_inside_the_fused_layers_with_the_same_values(convention, hidden):
     """A training forward with masks applies the hidden layers' dropout inside the fused
     calls (no elementwise multiply by a (B, O) mask left to XLA) and gives the loss and
-    gradients of the layer-by-layer expression with the same kernel, to rounding; a
-    layer too narrow for the kernel between them (16 units) still gets its dropout."""
+    gradients (the parameters' and the rates') of the layer-by-layer expression with the
+    same kernel, to rounding; a layer too narrow for the kernel between them (16 units)
+    still gets its dropout."""
     model = jaxdl.MLP(hidden=hidden, num_classes=3, dropout_convention=convention)
     x = jax.random.normal(jax.random.key(1), (16, 20))
     params = model.init(jax.random.key(0), x)
     rates = jnp.linspace(0.2, 0.5, len(hidden) + 1)
     masks = jaxdl.sample_masks(jax.random.key(2), rates, (20, *hidden), 16)
 
-    def loss(p, m):
+    def loss(p, m, rates):
         return jnp.sum(model.apply(p, x, rates=rates, masks=m, train=True) ** 2)
 
-    def unfused(p, m):  # the same layers, each step as XLA would run it around the kernel
+    def unfused(p, m, rates):  # the same layers, each step as XLA would run it around the kernel
         h = models.apply_dropout(x, m[0], rates[0], convention)
         for i, width in enumerate(hidden):
             layer = p["params"][f"layer_{i}"]
@@ -350,13 +353,15 @@ def test_mlp_dropout_runs_inside_the_fused_layers_with_the_same_values(conventio
         out = p["params"]["output"]
         return jnp.sum((gemm.narrow(h, out["kernel"]) + out["bias"]) ** 2)
 
-    text = jax.jit(jax.grad(loss)).lower(params, masks).as_text()
+    text = jax.jit(jax.grad(loss)).lower(params, masks, rates).as_text()
     calls = re.findall(rf"@{gemm.TARGET_BIAS}\(([^)]*)\)", text)
     assert [c.count(",") + 1 for c in calls] == [5, 5]  # x, W, b, mask, divisor
     got, want = (
-        jax.jit(jax.value_and_grad(loss))(params, masks),
-        jax.value_and_grad(unfused)(params, masks),
+        jax.jit(jax.value_and_grad(loss, (0, 2)))(params, masks, rates),
+        jax.value_and_grad(unfused, (0, 2))(params, masks, rates),
     )
+    if convention == "inverted":  # every rate has its gradient (classic's train step has none)
+        assert float(jnp.abs(got[1][1]).min()) > 0
     np.testing.assert_allclose(got[0], want[0], rtol=1e-6)
     for a, b in zip(jax.tree.leaves(got[1]), jax.tree.leaves(want[1]), strict=True):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
