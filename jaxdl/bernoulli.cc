@@ -92,7 +92,9 @@ static ffi::Error BernoulliImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> keys
   w->n = total / rows;
   w->chunks_per_row = (w->n + kChunk - 1) / kChunk;
   w->chunks = rows * w->chunks_per_row;
-  const size_t helpers = std::min<size_t>(static_cast<size_t>(pool.num_threads()), w->chunks - 1);
+  // The calling thread works too: with num_threads() - 1 helpers, one thread per core.
+  const size_t threads = static_cast<size_t>(pool.num_threads());
+  const size_t helpers = std::min<size_t>(threads > 0 ? threads - 1 : 0, w->chunks - 1);
   jaxdl_team::Run<Work, Drain, &Work::chunks>(pool, w, helpers, false);
   return ffi::Error::Success();
 }

@@ -146,6 +146,10 @@ struct Item {  // one product of the batch
   const float* bias = nullptr;   // n: added to C, before the ReLU if any
   const float* gate_a = nullptr; // as A (op(A) = A): an element of A counts where gate > 0
   const float* gate_b = nullptr; // as B (op(B) = B): likewise for B
+  // With dropout, the mask laid out as the gate: an element then counts where
+  // gate·mask·scale > 0 (y = relu(z)·mask·scale, so where z > 0 unless the mask is 0) and
+  // packs as (element·scale)·mask, autodiff's order for (relu(z)·mask)·scale.
+  const float* gate_mask = nullptr;
   float* b_sums = nullptr;       // n: the column sums of op(B) (after gating)
   const float* keep = nullptr;   // m×n as C: the forward's dropout mask (see Epilogue)
   float scale = 1.0f;            // 1/divisor: multiplies the forward's output after `keep`,
@@ -193,6 +197,25 @@ inline void Transpose16(__m512 r[16]) {
   }
 }
 
+// What gates an element of δ (see Item::gate_mask), compared with 0; `dm` gets the dropout
+// mask's elements where there is one.
+inline __m512 GateValue(const Item& it, const float* gate, std::ptrdiff_t at, __mmask16 m,
+                        __m512& dm) {
+  const __m512 g = _mm512_maskz_loadu_ps(m, gate + at);
+  if (it.gate_mask == nullptr) {
+    dm = _mm512_set1_ps(1.0f);
+    return g;
+  }
+  dm = _mm512_maskz_loadu_ps(m, it.gate_mask + at);
+  return _mm512_mul_ps(_mm512_mul_ps(g, dm), _mm512_set1_ps(it.scale));
+}
+
+// A counted element of δ as the fused layer's gradient packs it: (δ·scale)·mask.
+inline __m512 Dropped(const Item& it, __m512 v, __m512 dm) {
+  if (it.scale != 1.0f) v = _mm512_mul_ps(v, _mm512_set1_ps(it.scale));
+  return it.gate_mask == nullptr ? v : _mm512_mul_ps(v, dm);
+}
+
 // Sliver s of op(A): rows s*kMR.. as [k][row] (a short last sliver has fewer rows).
 void PackSliver(const Work& w, const Item& it, int s) {
   const int i0 = s * kMR, rows = std::min(kMR, w.m - i0);
@@ -215,12 +238,13 @@ void PackSliver(const Work& w, const Item& it, int s) {
       }
       const std::ptrdiff_t at = (i0 + q) * it.a.si + k0;
       __mmask16 use = km;
+      __m512 mask;
       if (it.gate_a != nullptr) {  // a gated-off element packs as an exact 0
-        const __m512 g = _mm512_maskz_loadu_ps(km, it.gate_a + at);
+        const __m512 g = GateValue(it, it.gate_a, at, km, mask);
         use = _mm512_mask_cmp_ps_mask(km, g, _mm512_setzero_ps(), _CMP_GT_OQ);
       }
       r[q] = _mm512_maskz_loadu_ps(use, it.a.p + at);
-      if (it.gate_a != nullptr && it.scale != 1.0f) r[q] = _mm512_mul_ps(r[q], _mm512_set1_ps(it.scale));
+      if (it.gate_a != nullptr) r[q] = Dropped(it, r[q], mask);
     }
     Transpose16(r);
     for (int q = 0; q < kk; ++q) _mm512_mask_storeu_ps(d + (k0 + q) * rows, rm, r[q]);
@@ -241,16 +265,17 @@ void PackPanel(const Work& w, const Item& it, int j, float* d, bool sums = false
     for (int k = 0; k < w.k; ++k) {
       const std::ptrdiff_t at = k * it.b.si + j0;
       __mmask16 u0 = m0, u1 = m1;
+      __m512 d0, d1;
       if (it.gate_b != nullptr) {
-        u0 = _mm512_mask_cmp_ps_mask(m0, _mm512_maskz_loadu_ps(m0, it.gate_b + at), zero, _CMP_GT_OQ);
-        u1 = _mm512_mask_cmp_ps_mask(m1, _mm512_maskz_loadu_ps(m1, it.gate_b + at + 16), zero,
+        u0 = _mm512_mask_cmp_ps_mask(m0, GateValue(it, it.gate_b, at, m0, d0), zero, _CMP_GT_OQ);
+        u1 = _mm512_mask_cmp_ps_mask(m1, GateValue(it, it.gate_b, at + 16, m1, d1), zero,
                                      _CMP_GT_OQ);
       }
       __m512 v0 = _mm512_maskz_loadu_ps(u0, it.b.p + at);
       __m512 v1 = _mm512_maskz_loadu_ps(u1, it.b.p + at + 16);
-      if (it.gate_b != nullptr && it.scale != 1.0f) {
-        v0 = _mm512_mul_ps(v0, _mm512_set1_ps(it.scale));
-        v1 = _mm512_mul_ps(v1, _mm512_set1_ps(it.scale));
+      if (it.gate_b != nullptr) {
+        v0 = Dropped(it, v0, d0);
+        v1 = Dropped(it, v1, d1);
       }
       _mm512_store_ps(d + k * kNR, v0);
       _mm512_store_ps(d + k * kNR + 16, v1);
@@ -391,11 +416,11 @@ struct Operand {
 // What the fused dense layer adds to a product (jaxdl.gemm.dense_relu):
 // - forward: C = relu(A·B + bias), then with dropout (keep) (C·keep)·(1/div);
 // - input gradient: A gated by the layer's output (an element of δ counts where y > 0),
-//   with dropout each counted element multiplied by 1/div;
+//   with dropout where y·mask·(1/div) > 0, each counted element times 1/div, then mask;
 // - weight gradient: B gated likewise, and B's column sums (the bias gradient).
-// div: a (1, 1) operand batched as C.
+// div: a (1, 1) operand batched as C; the gradients' mask (gate_mask) is laid out as the gate.
 struct Extras {
-  Operand bias, gate_a, gate_b, keep, div;
+  Operand bias, gate_a, gate_b, keep, div, gate_mask;
   float* sums = nullptr;
   bool relu = false;
 };
@@ -414,7 +439,7 @@ static ffi::Error Run(ffi::ThreadPool& pool, const float* a_data, ffi::Span<cons
     return ffi::Error::InvalidArgument("jaxdl_matmul: mismatched matrix shapes");
   }
   const int64_t k = ak;
-  std::vector<size_t> oa, ob, obias, oga, ogb, okeep, odiv;
+  std::vector<size_t> oa, ob, obias, oga, ogb, okeep, odiv, ogm;
   if (!BatchOffsets(cd, ad, m * k, oa) || !BatchOffsets(cd, bd, k * n, ob)) {
     return ffi::Error::InvalidArgument("jaxdl_matmul: mismatched batch dimensions");
   }
@@ -426,7 +451,9 @@ static ffi::Error Run(ffi::ThreadPool& pool, const float* a_data, ffi::Span<cons
   if (!offsets(x.bias, 1, n, obias) || !offsets(x.gate_a, ad[r - 2], ad[r - 1], oga) ||
       !offsets(x.gate_b, bd[r - 2], bd[r - 1], ogb) || (x.gate_a.p != nullptr && ta) ||
       (x.gate_b.p != nullptr && tb) || !offsets(x.keep, m, n, okeep) ||
-      !offsets(x.div, 1, 1, odiv)) {
+      !offsets(x.div, 1, 1, odiv) ||
+      !offsets(x.gate_mask, x.gate_a.p != nullptr ? ad[r - 2] : bd[r - 2],
+               x.gate_a.p != nullptr ? ad[r - 1] : bd[r - 1], ogm)) {
     return ffi::Error::InvalidArgument("jaxdl_matmul: mismatched bias, gate, mask or divisor");
   }
   // XLA's x / p for a broadcast scalar p: x · (1/p).
@@ -438,8 +465,16 @@ static ffi::Error Run(ffi::ThreadPool& pool, const float* a_data, ffi::Span<cons
         float sum = 0.0f;
         for (int64_t q = 0; q < k; ++q) {
           const size_t at = tb ? j * k + q : q * n + j;
-          const bool on = x.gate_b.p == nullptr || x.gate_b.p[ogb[i] + at] > 0.0f;
-          sum += on ? b_data[ob[i] + at] * scale(i) : 0.0f;
+          float d = b_data[ob[i] + at];
+          if (x.gate_b.p != nullptr) {  // as GateValue and Dropped
+            const float dm = x.gate_mask.p == nullptr ? 1.0f : x.gate_mask.p[ogm[i] + at];
+            const float g = x.gate_b.p[ogb[i] + at];
+            const bool on = x.gate_mask.p == nullptr ? g > 0.0f : (g * dm) * scale(i) > 0.0f;
+            d = on ? d : 0.0f;
+            if (scale(i) != 1.0f) d *= scale(i);
+            if (x.gate_mask.p != nullptr) d *= dm;
+          }
+          sum += d;
         }
         x.sums[i * n + j] = sum;
       }
@@ -483,6 +518,7 @@ static ffi::Error Run(ffi::ThreadPool& pool, const float* a_data, ffi::Span<cons
     if (x.bias.p != nullptr) it.bias = x.bias.p + obias[i];
     if (x.gate_a.p != nullptr) it.gate_a = x.gate_a.p + oga[i];
     if (x.gate_b.p != nullptr) it.gate_b = x.gate_b.p + ogb[i];
+    if (x.gate_mask.p != nullptr) it.gate_mask = x.gate_mask.p + ogm[i];
     if (x.sums != nullptr) it.b_sums = x.sums + i * n;
     if (x.keep.p != nullptr) it.keep = x.keep.p + okeep[i];
     it.scale = scale(i);
@@ -605,28 +641,29 @@ static ffi::Error MatmulBiasImpl(ffi::ThreadPool pool, F32 a, F32 b, F32 bias,
 }
 
 // C = (A gated by G)·op(B): the input gradient δ·Wᵀ of a ReLU layer, δ counted where the
-// layer's output G > 0 (and times 1/d for the optional trailing divisor d (1, 1): dropout's).
+// layer's output G > 0; with the optional trailing dropout mask (as G) and divisor d (1, 1),
+// as Item::gate_mask says.
 static ffi::Error MatmulGateAImpl(ffi::ThreadPool pool, F32 a, F32 b, F32 gate,
                                   ffi::RemainingArgs rest, ffi::ResultBuffer<ffi::F32> c,
                                   int64_t tb) {
   Extras x;
   x.gate_a = Of(gate);
-  if (!Trailing(rest, {&x.div})) {
-    return ffi::Error::InvalidArgument("jaxdl_matmul_gate_a: expected a float32 divisor");
+  if (!Trailing(rest, {&x.gate_mask, &x.div}) || (x.gate_mask.p == nullptr) != (x.div.p == nullptr)) {
+    return ffi::Error::InvalidArgument("jaxdl_matmul_gate_a: expected a float32 mask and divisor");
   }
   return Run(pool, a.typed_data(), a.dimensions(), b.typed_data(), b.dimensions(),
              c->typed_data(), c->dimensions(), 0, tb, x);
 }
 
 // C = op(A)·(B gated by G) and the column sums of gated B: a ReLU layer's weight
-// gradient xᵀ·δ and bias gradient Σδ (δ divided as in the input gradient).
+// gradient xᵀ·δ and bias gradient Σδ (δ masked and divided as in the input gradient).
 static ffi::Error MatmulGateBImpl(ffi::ThreadPool pool, F32 a, F32 b, F32 gate,
                                   ffi::RemainingArgs rest, ffi::ResultBuffer<ffi::F32> c,
                                   ffi::ResultBuffer<ffi::F32> sums, int64_t ta) {
   Extras x;
   x.gate_b = Of(gate);
-  if (!Trailing(rest, {&x.div})) {
-    return ffi::Error::InvalidArgument("jaxdl_matmul_gate_b: expected a float32 divisor");
+  if (!Trailing(rest, {&x.gate_mask, &x.div}) || (x.gate_mask.p == nullptr) != (x.div.p == nullptr)) {
+    return ffi::Error::InvalidArgument("jaxdl_matmul_gate_b: expected a float32 mask and divisor");
   }
   x.sums = sums->typed_data();
   const auto sd = sums->dimensions(), cd = c->dimensions();

@@ -166,7 +166,8 @@ def dense_relu(
     (δ where the output is > 0) as it packs δ, so no elementwise pass over (B, O) runs
     outside the kernel. With dropout's ``mask`` (B, O) of 0/1 and divisor ``div`` (a
     float32 scalar: the keep probability, or 1), ``(relu(x @ w + b) * mask) / div``, the
-    gradient's δ divided by ``div`` as it is packed; ``div`` gets its gradient
+    gradient's δ divided by ``div`` and masked as it is packed (any mask values, not only
+    0/1); ``div`` gets its gradient
     (−Σ g·y / div, which XLA drops when nothing uses it), ``mask`` none: a sample, as
     in ``models.apply_dropout``. Values equal the unfused expression's with ``dense``,
     except the bias gradient's rounding (one sum over the batch in order)."""
@@ -192,16 +193,18 @@ def _dense_relu(x, w, b, drop):
 def _dense_relu_fwd(x, w, b, drop):
     shape = _contract(x, w, False, False)
     y = _call(TARGET_BIAS, [shape], x, w, b[None], *drop, ta=0, tb=0, relu=1)
-    return y, (x, w, y, drop[1:])
+    return y, (x, w, y, drop)
 
 
 def _dense_relu_bwd(res, g):
-    x, w, y, div = res
-    dx = _call(TARGET_GATE_A, [x.shape], g, w, y, *div, tb=1)
-    dw, db = _call(TARGET_GATE_B, [w.shape, (1, w.shape[1])], x, g, y, *div, ta=1)
-    # y = relu(z)·mask/div, so ∂y/∂div = −y/div
-    drop = (None, -jnp.sum(g * y).reshape(1, 1) / div[0]) if div else ()
-    return dx, dw, db[0], drop
+    # With dropout the kernels take δ·(1/div)·mask where y·mask·(1/div) > 0, i.e. where
+    # z > 0 (y = relu(z)·mask/div) for any mask, not only 0/1.
+    x, w, y, drop = res
+    dx = _call(TARGET_GATE_A, [x.shape], g, w, y, *drop, tb=1)
+    dw, db = _call(TARGET_GATE_B, [w.shape, (1, w.shape[1])], x, g, y, *drop, ta=1)
+    # ∂y/∂div = −y/div
+    ddrop = (None, -jnp.sum(g * y).reshape(1, 1) / drop[1]) if drop else ()
+    return dx, dw, db[0], ddrop
 
 
 _dense_relu.defvjp(_dense_relu_fwd, _dense_relu_bwd)

@@ -289,6 +289,30 @@ def test_dense_relu_with_dropout_equals_the_unfused_layer_bit_for_bit(b, i, o, k
 
 
 @needs_kernel
+@pytest.mark.parametrize("b,i,o", [(100, 784, 500), (7, 0, 40)])
+def test_dense_relu_with_any_mask_has_the_unfused_gradients(b, i, o):
+    """Masks that are not 0/1 (scaled, negative, as in Gaussian dropout): the gradients
+    still equal autodiff of the unfused expression (δ·mask where z > 0, not where y > 0)."""
+    x, w, bias, g = _relu_layer(b, max(i, 1), o, seed=9)
+    x, w = x[:, :i], w[:i]
+    values = jnp.array([0.0, 0.5, 1.0, -1.0, 2.0, 1.3])
+    mask = values[jax.random.randint(jax.random.key(3), (b, o), 0, len(values))]
+
+    def fused(x, w, bias, div):
+        return gemm.dense_relu(x, w, bias, mask, div)
+
+    def unfused(x, w, bias, div):
+        return (jax.nn.relu(x @ w + bias) * mask) * (1.0 / div)
+
+    args = (x, w, bias, jnp.float32(0.8))
+    y, vjp = jax.vjp(jax.jit(fused), *args)
+    want, want_vjp = jax.vjp(unfused, *args)
+    np.testing.assert_allclose(y, want, rtol=1e-5, atol=1e-5)
+    for got, exp in zip(vjp(g), want_vjp(g), strict=True):
+        np.testing.assert_allclose(got, exp, rtol=1e-4, atol=1e-4)
+
+
+@needs_kernel
 def test_dense_relu_with_dropout_members_equal_the_layer_alone():
     x, w, bias, g = _relu_layer(60, 90, 70, seed=7)
     ws = jnp.stack([w, -w, 0.5 * w])
