@@ -26,14 +26,13 @@ os.environ.setdefault("KERAS_BACKEND", "jax")
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 import optax
 from flax import linen as nn
 from flax.training import train_state
 
 sys.path.insert(0, os.path.dirname(__file__))
 import peers  # noqa: E402
-from common import device_name, emit, interleaved, parse_args  # noqa: E402
+from common import device_name, emit, interleaved, jaxdl_epoch, parse_args  # noqa: E402
 
 import jaxdl  # noqa: E402
 from jaxdl import bernoulli, train  # noqa: E402
@@ -50,17 +49,7 @@ def bench_jaxdl(ds, rates=RATES):
     model = jaxdl.MLP(hidden=SIZES[1:-1], num_classes=10)
     opt = jaxdl.make_optimizer("adam", learning_rate=1e-3)
     setup, hp = train.prepare(model, opt, ds, epochs=1000, batch_size=BATCH, dropout=rates)
-    state = train.programs(setup).init(jax.random.key(0), hp)
-    data = train.to_device(ds)
-    exe, compile_s = train.compile_epoch(setup, state, data, None, hp)
-    holder = {"state": state}
-
-    def epoch():
-        holder["state"], m = exe(holder["state"], data, None, hp)
-        jax.block_until_ready(m)
-
-    epoch()
-    return epoch, compile_s
+    return jaxdl_epoch(setup, hp, ds)
 
 
 def bench_jaxdl_jax_bernoulli(ds):
@@ -119,54 +108,11 @@ def bench_flax_scan(ds):
 
 
 def bench_keras(ds):
-    try:
-        import keras
-    except ImportError:
-        print("  keras: not installed (pip install -e '.[bench]'); skipped")
-        return None
-    if keras.backend.backend() != "jax":
-        print(f"  keras: backend is {keras.backend.backend()}, not jax; skipped")
-        return None
-    keras.utils.set_random_seed(0)
-    layers = [keras.Input((SIZES[0],)), keras.layers.Dropout(RATES[0])]
-    for w, r in zip(SIZES[1:-1], RATES[1:], strict=True):
-        layers += [keras.layers.Dense(w, activation="relu"), keras.layers.Dropout(r)]
-    model = keras.Sequential([*layers, keras.layers.Dense(SIZES[-1])])
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-
-    def run():
-        model.fit(ds.x, ds.y, batch_size=BATCH, epochs=1, shuffle=True, verbose=0)
-
-    run()
-    return run
+    return peers.keras_epoch(ds, SIZES, BATCH, RATES)
 
 
 def bench_torch(ds):
-    torch = peers.torch_available()
-    if torch is None:
-        return None
-    torch.manual_seed(0)
-    layers = [torch.nn.Dropout(RATES[0])]
-    for a, b, r in zip(SIZES[:-2], SIZES[1:-1], RATES[1:], strict=True):
-        layers += [torch.nn.Linear(a, b), torch.nn.ReLU(), torch.nn.Dropout(r)]
-    net = torch.nn.Sequential(*layers, torch.nn.Linear(SIZES[-2], SIZES[-1])).train()
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    x, y = torch.from_numpy(ds.x), torch.from_numpy(ds.y.astype(np.int64))
-    lossf = torch.nn.CrossEntropyLoss()
-
-    def run():
-        perm = torch.randperm(len(x))
-        for i in range(len(x) // BATCH):
-            idx = perm[i * BATCH : (i + 1) * BATCH]
-            opt.zero_grad()
-            lossf(net(x[idx]), y[idx]).backward()
-            opt.step()
-
-    run()
-    return run
+    return peers.torch_epoch(ds, SIZES, BATCH, RATES)
 
 
 def main(argv=None):

@@ -45,6 +45,7 @@ from common import (  # noqa: E402
     device_name,
     emit,
     interleaved,
+    jaxdl_epoch,
     matmul_flops_per_second,
     mlp_gemm_loop,
     mlp_step_gemm_seconds,
@@ -69,17 +70,8 @@ def bench_jaxdl(ds, **choices):
     """``choices`` (``fused_adam``, ``gemm``) override what ``prepare`` chose."""
     setup, hp = train.prepare(*_default(), ds, epochs=1000, batch_size=BATCH)
     setup = dataclasses.replace(setup, **choices)
-    state = train.programs(setup).init(jax.random.key(0), hp)
-    data = train.to_device(ds)
     t0 = time.perf_counter()
-    exe, compile_s = train.compile_epoch(setup, state, data, None, hp)
-    holder = {"state": state}
-
-    def epoch():
-        holder["state"], m = exe(holder["state"], data, None, hp)
-        jax.block_until_ready(m)
-
-    epoch()
+    epoch, compile_s = jaxdl_epoch(setup, hp, ds)
     return epoch, compile_s, time.perf_counter() - t0
 
 
@@ -107,53 +99,11 @@ def bench_flax_per_batch(ds):
 
 
 def bench_keras(ds):
-    try:
-        import keras
-    except ImportError:
-        print("  keras: not installed (pip install -e '.[bench]'); skipped")
-        return None
-    if keras.backend.backend() != "jax":
-        print(f"  keras: backend is {keras.backend.backend()}, not jax; skipped")
-        return None
-    keras.utils.set_random_seed(0)
-    model = keras.Sequential(
-        [keras.Input((SIZES[0],))]
-        + [keras.layers.Dense(w, activation="relu") for w in SIZES[1:-1]]
-        + [keras.layers.Dense(SIZES[-1])]
-    )
-    model.compile(
-        optimizer=keras.optimizers.Adam(1e-3),
-        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
-    )
-
-    def run():
-        model.fit(ds.x, ds.y, batch_size=BATCH, epochs=1, shuffle=True, verbose=0)
-
-    run()
-    return run
+    return peers.keras_epoch(ds, SIZES, BATCH)
 
 
 def bench_torch(ds):
-    torch = peers.torch_available()
-    if torch is None:
-        return None
-    torch.manual_seed(0)
-    net = peers.torch_mlp(torch, SIZES)
-    opt = torch.optim.Adam(net.parameters(), lr=1e-3)
-    x, y = torch.from_numpy(ds.x), torch.from_numpy(ds.y.astype(np.int64))
-    lossf = torch.nn.CrossEntropyLoss()
-
-    def run():
-        perm = torch.randperm(len(x))
-        for i in range(len(x) // BATCH):
-            idx = perm[i * BATCH : (i + 1) * BATCH]
-            opt.zero_grad()
-            loss = lossf(net(x[idx]), y[idx])
-            loss.backward()
-            opt.step()
-
-    run()
-    return run
+    return peers.torch_epoch(ds, SIZES, BATCH)
 
 
 def main(argv=None):

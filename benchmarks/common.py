@@ -15,8 +15,24 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxdl import devices, gemm
+from jaxdl import devices, gemm, train
 from jaxdl.devices import compiler_options
+
+
+def jaxdl_epoch(setup: train.Setup, hp: train.HParams, ds) -> tuple[Callable[[], None], float]:
+    """``fit``'s compiled epoch on ``ds`` from a fresh state, run once (warm): a function
+    that runs one more epoch, and the compile time in seconds."""
+    state = train.programs(setup).init(jax.random.key(0), hp)
+    data = train.to_device(ds)
+    exe, compile_s = train.compile_epoch(setup, state, data, None, hp)
+    holder = {"state": state}
+
+    def epoch():
+        holder["state"], m = exe(holder["state"], data, None, hp)
+        jax.block_until_ready(m)
+
+    epoch()
+    return epoch, compile_s
 
 
 def best_of(fn: Callable[[], object], repeats: int) -> float:

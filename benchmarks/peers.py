@@ -70,11 +70,65 @@ def torch_available():
     return torch
 
 
-def torch_mlp(torch, sizes):
-    layers = []
-    for a, b in zip(sizes[:-2], sizes[1:-1], strict=True):
+def torch_mlp(torch, sizes, rates=None):
+    """ReLU MLP; with ``rates`` (input, then each hidden layer), ``nn.Dropout`` layers."""
+    layers = [torch.nn.Dropout(rates[0])] if rates else []
+    for i, (a, b) in enumerate(zip(sizes[:-2], sizes[1:-1], strict=True)):
         layers += [torch.nn.Linear(a, b), torch.nn.ReLU()]
+        layers += [torch.nn.Dropout(rates[i + 1])] if rates else []
     return torch.nn.Sequential(*layers, torch.nn.Linear(sizes[-2], sizes[-1]))
+
+
+def torch_epoch(ds, sizes, batch: int, rates=None, lr: float = 1e-3):
+    """One PyTorch eager epoch (Adam, shuffled), warmed up; None where torch is absent."""
+    torch = torch_available()
+    if torch is None:
+        return None
+    torch.manual_seed(0)
+    net = torch_mlp(torch, sizes, rates).train()
+    opt = torch.optim.Adam(net.parameters(), lr=lr)
+    x, y = torch.from_numpy(ds.x), torch.from_numpy(ds.y.astype(np.int64))
+    lossf = torch.nn.CrossEntropyLoss()
+
+    def run():
+        perm = torch.randperm(len(x))
+        for i in range(len(x) // batch):
+            idx = perm[i * batch : (i + 1) * batch]
+            opt.zero_grad()
+            lossf(net(x[idx]), y[idx]).backward()
+            opt.step()
+
+    run()
+    return run
+
+
+def keras_epoch(ds, sizes, batch: int, rates=None, lr: float = 1e-3):
+    """One Keras 3 ``model.fit`` epoch on the JAX backend (Adam, shuffled), warmed up; with
+    ``rates``, ``Dropout`` layers; None where Keras is absent or on another backend."""
+    try:
+        import keras
+    except ImportError:
+        print("  keras: not installed (pip install -e '.[bench]'); skipped")
+        return None
+    if keras.backend.backend() != "jax":
+        print(f"  keras: backend is {keras.backend.backend()}, not jax; skipped")
+        return None
+    keras.utils.set_random_seed(0)
+    layers = [keras.Input((sizes[0],))] + ([keras.layers.Dropout(rates[0])] if rates else [])
+    for i, w in enumerate(sizes[1:-1]):
+        layers.append(keras.layers.Dense(w, activation="relu"))
+        layers += [keras.layers.Dropout(rates[i + 1])] if rates else []
+    model = keras.Sequential([*layers, keras.layers.Dense(sizes[-1])])
+    model.compile(
+        optimizer=keras.optimizers.Adam(lr),
+        loss=keras.losses.SparseCategoricalCrossentropy(from_logits=True),
+    )
+
+    def run():
+        model.fit(ds.x, ds.y, batch_size=batch, epochs=1, shuffle=True, verbose=0)
+
+    run()
+    return run
 
 
 def torch_func_ensemble(ds, sizes, batch: int, members: int, lr: float = 1e-3):

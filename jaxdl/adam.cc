@@ -66,16 +66,6 @@ void Run(Work& w, size_t c) {
   }
 }
 
-// Takes chunks until none are left. The calling thread alone can finish the work, so
-// it never waits on a task that has not started (the pool may be busy or have no
-// free thread); tasks that start late find nothing left to do.
-void Drain(Work& w) {
-  for (size_t c; (c = w.next.fetch_add(1, std::memory_order_relaxed)) < w.chunks;) {
-    Run(w, c);
-    w.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
 }  // namespace
 
 static ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p,
@@ -96,7 +86,8 @@ static ffi::Error AdamImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::F32> p,
   w->chunks_per_row = (w->n + kChunk - 1) / kChunk;
   w->chunks = rows * w->chunks_per_row;
   const size_t helpers = std::min<size_t>(static_cast<size_t>(pool.num_threads()), w->chunks - 1);
-  jaxdl_team::Run<Work, Drain, &Work::chunks>(pool, w, helpers, false);
+  constexpr auto drain = jaxdl_team::DrainUnits<Work, Run, &Work::chunks>;
+  jaxdl_team::Run<Work, drain, &Work::chunks>(pool, w, helpers, false);
   return ffi::Error::Success();
 }
 

@@ -71,13 +71,6 @@ void Run(Work& w, size_t c) {
   }
 }
 
-void Drain(Work& w) {
-  for (size_t c; (c = w.next.fetch_add(1, std::memory_order_relaxed)) < w.chunks;) {
-    Run(w, c);
-    w.done.fetch_add(1, std::memory_order_release);
-  }
-}
-
 }  // namespace
 
 static ffi::Error BernoulliImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> keys,
@@ -95,7 +88,8 @@ static ffi::Error BernoulliImpl(ffi::ThreadPool pool, ffi::Buffer<ffi::U32> keys
   // The calling thread works too: with num_threads() - 1 helpers, one thread per core.
   const size_t threads = static_cast<size_t>(pool.num_threads());
   const size_t helpers = std::min<size_t>(threads > 0 ? threads - 1 : 0, w->chunks - 1);
-  jaxdl_team::Run<Work, Drain, &Work::chunks>(pool, w, helpers, false);
+  constexpr auto drain = jaxdl_team::DrainUnits<Work, Run, &Work::chunks>;
+  jaxdl_team::Run<Work, drain, &Work::chunks>(pool, w, helpers, false);
   return ffi::Error::Success();
 }
 

@@ -147,6 +147,17 @@ void Run(xla::ffi::ThreadPool& pool, const std::shared_ptr<W>& work, size_t help
   while (work->done.load(std::memory_order_acquire) < (*work).*units) std::this_thread::yield();
 }
 
+// Takes units (`work.next`) until none are left, running Unit on each and counting it in
+// `work.done`: the Drain of kernels whose units are independent chunks (adam.cc,
+// bernoulli.cc).
+template <class W, void (*Unit)(W&, size_t), size_t W::*units>
+void DrainUnits(W& work) {
+  for (size_t u; (u = work.next.fetch_add(1, std::memory_order_relaxed)) < work.*units;) {
+    Unit(work, u);
+    work.done.fetch_add(1, std::memory_order_release);
+  }
+}
+
 }  // namespace jaxdl_team
 
 // Gives this library the process's mailbox (jaxdl.kernels calls it once per library).
