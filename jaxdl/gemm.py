@@ -164,12 +164,11 @@ def dense_relu(
     """``relu(x @ w + b)``: (B, I)·(I, O) + (O,) -> (B, O), float32, in one kernel call;
     its gradient takes two more (δ·Wᵀ; xᵀ·δ with Σδ), each applying the ReLU's mask
     (δ where the output is > 0) as it packs δ, so no elementwise pass over (B, O) runs
-    outside the kernel. With dropout's ``mask`` (B, O) of 0/1 and divisor ``div`` (a
-    float32 scalar: the keep probability, or 1), ``(relu(x @ w + b) * mask) / div``, the
-    gradient's δ divided by ``div`` and masked as it is packed (any mask values, not only
-    0/1); ``div`` gets its gradient
-    (−Σ g·y / div, which XLA drops when nothing uses it), ``mask`` none: a sample, as
-    in ``models.apply_dropout``. Values equal the unfused expression's with ``dense``,
+    outside the kernel. With dropout's ``mask`` (B, O) (0/1, or any other values) and
+    divisor ``div`` (a float32 scalar: the keep probability, or 1),
+    ``(relu(x @ w + b) * mask) / div``, the gradient's δ divided by ``div`` and masked as
+    it is packed; ``div`` gets its gradient (−Σ g·y / div, which XLA drops when nothing
+    uses it), ``mask`` none: a sample, as in ``models.apply_dropout``. Values equal the unfused expression's with ``dense``,
     except the bias gradient's rounding (one sum over the batch in order)."""
     if (mask is None) != (div is None):
         raise ValueError("dense_relu: give dropout's mask and divisor together")
