@@ -8,7 +8,7 @@ one member on one device whose operations split over the cores (``fit``'s):
   compiled with jaxdl's compiler options. XLA:CPU emits three fusions per parameter
   (first moment, second moment, then the parameter, which reads both): ten passes over
   each array.
-- ``fused``: ``jaxdl.fused.step``, an XLA FFI handler (``jaxdl/adam.cc``) that does the
+- ``fused``: ``jaxdl.cpu.adam.step``, an XLA FFI handler (``jaxdl/cpu/adam.cc``) that does the
   update in one loop (seven passes), aliased in place, its chunks spread over XLA's
   thread pool. Skipped, saying so, where it cannot be built.
 
@@ -34,7 +34,8 @@ sys.path.insert(0, os.path.dirname(__file__))
 from common import device_name, interleaved, parse_args  # noqa: E402
 
 import jaxdl  # noqa: E402
-from jaxdl import devices, fused, optim  # noqa: E402
+from jaxdl import devices, optim  # noqa: E402
+from jaxdl.cpu import adam as fused  # noqa: E402
 
 SIZES = (784, 500, 500, 10)
 
@@ -105,7 +106,7 @@ def main(argv=None):
     )
     one = jax.jit(optax_run, compiler_options=devices.compiler_options())
     ways = {"optax": per_core(optax_run), "optax_one_device": one}
-    skipped = fused.unavailable(opt)
+    skipped = fused.unavailable()
     if skipped is None:
         ways["fused"] = per_core(fused_run)
         ways["fused_one_device"] = jax.jit(fused_run, compiler_options=devices.compiler_options())

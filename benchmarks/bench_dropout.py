@@ -3,7 +3,7 @@
 
 Ways, timed in turn in one run on the same data, after compilation:
 
-- ``jaxdl``: ``jaxdl`` compiled epoch, masks drawn by ``jaxdl.bernoulli``'s kernel.
+- ``jaxdl``: ``jaxdl`` compiled epoch, masks drawn by ``jaxdl.cpu.bernoulli``'s kernel.
 - ``jaxdl_jax_bernoulli``: the same with the masks drawn by ``jax.random.bernoulli``
   (the same bits, XLA's threefry; left out where jaxdl itself draws them so).
 - ``jaxdl_no_dropout``: ``jaxdl`` without dropout (what dropout costs).
@@ -17,6 +17,7 @@ Usage: ``python benchmarks/bench_dropout.py [--json] [--rounds 5]``.
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 import os
 import sys
@@ -35,29 +36,29 @@ import peers  # noqa: E402
 from common import device_name, emit, interleaved, jaxdl_epoch, parse_args  # noqa: E402
 
 import jaxdl  # noqa: E402
-from jaxdl import bernoulli, train  # noqa: E402
+from jaxdl import lowering, train  # noqa: E402
+from jaxdl.cpu import bernoulli  # noqa: E402
 
 SIZES = (784, 500, 500, 10)
 BATCH = 100
 RATES = (0.2, 0.5, 0.5)  # input, then each hidden layer
 
 
-def bench_jaxdl(ds, rates=RATES):
-    """jaxdl's compiled epoch as ``fit`` runs it; traced with the environment as it is."""
-    jax.clear_caches()  # a fresh program: JAXDL_BERNOULLI is read while tracing
-    train.programs.cache_clear()
+def bench_jaxdl(ds, rates=RATES, masks: bool = True):
+    """jaxdl's compiled epoch as ``fit`` runs it (``masks=False``: the masks drawn by
+    ``jax.random.bernoulli`` instead of the kernel, the rest lowered alike)."""
     model = jaxdl.MLP(hidden=SIZES[1:-1], num_classes=10)
     opt = jaxdl.make_optimizer("adam", learning_rate=1e-3)
     setup, hp = train.prepare(model, opt, ds, epochs=1000, batch_size=BATCH, dropout=rates)
+    if not masks:
+        setup = dataclasses.replace(
+            setup, lowering=dataclasses.replace(setup.lowering, masks=False)
+        )
     return jaxdl_epoch(setup, hp, ds)
 
 
 def bench_jaxdl_jax_bernoulli(ds):
-    os.environ[bernoulli._ENV_OFF] = "0"
-    try:
-        return bench_jaxdl(ds)[0]
-    finally:
-        del os.environ[bernoulli._ENV_OFF]
+    return bench_jaxdl(ds, masks=False)[0]
 
 
 class FlaxDropoutMLP(nn.Module):
@@ -122,12 +123,12 @@ def main(argv=None):
     t0 = time.perf_counter()
     runs["jaxdl"], extra["jaxdl_compile_seconds"] = bench_jaxdl(ds)
     extra["jaxdl_first_epoch_seconds"] = time.perf_counter() - t0
-    kernel = bernoulli.unavailable() is None
+    kernel = lowering.resolve("auto").masks
     if kernel:
         runs["jaxdl_jax_bernoulli"] = bench_jaxdl_jax_bernoulli(ds)
     else:
         print(f"jaxdl_jax_bernoulli: skipped: jaxdl draws with jax.random.bernoulli here "
-              f"({bernoulli.unavailable()})", file=sys.stderr)  # fmt: skip
+              f"({bernoulli.unavailable() or 'kernels off'})", file=sys.stderr)  # fmt: skip
     extra["jaxdl_bernoulli_kernel"] = kernel
     runs["jaxdl_no_dropout"] = bench_jaxdl(ds, rates=None)[0]
     runs["flax_scan"] = bench_flax_scan(ds)

@@ -1,13 +1,16 @@
-"""One epoch of the default MLP (784-500-500-10, Adam, batch 100) on MNIST, six ways.
+"""One epoch of the default MLP (784-500-500-10, Adam, batch 100) on MNIST, seven ways.
 
 Ways, timed in one run on the same data, after compilation:
 
 - ``jaxdl``: ``jaxdl`` compiled epoch (shuffling, per-layer gradient norms, activation
   statistics on a probe batch; no validation pass, like the others).
-- ``jaxdl_optax_update``: the same with Optax's Adam update instead of jaxdl's fused
-  one (``jaxdl.fused``; this way is left out where jaxdl itself runs Optax's).
-- ``jaxdl_xla_gemm``: the same with XLA's GEMMs instead of jaxdl's kernel
-  (``jaxdl.gemm``; left out where jaxdl itself runs XLA's).
+- ``jaxdl_kernels_off``: the same with ``kernels="off"``: XLA alone, the path every
+  GPU/TPU user runs (``jaxdl_kernels_off_vs_flax_scan``: what the library adds to a
+  hand-written Flax + Optax scan on that path).
+- ``jaxdl_optax_update``: the CPU kernels but Optax's Adam update instead of the fused
+  one (``jaxdl.cpu.adam``; left out where the kernels cannot run).
+- ``jaxdl_xla_gemm``: the CPU kernels but XLA's GEMMs instead of the GEMM kernel
+  (``jaxdl.cpu.gemm``; left out where the kernels cannot run).
 - ``flax_scan``: a hand-written Flax + Optax loop fused with ``lax.scan`` (shuffled copy
   of the data each epoch), as in Flax's examples.
 - ``flax_jit_per_batch``: a hand-written ``jax.jit`` train step called once per batch.
@@ -54,7 +57,8 @@ from common import (  # noqa: E402
 )
 
 import jaxdl  # noqa: E402
-from jaxdl import fused, gemm, train  # noqa: E402
+from jaxdl import lowering, train  # noqa: E402
+from jaxdl.cpu import gemm  # noqa: E402
 
 SIZES = (784, 500, 500, 10)
 BATCH = 100
@@ -66,10 +70,11 @@ def _default():
     )
 
 
-def bench_jaxdl(ds, **choices):
-    """``choices`` (``fused_adam``, ``gemm``) override what ``prepare`` chose."""
-    setup, hp = train.prepare(*_default(), ds, epochs=1000, batch_size=BATCH)
-    setup = dataclasses.replace(setup, **choices)
+def bench_jaxdl(ds, kernels="auto", **choices):
+    """``kernels`` for ``prepare``; ``choices`` (``adam``, ``gemm``) override fields of the
+    ``Lowering`` it resolved."""
+    setup, hp = train.prepare(*_default(), ds, epochs=1000, batch_size=BATCH, kernels=kernels)
+    setup = dataclasses.replace(setup, lowering=dataclasses.replace(setup.lowering, **choices))
     t0 = time.perf_counter()
     epoch, compile_s = jaxdl_epoch(setup, hp, ds)
     return epoch, compile_s, time.perf_counter() - t0
@@ -113,18 +118,15 @@ def main(argv=None):
     runs["jaxdl"], extra["jaxdl_compile_seconds"], extra["jaxdl_first_epoch_seconds"] = bench_jaxdl(
         ds
     )
-    if fused.unavailable(_default()[1]) is None:
-        runs["jaxdl_optax_update"] = bench_jaxdl(ds, fused_adam=False)[0]
-    else:
-        print("jaxdl_optax_update: skipped: jaxdl itself runs Optax's update here", file=sys.stderr)
-    extra["jaxdl_fused_adam"] = "jaxdl_optax_update" in runs
-    kernel = gemm.unavailable() is None
+    runs["jaxdl_kernels_off"] = bench_jaxdl(ds, kernels="off")[0]
+    kernel = lowering.resolve("auto").kernels == "on"
     if kernel:
+        runs["jaxdl_optax_update"] = bench_jaxdl(ds, adam=False)[0]
         runs["jaxdl_xla_gemm"] = bench_jaxdl(ds, gemm=False)[0]
     else:
-        print(f"jaxdl_xla_gemm: skipped: jaxdl runs XLA's GEMMs here ({gemm.unavailable()})",
-              file=sys.stderr)  # fmt: skip
-    extra["jaxdl_gemm_kernel"] = kernel
+        print("jaxdl_optax_update, jaxdl_xla_gemm: skipped: jaxdl runs XLA alone here "
+              f"({gemm.unavailable() or 'kernels off'})", file=sys.stderr)  # fmt: skip
+    extra["kernels"] = "on" if kernel else "off"
     runs["flax_scan"], extra["flax_scan_first_epoch_seconds"] = bench_flax_scan(ds)
     runs["flax_jit_per_batch"] = bench_flax_per_batch(ds)
     for name, fn in (("keras", bench_keras), ("torch_eager", bench_torch)):
@@ -158,6 +160,7 @@ def main(argv=None):
         for k, v in rows.items()
         if k not in ("jaxdl", "roofline", "loop_roofline", "peak_matmul_bound")
     }
+    ratios["jaxdl_kernels_off_vs_flax_scan"] = rows["jaxdl_kernels_off"] / rows["flax_scan"]
     extra.update(
         roofline_fraction=rows["jaxdl"] / rows["roofline"],
         loop_roofline_fraction=rows["jaxdl"] / rows["loop_roofline"],

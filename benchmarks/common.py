@@ -15,7 +15,8 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxdl import devices, gemm, train
+from jaxdl import devices, lowering, train
+from jaxdl.cpu import gemm
 from jaxdl.devices import compiler_options
 
 
@@ -96,14 +97,14 @@ def _by_device(devices) -> NamedSharding:
 
 
 def kernel_available() -> bool:
-    """Whether jaxdl's dense layers run their GEMMs by ``jaxdl.gemm``'s kernel here."""
-    return gemm.unavailable() is None
+    """Whether jaxdl's programs run their dense layers' GEMMs by the CPU kernel here."""
+    return lowering.resolve("auto").gemm
 
 
 def gemm_fn(form: str, kernel: bool, width: int | None = None) -> Callable:
     """``(a, b) -> a·b`` (``nn``), ``aᵀ·b`` (``tn``) or ``a·bᵀ`` (``nt``), by XLA or, with
     ``kernel``, as jaxdl's dense layers run them for a layer ``width`` wide: by
-    ``jaxdl.gemm``'s kernel, or for a layer narrower than ``gemm.MIN_WIDTH`` by XLA but
+    ``jaxdl.cpu.gemm``'s kernel, or for a layer narrower than ``gemm.MIN_WIDTH`` by XLA but
     for the weight gradient aᵀ·b, which the kernel takes as (bᵀ·a)ᵀ (``gemm.narrow``)."""
     xla = {"nn": lambda a, b: a @ b, "tn": lambda a, b: a.T @ b, "nt": lambda a, b: a @ b.T}
     if not kernel:
@@ -140,7 +141,7 @@ def mlp_step_gemm_seconds(sizes: tuple[int, ...], batch: int, devices=None,
     gradient δ·Wᵀ for every layer but the first. The ceiling a step could reach. With
     several ``devices`` (CPU cores as devices, say), each runs one step's GEMMs at once
     and the time is per step. ``kernel``: as jaxdl's dense layers run them with
-    ``jaxdl.gemm``'s kernel (see ``gemm_fn`` for narrow layers)."""
+    ``jaxdl.cpu.gemm``'s kernel (see ``gemm_fn`` for narrow layers)."""
     total = 0.0
     for i, (k, n) in enumerate(zip(sizes[:-1], sizes[1:], strict=True)):
         kw = {"devices": devices, "kernel": kernel, "width": n}
@@ -162,7 +163,7 @@ def mlp_gemm_loop(sizes: tuple[int, ...], batch: int, steps: int, devices=None,
     Unlike the per-GEMM probe, this bound is measured as the training programs are: one
     long compiled loop whose steps each read a new input from memory, timed whole, so its
     ratio to an epoch does not rest on the hot-cache, best-of-200 timing of single calls.
-    ``kernel``: the GEMMs as jaxdl's dense layers run them with ``jaxdl.gemm``'s kernel."""
+    ``kernel``: the GEMMs as jaxdl's dense layers run them with ``jaxdl.cpu.gemm``'s kernel."""
     n = 1 if devices is None else len(devices)
     shapes = list(zip(sizes[:-1], sizes[1:], strict=True))
     keys = jax.random.split(jax.random.key(0), len(shapes) + 1)

@@ -27,6 +27,7 @@ from jaxdl import (
     htmlreport,
     inits,
     losses,
+    lowering,
     models,
     optim,
     report,
@@ -231,6 +232,14 @@ def _add_train_flags(p: argparse.ArgumentParser, number=float) -> None:
     g.add_argument("--no-progress", action="store_true", help="no progress display")
     g.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
     g.add_argument(
+        "--kernels",
+        choices=lowering.KERNELS,
+        default="auto",
+        help="CPU kernels for the compiled programs: auto (where the CPU has AVX-512 and "
+        "they build), on (or fail saying why), off (XLA alone, as on a GPU/TPU); how the "
+        "run is computed, not what: a run may resume with another setting",
+    )
+    g.add_argument(
         "--tensorboard",
         action="store_true",
         help="write TensorBoard event files into the run directory "
@@ -254,7 +263,8 @@ def _add_checkpoint_flags(p: argparse.ArgumentParser, *, skip: bool = True) -> N
         default=None,
         metavar="RUN_DIR",
         help="continue the run in RUN_DIR from its latest checkpoint, with the settings of "
-        "its config.json (only --json, --no-progress, --no-plots, --data-dir may be given)",
+        "its config.json (only --json, --no-progress, --no-plots, --data-dir and --kernels "
+        "may be given)",
     )
     g.add_argument(
         "--checkpoint-every",
@@ -420,7 +430,7 @@ def _faults(ckpt: checkpoint.Checkpointer | None, run_dir: Path):
 
 
 # Flags a resumed run may set: they change what is shown, not what is computed.
-_RESUME_MAY_SET = ("resume", "json", "no_progress", "no_plots", "data_dir")
+_RESUME_MAY_SET = ("resume", "json", "no_progress", "no_plots", "data_dir", "kernels")
 
 
 def _given_flags(argv: Sequence[str]) -> dict:
@@ -477,7 +487,7 @@ def _resumed(a: argparse.Namespace, argv: Sequence[str]) -> argparse.Namespace:
         flag = "--" + dest.replace("_", "-")
         raise InputError(f"{flag}: {str(run_dir)!r} was started with {config.get(dest)!r}, got "
                          f"{value!r}; a resumed run keeps its settings (only --json, "
-                         "--no-progress, --no-plots and --data-dir may be given)")  # fmt: skip
+                         "--no-progress, --no-plots, --data-dir and --kernels may be given)")  # fmt: skip
     out = _with_settings(a, config, keep=list(given))
     out["resume"] = run_dir
     return argparse.Namespace(**out)
@@ -489,7 +499,7 @@ def _prepare(a: argparse.Namespace, model, optimizer, es, splits, tr, dropout):
         model, optimizer, tr, epochs=a.epochs, batch_size=a.batch_size, validation=splits.valid,
         early_stopping=es, loss=a.loss, l1=a.l1, l2=a.l2, dropout=dropout,
         input_noise=a.input_noise, init_scale=a.init_scale,
-        skip_nonfinite=getattr(a, "skip_nonfinite", False),
+        skip_nonfinite=getattr(a, "skip_nonfinite", False), kernels=a.kernels,
     )  # fmt: skip
 
 
@@ -502,7 +512,8 @@ def cmd_train(a: argparse.Namespace) -> dict:
         run_dir = report.make_run_dir(a.runs_dir, a.name)
         config = {**run_config.settings(a), "run_dir": str(run_dir)}
         config["resolved"] = {"hyperparams": {k: float(v) for k, v in hp.opt.items()},
-                              "dropout": [float(r) for r in hp.dropout], "init_scale": float(hp.init_scale)}  # fmt: skip
+                              "dropout": [float(r) for r in hp.dropout], "init_scale": float(hp.init_scale),
+                              "kernels": setup.lowering.kernels}  # fmt: skip
         report.write_json(run_dir / "config.json", config)
     else:
         run_dir = a.resume
@@ -542,6 +553,7 @@ def cmd_train(a: argparse.Namespace) -> dict:
         "train_seconds": info.train_seconds,
         "params_digest": report.params_digest(state.params),
         "run_dir": str(run_dir),
+        "kernels": setup.lowering.kernels,
     }
     report.write_json(run_dir / "results.json", results)
     if tb is not None:
@@ -586,7 +598,7 @@ def cmd_sweep(a: argparse.Namespace) -> dict:
     member_configs = [c for c, _, _ in configs]
     settings = dict(
         seeds=a.seeds, epochs=a.epochs, batch_size=a.batch_size, validation=splits.valid,
-        early_stopping=es, loss=a.loss, **base,
+        early_stopping=es, loss=a.loss, kernels=a.kernels, **base,
     )  # fmt: skip
     setup, hp, _, members = sweep.prepare_sweep(
         model, optimizer, tr, member_configs, **settings
@@ -645,6 +657,7 @@ def cmd_sweep(a: argparse.Namespace) -> dict:
         "train_seconds": res.seconds,
         "diverged": sum(r["diverged"] for r in rows),
         "run_dir": str(run_dir),
+        "kernels": res.kernels,
     }
     report.write_json(run_dir / "summary.json", summary)
     return summary
@@ -763,6 +776,7 @@ def cmd_ensemble(a: argparse.Namespace, argv: Sequence[str] = ()) -> dict:
     result = ensemble.analyse(
         model, ensemble.variables_of(state), rates, test, key=key, k=a.k, repeats=a.repeats,
         exact=exact, max_units=a.max_units, ood_size=min(a.ood_size, len(test.x)),
+        kernels=a.kernels,
     )  # fmt: skip
     explicit = {}
     if a.explicit:
@@ -770,13 +784,13 @@ def cmd_ensemble(a: argparse.Namespace, argv: Sequence[str] = ()) -> dict:
         trained = ensemble.train_explicit(
             model, optimizer, tr, n=a.explicit, rates=rates, key=jax.random.fold_in(key, 1),
             epochs=t.epochs, seed=t.seed + 1, batch_size=t.batch_size, validation=splits.valid,
-            early_stopping=es, loss=t.loss,
+            early_stopping=es, loss=t.loss, kernels=a.kernels,
             config={k: v for k, v in shared.items() if v is not None},
         )  # fmt: skip
         for name in ("independent", "bagging"):
             masks = trained["masks"] if name == "bagging" else None
             explicit[name] = ensemble.member_stats(
-                model, trained[name].states, test.x, test.y, masks=masks
+                model, trained[name].states, test.x, test.y, masks=masks, kernels=a.kernels
             )
     summary = ensemble.summary(result)
     for name, stats in explicit.items():
@@ -784,6 +798,7 @@ def cmd_ensemble(a: argparse.Namespace, argv: Sequence[str] = ()) -> dict:
             str(j + 1): float(v) for j, v in enumerate(stats["accuracy"])
         }
     summary["run_dir"] = str(run_dir)
+    summary["kernels"] = setup.lowering.kernels
     report.write_json(run_dir / "ensemble.json", {**result, "explicit": explicit})
     report.write_json(run_dir / "summary.json", summary)
     if not a.no_plots:
@@ -794,7 +809,7 @@ def cmd_ensemble(a: argparse.Namespace, argv: Sequence[str] = ()) -> dict:
 # The flags of ``ensemble`` that are not the net's settings (allowed with --from).
 _ENSEMBLE_OWN = ("command", "from_run", "k", "repeats", "exact", "max_units", "explicit",
                  "test_size", "ood_size", "name", "runs_dir", "json", "no_progress",
-                 "no_plots", "data_dir", "config")  # fmt: skip
+                 "no_plots", "data_dir", "config", "kernels")  # fmt: skip
 
 
 def _trained_settings(a: argparse.Namespace, argv: Sequence[str]) -> argparse.Namespace:

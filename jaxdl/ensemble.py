@@ -32,8 +32,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdl import models, sweep, validate
+from jaxdl import lowering, models, sweep, validate
 from jaxdl.data import Dataset
+from jaxdl.lowering import XLA, Lowering
 from jaxdl.models import Masks, Model
 
 Variables = Mapping[str, Any]  # {"params": ..., "batch_stats": ...} as flax apply takes them
@@ -96,16 +97,21 @@ def _chunks(n: int, size: int) -> tuple[jax.Array, jax.Array]:
 
 
 def weight_scaling_logits(
-    model: Model, variables: Variables, rates, x, *, batch_size: int = 1000
+    model: Model, variables: Variables, rates, x, *, batch_size: int = 1000, kernels: str = "auto"
 ) -> jax.Array:
-    """Logits (N, C) of the deterministic pass (see the module docstring)."""
-    return _weight_scaling(model, variables, jnp.asarray(rates), jnp.asarray(x), batch_size)
+    """Logits (N, C) of the deterministic pass (see the module docstring). ``kernels``:
+    whether the CPU kernels lower the program (``jaxdl.lowering``)."""
+    lowered = lowering.resolve(kernels)
+    return _weight_scaling(
+        model, variables, jnp.asarray(rates), jnp.asarray(x), batch_size, lowered
+    )
 
 
-@functools.partial(jax.jit, static_argnames=("model", "batch_size"))
-def _weight_scaling(model, variables, rates, x, batch_size):
+@functools.partial(jax.jit, static_argnames=("model", "batch_size", "lowered"))
+def _weight_scaling(model, variables, rates, x, batch_size, lowered: Lowering = XLA):
     idx, _ = _chunks(x.shape[0], batch_size)
-    out = jax.lax.map(lambda i: _apply(model, variables, x[i], rates), idx)
+    with lowered.scope():
+        out = jax.lax.map(lambda i: _apply(model, variables, x[i], rates), idx)
     return out.reshape(-1, out.shape[-1])[: x.shape[0]]
 
 
@@ -125,6 +131,7 @@ def mc_stats(
     masks: Masks,
     *,
     batch_size: int | None = None,
+    kernels: str = "auto",
 ) -> dict[str, np.ndarray]:
     """Monte-Carlo ensembles of the first k of ``masks``, for every k = 1…K, in one program.
 
@@ -140,7 +147,10 @@ def mc_stats(
       ``probs``: (N, C) arithmetic mean over all K; ``entropy``: (N,) its entropy (nats);
       ``mutual_information``: (N,) entropy of the mean less the mean entropy;
       ``disagreement``: (N,) fraction of pairs of subnetworks that predict differently.
+
+    ``kernels``: whether the CPU kernels lower the program (``jaxdl.lowering``).
     """
+    lowered = lowering.resolve(kernels)
     x = validate.features("x", x)
     rates = check_rates(model, rates, x.shape[1:])
     y = validate.labels("y", y, model.num_classes, n=x.shape[0])
@@ -152,7 +162,7 @@ def mc_stats(
     masks = tuple(jnp.concatenate([m, jnp.ones((pad, m.shape[1]), m.dtype)]) for m in masks)
     valid_k = jnp.arange(k + pad) < k
     out = _mc(model, variables, jnp.asarray(rates), jnp.asarray(x), jnp.asarray(y), masks,
-              valid_k, b, kc)  # fmt: skip
+              valid_k, b, kc, lowered)  # fmt: skip
     per_k, per_example = jax.device_get(out)
     return {**{n: np.asarray(v[:k]) for n, v in per_k.items()},
             **{n: np.asarray(v) for n, v in per_example.items()}}  # fmt: skip
@@ -168,8 +178,13 @@ def _check_masks(masks: Masks, widths: Sequence[int]) -> int:
     return ks.pop()
 
 
-@functools.partial(jax.jit, static_argnames=("model", "b", "kc"))
-def _mc(model, variables, rates, x, y, masks, valid_k, b, kc):
+@functools.partial(jax.jit, static_argnames=("model", "b", "kc", "lowered"))
+def _mc(model, variables, rates, x, y, masks, valid_k, b, kc, lowered: Lowering = XLA):
+    with lowered.scope():
+        return _mc_body(model, variables, rates, x, y, masks, valid_k, b, kc)
+
+
+def _mc_body(model, variables, rates, x, y, masks, valid_k, b, kc):
     n, c = x.shape[0], model.num_classes
     idx, real = _chunks(n, b)
     chunked = jax.tree_util.tree_map(lambda m: m.reshape(-1, kc, m.shape[-1]), masks)
@@ -244,6 +259,7 @@ def exact_probs(
     *,
     max_units: int = 20,
     batch_size: int = 1000,
+    kernels: str = "auto",
 ) -> dict[str, np.ndarray]:
     """The exact ensemble of all 2^M subnetworks, each weighted by its probability.
 
@@ -273,15 +289,17 @@ def exact_probs(
             units,
         )
     if not layers:  # no dropout: a single network
-        logits = weight_scaling_logits(model, variables, rates, x)
+        logits = weight_scaling_logits(model, variables, rates, x, kernels=kernels)
         lp = np.asarray(jax.nn.log_softmax(logits))
         return {"arithmetic": np.exp(lp), "geometric": np.exp(lp), "log_arithmetic": lp,
                 "log_geometric": lp, "mean_logits": np.asarray(logits)}  # fmt: skip
-    out = _exact(*exact_program_args(model, variables, rates, x, batch_size))
+    out = _exact(*exact_program_args(model, variables, rates, x, batch_size, kernels))
     return {k: np.asarray(v) for k, v in jax.device_get(out).items()}
 
 
-def exact_program_args(model: Model, variables: Variables, rates, x, batch_size: int = 1000):
+def exact_program_args(
+    model: Model, variables: Variables, rates, x, batch_size: int = 1000, kernels: str = "auto"
+):
     """The arguments ``exact_probs`` passes to its compiled program ``_exact`` (for
     lowering it elsewhere, e.g. to read XLA's memory estimate): examples go through
     ``batch_size`` at a time, masks in chunks of a power of two that keeps one chunk's
@@ -293,11 +311,17 @@ def exact_program_args(model: Model, variables: Variables, rates, x, batch_size:
     b = min(batch_size, x.shape[0])
     after = max(widths[layers[0] :])
     chunk = 1 << max(0, min(units, int(math.log2(max(1, _ELEMENTS // (b * after))))))
-    return model, variables, jnp.asarray(rates), jnp.asarray(x), layers, widths, b, chunk
+    lowered = lowering.resolve(kernels)
+    return model, variables, jnp.asarray(rates), jnp.asarray(x), layers, widths, b, chunk, lowered
 
 
-@functools.partial(jax.jit, static_argnames=("model", "layers", "widths", "b", "chunk"))
-def _exact(model, variables, rates, x, layers, widths, b, chunk):
+@functools.partial(jax.jit, static_argnames=("model", "layers", "widths", "b", "chunk", "lowered"))
+def _exact(model, variables, rates, x, layers, widths, b, chunk, lowered: Lowering = XLA):
+    with lowered.scope():
+        return _exact_body(model, variables, rates, x, layers, widths, b, chunk)
+
+
+def _exact_body(model, variables, rates, x, layers, widths, b, chunk):
     first = layers[0]
     sizes = [widths[i] for i in layers]
     units = sum(sizes)
@@ -390,23 +414,27 @@ def analyse(
     exact: bool | None = None,
     max_units: int = 20,
     ood_size: int = 1000,
+    kernels: str = "auto",
 ) -> dict[str, Any]:
     """Everything the ensemble view reports for one trained dropout network on ``test``.
 
     ``repeats`` independent k-samples give the spread of the Monte-Carlo curves;
     ``exact`` enumerates all subnetworks (None: when they number at most 2^max_units).
     Returns a dict of floats and numpy arrays (see the keys in the code's ``out``).
+    ``kernels``: whether the CPU kernels lower the programs (``jaxdl.lowering``).
     """
+    lowering.resolve(kernels)  # an impossible "on" is refused before any work
     feature_shape = test.x.shape[1:]
     rates = check_rates(model, rates, feature_shape)
     validate.positive_int("repeats", repeats)
-    ws = jax.nn.log_softmax(weight_scaling_logits(model, variables, rates, test.x))
+    ws = weight_scaling_logits(model, variables, rates, test.x, kernels=kernels)
+    ws = jax.nn.log_softmax(ws)
     out: dict[str, Any] = {"rates": rates.tolist(), "k": k, "repeats": repeats}
     out["weight_scaling"] = accuracy_nll(ws, test.y)
     curves = []
     for r in range(repeats):
         masks = sample_masks(jax.random.fold_in(key, r), model, rates, k, feature_shape)
-        curves.append(mc_stats(model, variables, rates, test.x, test.y, masks))
+        curves.append(mc_stats(model, variables, rates, test.x, test.y, masks, kernels=kernels))
     for name in ("arithmetic_accuracy", "arithmetic_nll", "geometric_accuracy", "geometric_nll"):
         out[name] = np.stack([c[name] for c in curves])  # (repeats, k)
     out["single_accuracy"] = np.concatenate([c["single_accuracy"] for c in curves])
@@ -417,13 +445,13 @@ def analyse(
     m = min(ood_size, len(test.x))
     masks = sample_masks(jax.random.fold_in(key, repeats), model, rates, k, feature_shape)
     for name, xo in ood_inputs(test.x[:m]).items():
-        s = mc_stats(model, variables, rates, xo, np.zeros(m, np.int32), masks)
+        s = mc_stats(model, variables, rates, xo, np.zeros(m, np.int32), masks, kernels=kernels)
         out["entropy"][name] = s["entropy"]
         out["mutual_information"][name] = s["mutual_information"]
     widths = models.masked_widths(model, feature_shape)
     units = sum(widths[i] for i in exact_units(model, rates, feature_shape))
     if exact or (exact is None and units <= max_units):
-        ex = exact_probs(model, variables, rates, test.x, max_units=max_units)
+        ex = exact_probs(model, variables, rates, test.x, max_units=max_units, kernels=kernels)
         logs = {"arithmetic": ex["log_arithmetic"], "geometric": ex["log_geometric"],
                 "mean_logits": jax.nn.log_softmax(ex["mean_logits"])}  # fmt: skip
         out["exact"] = {name: accuracy_nll(lp, test.y) for name, lp in logs.items()}
@@ -470,15 +498,24 @@ def k_matching(result: Mapping[str, Any]) -> int | None:
 
 
 def member_stats(
-    model: Model, states, x, y, *, masks: Masks | None = None, batch_size: int = 1000
+    model: Model,
+    states,
+    x,
+    y,
+    *,
+    masks: Masks | None = None,
+    batch_size: int = 1000,
+    kernels: str = "auto",
 ) -> dict[str, np.ndarray]:
     """Explicit ensembles of n separately trained members (``states``: a ``TrainState``
     with a leading member axis, e.g. ``SweepResult.states``), each evaluated as itself
     (with its own fixed mask from ``masks``, (n, width_i) per layer, if given).
 
     Returns (numpy) ``accuracy`` and ``nll``: (n,) of the mean probabilities of the first
-    j members, j = 1…n; ``single_accuracy``: (n,) each member alone.
+    j members, j = 1…n; ``single_accuracy``: (n,) each member alone. ``kernels``: whether
+    the CPU kernels lower the program (``jaxdl.lowering``).
     """
+    lowered = lowering.resolve(kernels)
     x = validate.features("x", x)
     y = validate.labels("y", y, model.num_classes, n=x.shape[0])
     n_masked = len(models.masked_widths(model, x.shape[1:]))
@@ -488,7 +525,8 @@ def member_stats(
         variables = {"params": params, **({"batch_stats": stats} if stats else {})}
         idx, _ = _chunks(x.shape[0], batch_size)
         rates = None if m is None else zero
-        out = jax.lax.map(lambda i: _apply(model, variables, xd[i], rates, m), idx)
+        with lowered.scope():
+            out = jax.lax.map(lambda i: _apply(model, variables, xd[i], rates, m), idx)
         return jax.nn.log_softmax(out.reshape(-1, out.shape[-1])[: x.shape[0]])
 
     xd = jnp.asarray(x)

@@ -9,6 +9,12 @@ Masked layers are, in order: the input of the first dense layer (the pixels for 
 the flattened conv features for the CNN), then the output of every hidden dense layer.
 ``masked_widths(model, feature_shape)`` gives their widths.
 
+The models are plain Flax: every JAX transformation (``grad``, ``jvp``, ``hessian``,
+``vmap``, ``checkpoint``, ``jax.export``) works on their ``apply`` on every backend. How
+jaxdl's own compiled programs lower them on a given host (``jaxdl.lowering``) never
+changes what they compute: it may replace ``Dense.forward`` and ``Conv.convolve`` by
+equal computations (Flax method interception), never the modules themselves.
+
 Dropout conventions (both equal in expectation):
 
 - ``"inverted"``: a kept unit is scaled by 1/(1-p) under a mask; no mask → identity.
@@ -19,13 +25,13 @@ Dropout conventions (both equal in expectation):
 from __future__ import annotations
 
 import math
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import linen as nn
 
-from jaxdl import bernoulli, gemm, inits, validate
+from jaxdl import inits, validate
 
 ACTIVATIONS = ("relu", "sigmoid", "tanh", "maxout", "linear")
 CONVENTIONS = ("inverted", "classic")
@@ -56,8 +62,8 @@ def apply_dropout(
     if mask is None:
         return h * keep if convention == "classic" else h
     h = h * jax.lax.stop_gradient(mask.astype(h.dtype))
-    # h · (1/keep): how XLA:CPU divides by a broadcast scalar, and the fused ReLU layers'
-    # dropout (gemm.dense_relu), so every path rounds alike.
+    # h · (1/keep): how XLA:CPU divides by a broadcast scalar, as Dense does inside a layer
+    # (and the CPU lowering's fused layers), so every path rounds alike.
     return h * (1.0 / keep) if convention == "inverted" else h
 
 
@@ -170,7 +176,8 @@ class Conv(nn.Module):
       pads and matmuls. XLA's CPU backend runs a convolution's weight gradient inside a
       loop (the epoch's ``lax.scan``) about 10× slower than outside one; this form does
       not have that problem (measured: 1,040 vs 82 images/s for the default CNN).
-    - ``"auto"``: ``"patches"`` on the CPU, ``"xla"`` elsewhere.
+    - ``"auto"``: ``"xla"`` in a direct ``apply``; jaxdl's compiled programs on a CPU
+      backend take ``"patches"`` (``jaxdl.lowering``). Both compute the same function.
     """
 
     features: int
@@ -184,22 +191,66 @@ class Conv(nn.Module):
         k, c = self.kernel_size, x.shape[-1]
         kernel = self.param("kernel", self.kernel_init, (k, k, c, self.features))
         bias = self.param("bias", nn.initializers.zeros, (self.features,))
-        impl = self.impl
-        if impl == "auto":
-            impl = "patches" if jax.default_backend() == "cpu" else "xla"
-        if impl == "xla":
-            dims = ("NHWC", "HWIO", "NHWC")
-            y = jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=dims)
-            return y + bias
-        lo = (k - 1) // 2  # SAME: as lax pads, the extra row/column (even k) goes after
-        pad = ((0, 0), (lo, k - 1 - lo), (lo, k - 1 - lo), (0, 0))
-        xp = jnp.pad(x, pad)
-        h, w = x.shape[1], x.shape[2]
-        # feature order (di, dj, c) matches the kernel's row-major (k, k, C_in) flattening
-        patches = jnp.concatenate(
-            [xp[:, i : i + h, j : j + w, :] for i in range(k) for j in range(k)], axis=-1
-        )
-        return patches @ kernel.reshape(k * k * c, self.features) + bias
+        return self.convolve(x, kernel, bias)
+
+    def convolve(self, x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+        """The convolution on explicit parameters (the method a lowering may replace)."""
+        return (conv_patches if self.impl == "patches" else conv_xla)(x, kernel, bias)
+
+
+def conv_xla(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """SAME stride-1 convolution (B, H, W, C_in) * (k, k, C_in, C_out) + (C_out,) by XLA."""
+    dims = ("NHWC", "HWIO", "NHWC")
+    return jax.lax.conv_general_dilated(x, kernel, (1, 1), "SAME", dimension_numbers=dims) + bias
+
+
+def conv_patches(x: jax.Array, kernel: jax.Array, bias: jax.Array) -> jax.Array:
+    """``conv_xla``'s function as shifted copies side by side and one matmul (see ``Conv``)."""
+    k, c, features = kernel.shape[0], kernel.shape[2], kernel.shape[3]
+    lo = (k - 1) // 2  # SAME: as lax pads, the extra row/column (even k) goes after
+    pad = ((0, 0), (lo, k - 1 - lo), (lo, k - 1 - lo), (0, 0))
+    xp = jnp.pad(x, pad)
+    h, w = x.shape[1], x.shape[2]
+    # feature order (di, dj, c) matches the kernel's row-major (k, k, C_in) flattening
+    patches = jnp.concatenate(
+        [xp[:, i : i + h, j : j + w, :] for i in range(k) for j in range(k)], axis=-1
+    )
+    return patches @ kernel.reshape(k * k * c, features) + bias
+
+
+class Dense(nn.Module):
+    """A dense layer, its activation and optionally dropout on its output:
+    ``drop(act(x @ kernel + bias))``: (B, I) -> (B, features). The parameters are
+    ``nn.Dense``'s (``kernel`` (I, features·pieces), ``bias`` zeros), initialised alike."""
+
+    features: int
+    kernel_init: nn.initializers.Initializer
+    activation: str = "linear"
+    pieces: int = 1  # maxout's pieces per unit
+
+    @nn.compact
+    def __call__(self, x: jax.Array, mask: jax.Array | None = None, div=None) -> jax.Array:
+        """``mask`` (B, features), ``div``: dropout on the output, ``act(...) · mask / div``."""
+        n = self.features * self.pieces
+        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], n))
+        bias = self.param("bias", nn.initializers.zeros_init(), (n,))
+        return self.forward(x, kernel, bias, mask, div)
+
+    def forward(self, x, kernel, bias, mask=None, div=None) -> jax.Array:
+        """The layer on explicit parameters (the method a lowering may replace)."""
+        return dense_forward(x, kernel, bias, self.activation, self.pieces, mask, div)
+
+
+def dense_forward(
+    x, kernel, bias, activation: str, pieces: int, mask=None, div=None, matmul=jnp.matmul
+) -> jax.Array:
+    """``Dense``'s function: ``activate(matmul(x, kernel) + bias)``, then ``· mask · (1/div)``
+    with the mask a sample (no gradient; ``div`` gets one)."""
+    h = activate(activation, matmul(x, kernel) + bias, pieces)
+    if mask is None:
+        return h
+    # h · (1/div): how XLA:CPU divides by a broadcast scalar, as apply_dropout does.
+    return h * jax.lax.stop_gradient(mask.astype(h.dtype)) * (1.0 / div)
 
 
 def _dense_head(
@@ -221,30 +272,23 @@ def _dense_head(
         dropped = False
         if i == len(widths):
             break
-        if not m.batch_norm and gemm.fusable(m.activation, h, widths[i]):
-            drop = _fused_dropout(m, masks, rates, i + 1, (h.shape[0], widths[i]), stop)
-            h = gemm.DenseReLU(widths[i], kernel_init, name=f"layer_{i}")(h, *drop)
-            dropped = bool(drop)
-        else:
-            h = nn.Dense(
-                widths[i] * pieces,
-                kernel_init=kernel_init,
-                dot_general=gemm.dot_general,
-                name=f"layer_{i}",
-            )(h)
-            if m.batch_norm:
-                h = _batch_norm(h, train, example_mask, f"bn_{i}")
+        if m.batch_norm:
+            h = Dense(widths[i] * pieces, kernel_init, name=f"layer_{i}")(h)
+            h = _batch_norm(h, train, example_mask, f"bn_{i}")
             h = activate(m.activation, h, pieces)
+        else:
+            drop = _inner_dropout(m, masks, rates, i + 1, (h.shape[0], widths[i]), stop)
+            h = Dense(widths[i], kernel_init, m.activation, pieces, name=f"layer_{i}")(h, *drop)
+            dropped = bool(drop)
         m.sow("intermediates", f"act_layer_{i}", h)
-    return nn.Dense(
-        m.num_classes, kernel_init=kernel_init, dot_general=gemm.dot_general, name="output"
-    )(h)
+    return Dense(m.num_classes, kernel_init, name="output")(h)
 
 
-def _fused_dropout(module, masks, rates, i: int, shape: tuple[int, int], stop) -> tuple:
-    """(mask, divisor) for a fused ReLU layer to apply masked layer ``i``'s dropout to its
-    output of ``shape``, as ``apply_dropout`` would, or () where it cannot: no mask of that
-    shape, an early ``stop`` there, or activations recorded (they are taken before dropout)."""
+def _inner_dropout(module, masks, rates, i: int, shape: tuple[int, int], stop) -> tuple:
+    """(mask, divisor) for a ``Dense`` layer to apply masked layer ``i``'s dropout to its
+    output of ``shape``, as ``apply_dropout`` would, or () where it is applied apart: no
+    per-example mask, an early ``stop`` there, or activations recorded (they are taken
+    before dropout). A lowering can then fuse the dropout into the layer's product."""
     mask, rate = _dropout_at(masks, rates, i)
     if mask is None or rate is None or i == stop or mask.shape != shape:
         return ()
@@ -300,17 +344,26 @@ def masked_widths(model: Model, feature_shape: Sequence[int]) -> tuple[int, ...]
     return (h * w * model.features[-1], *model.dense)
 
 
+def bernoulli(key: jax.Array, p: jax.Array, shape: tuple[int, ...]) -> jax.Array:
+    """Float32 0/1 array of ``shape``, each 1 with probability ``p``."""
+    return jax.random.bernoulli(key, p, shape).astype(jnp.float32)
+
+
 def sample_masks(
-    key: jax.Array, rates: jax.Array, widths: Sequence[int], batch: int | None = None
+    key: jax.Array,
+    rates: jax.Array,
+    widths: Sequence[int],
+    batch: int | None = None,
+    *,
+    draw: Callable[[jax.Array, jax.Array, tuple[int, ...]], jax.Array] = bernoulli,
 ) -> Masks:
     """Draws keep-masks: unit j of layer i is kept with probability 1 - rates[i].
 
     Returns one float32 0/1 array per masked layer, (batch, widths[i]), or (widths[i],)
     when ``batch`` is None (one subnetwork shared by all examples). The draws are
-    ``jax.random.bernoulli``'s, bit for bit (on the CPU by ``jaxdl.bernoulli``'s kernel).
+    ``jax.random.bernoulli``'s; ``draw`` (``bernoulli``'s signature) may give the same bits
+    another way (a lowering's kernel).
     """
     keys = jax.random.split(key, len(widths))
     lead = () if batch is None else (batch,)
-    return tuple(
-        bernoulli.draw(k, 1.0 - r, (*lead, w)) for k, r, w in zip(keys, rates, widths, strict=True)
-    )
+    return tuple(draw(k, 1.0 - r, (*lead, w)) for k, r, w in zip(keys, rates, widths, strict=True))

@@ -38,7 +38,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxdl import gemm, models, optim, train, validate
+from jaxdl import models, optim, train, validate
 from jaxdl.data import Dataset
 from jaxdl.devices import compiler_options, for_members
 from jaxdl.models import Model
@@ -131,6 +131,7 @@ class SweepResult:
     samples_per_second: float  # training examples per second summed over members
     chunks: int = 1  # how many groups of members ran one after another (memory)
     devices: int = 1  # how many devices the member axis was sharded over
+    kernels: str = "off"  # whether the CPU kernels lowered the program ("on"/"off")
 
     def best(self, metric: str = "best_val_accuracy") -> dict[str, Any]:
         """The row of the member with the highest ``metric`` among those not diverged."""
@@ -229,7 +230,8 @@ def _shared_order_epoch(setup: train.Setup, form: str, states, data: train.Batch
         # update takes them: its transposes made this form 2-3x slower (32 of 784-64-10).
         # The same holds for jaxdl's GEMM kernel, which would run the members' first
         # layers one after another instead of as one wide GEMM.
-        setup = dataclasses.replace(setup, fused_adam=False, gemm=False)
+        lowered = dataclasses.replace(setup.lowering, gemm=False, adam=False)
+        setup = dataclasses.replace(setup, lowering=lowered)
     # Unbatched x makes the first layer bi,kio->kbo, which XLA emits as one wide GEMM.
     step = jax.vmap(
         functools.partial(train.train_step, setup), in_axes=(0, None if concat else 0, 0)
@@ -237,8 +239,7 @@ def _shared_order_epoch(setup: train.Setup, form: str, states, data: train.Batch
 
     def body(st, xs):
         i, w = xs
-        with gemm.use(setup.gemm):
-            batch = train.Batch(gemm.take_rows(data.x, i), data.y[i], w)
+        batch = train.Batch(setup.lowering.take_rows(data.x, i), data.y[i], w)
         if not concat:
             batch = jax.tree_util.tree_map(lambda v: jnp.broadcast_to(v, (k, *v.shape)), batch)
         return step(st, batch, hps)
@@ -338,6 +339,7 @@ def prepare_sweep(
     validation: Dataset | None = None,
     early_stopping: EarlyStopping | None = None,
     loss: str = "cross_entropy",
+    kernels: str = "auto",
     **base: Any,
 ) -> tuple[train.Setup, train.HParams, jax.Array, list[tuple[dict, int]]]:
     """Validates a sweep on the host: the shared ``Setup``, the members' stacked
@@ -359,7 +361,7 @@ def prepare_sweep(
     setup, _ = train.prepare(
         model, optimizer, train_data, epochs=epochs, batch_size=batch_size, validation=validation,
         early_stopping=early_stopping, loss=loss, l1=flags["l1"], l2=flags["l2"],
-        dropout=flags["dropout"], input_noise=flags["input_noise"],
+        dropout=flags["dropout"], input_noise=flags["input_noise"], kernels=kernels,
     )  # fmt: skip
     hps = [_member_hparams(setup, optimizer, c, base) for c, _ in members]
     hp = jax.tree_util.tree_map(lambda *v: jnp.stack(v), *hps)
@@ -386,6 +388,7 @@ def sweep(
     masks: models.Masks | None = None,
     checkpointer: Checkpointer | None = None,
     data_order: str = "auto",
+    kernels: str = "auto",
     **base: Any,
 ) -> SweepResult:
     """Trains ``len(configs) × seeds`` members of one structure as one program.
@@ -412,6 +415,8 @@ def sweep(
         every step instead of sampled dropout masks ("dropout bagging").
       checkpointer: saves every member (frozen and diverged ones too) as the sweep goes,
         one checkpoint directory per chunk, and resumes each chunk from its latest one.
+      kernels: ``"auto"``, ``"on"`` or ``"off"``: whether the CPU kernels lower the
+        sweep's program (``jaxdl.lowering``); resolved once, here.
       data_order: ``"own"``: each member draws its own data order from its seed and
         gathers its own minibatches. ``"shared"``: every member trains on the first
         member's order, so each step's minibatch is gathered once and a narrow first
@@ -424,7 +429,7 @@ def sweep(
     setup, hp, keys, members = prepare_sweep(
         model, optimizer, train_data, configs, seeds=seeds, epochs=epochs,
         batch_size=batch_size, validation=validation, early_stopping=early_stopping,
-        loss=loss, **base,
+        loss=loss, kernels=kernels, **base,
     )  # fmt: skip
     if masks is not None:
         hp = hp._replace(masks=_check_masks(masks, len(members), setup.widths))
@@ -475,6 +480,7 @@ def sweep(
         samples_per_second=float(epochs_run.sum() * setup.n_train / max(seconds, 1e-9)),
         chunks=len(chunks),
         devices=len(devices),
+        kernels=setup.lowering.kernels,
     )
 
 

@@ -27,8 +27,9 @@ import numpy as np
 import optax
 from flax import struct
 
-from jaxdl import devices, fused, gemm, inits, losses, models, optim, stopping, validate
+from jaxdl import devices, inits, losses, lowering, models, optim, stopping, validate
 from jaxdl.data import Dataset
+from jaxdl.lowering import XLA, Lowering
 from jaxdl.models import Model
 from jaxdl.optim import Optimizer
 from jaxdl.stopping import EarlyStopping
@@ -77,12 +78,10 @@ class Setup:
     eval_batch_size: int = 1000
     probe_size: int = 1000  # training examples for per-epoch activation and gradient statistics
     skip_nonfinite: bool = False  # skip steps whose loss or gradient is NaN/Inf (apply_if_finite)
-    # Adam/AdamW's update as one compiled loop on the CPU (jaxdl.fused); prepare() turns
-    # it on where it can be built.
-    fused_adam: bool = False
-    # The dense layers' GEMMs by jaxdl's CPU kernel (jaxdl.gemm); prepare() turns it on
-    # where it can be built.
-    gemm: bool = False
+    # How the programs run on this host (jaxdl.lowering; prepare() resolves ``kernels``).
+    # It decides the compiled program, so equality and caches see it, but not what the
+    # program computes: it stays out of repr, which is a checkpoint's identity.
+    lowering: Lowering = dataclasses.field(default=XLA, repr=False)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -186,18 +185,18 @@ def layer_norms(tree) -> dict[str, jax.Array]:
     return {k: optax.tree.norm(v) for k, v in tree.items() if not k.startswith(("bn_", "conv_bn_"))}
 
 
-def _gemm_as_set(fn: Callable) -> Callable:
-    """``fn(setup, ...)`` traced with the dense layers' GEMMs as ``setup.gemm`` says."""
+def _lowered(fn: Callable) -> Callable:
+    """``fn(setup, ...)`` traced with the models lowered as ``setup.lowering`` says."""
 
     @functools.wraps(fn)
     def wrapper(setup: Setup, *args, **kwargs):
-        with gemm.use(setup.gemm):
+        with setup.lowering.scope():
             return fn(setup, *args, **kwargs)
 
     return wrapper
 
 
-@_gemm_as_set
+@_lowered
 def train_step(setup: Setup, state: TrainState, batch: Batch, hp: HParams):
     """One optimizer step. Returns ``(state, metrics)`` with this batch's data loss,
     accuracy and weight (number of real examples)."""
@@ -209,7 +208,9 @@ def train_step(setup: Setup, state: TrainState, batch: Batch, hp: HParams):
     rates = hp.dropout if setup.dropout or hp.masks is not None else None
     masks = hp.masks
     if masks is None and setup.dropout:
-        masks = models.sample_masks(k_mask, hp.dropout, setup.widths, x.shape[0])
+        masks = models.sample_masks(
+            k_mask, hp.dropout, setup.widths, x.shape[0], draw=setup.lowering.draw
+        )
     example_mask = None if batch.weight is None else batch.weight > 0
 
     def loss_fn(params):
@@ -230,11 +231,7 @@ def train_step(setup: Setup, state: TrainState, batch: Batch, hp: HParams):
         setup.optimizer, hp.opt, epoch_now, setup.epochs, state.plateau.scale
     )
     opt_state = optim.set_hyperparams(state.opt_state, hyper)
-    if setup.fused_adam:
-        params, opt_state = fused.step(setup.optimizer, grads, opt_state, state.params)
-    else:
-        updates, opt_state = setup.optimizer.tx.update(grads, opt_state, state.params)
-        params = optax.apply_updates(state.params, updates)
+    params, opt_state = setup.lowering.update(setup.optimizer, grads, opt_state, state.params)
     weight = jnp.float32(x.shape[0]) if batch.weight is None else batch.weight.sum()
     skipped = None
     if setup.skip_nonfinite:  # like optax.apply_if_finite: a bad step changes nothing but `step`
@@ -273,7 +270,7 @@ def _all_finite(tree) -> jax.Array:
     return jnp.stack([jnp.isfinite(v).all() for v in jax.tree_util.tree_leaves(tree)]).all()
 
 
-@_gemm_as_set
+@_lowered
 def train_epoch(setup: Setup, state: TrainState, train: Batch, hp: HParams):
     """One pass over ``train`` as a ``lax.scan``; returns (state, epoch-mean metrics).
 
@@ -285,7 +282,8 @@ def train_epoch(setup: Setup, state: TrainState, train: Batch, hp: HParams):
 
     def body(st, xs):
         i, w = xs
-        return train_step(setup, st, Batch(gemm.take_rows(train.x, i), train.y[i], w), hp)
+        x = setup.lowering.take_rows(train.x, i)
+        return train_step(setup, st, Batch(x, train.y[i], w), hp)
 
     state, m = jax.lax.scan(body, state, (idx, weights))
     return state, epoch_metrics(setup, state, m)
@@ -312,17 +310,25 @@ def epoch_metrics(setup: Setup, state: TrainState, m: dict[str, jax.Array]):
 
 
 def chunked_logits(
-    model: Model, params, batch_stats, rates, x, batch_size: int, masks=None
+    model: Model,
+    params,
+    batch_stats,
+    rates,
+    x,
+    batch_size: int,
+    masks=None,
+    lowered: Lowering = XLA,
 ) -> jax.Array:
     """Logits (N, C) of the deterministic network (or of the fixed subnetwork ``masks``),
-    computed ``batch_size`` rows at a time so memory stays bounded whatever N (traceable)."""
+    computed ``batch_size`` rows at a time so memory stays bounded whatever N (traceable;
+    ``lowered``: how, see ``jaxdl.lowering``)."""
     n = x.shape[0]
     b = min(batch_size, n)
     steps = math.ceil(n / b)
     idx = jnp.minimum(jnp.arange(steps * b), n - 1).reshape(steps, b)
     out = jax.lax.map(
         lambda i: _apply(
-            model, params, batch_stats, gemm.take_rows(x, i), rates=rates, masks=masks
+            model, params, batch_stats, lowered.take_rows(x, i), rates=rates, masks=masks
         ),
         idx,
     )
@@ -334,7 +340,7 @@ def evaluate_arrays(
 ) -> dict[str, jax.Array]:
     """Mean loss and accuracy over (x, y) (traceable)."""
     logits = chunked_logits(
-        setup.model, params, batch_stats, rates, x, setup.eval_batch_size, masks
+        setup.model, params, batch_stats, rates, x, setup.eval_batch_size, masks, setup.lowering
     )
     return {
         "loss": losses.data_loss(setup.loss, logits, y),
@@ -379,7 +385,7 @@ def run_epoch(setup: Setup, state: TrainState, train: Batch, valid: Batch | None
     return end_epoch(setup, state, metrics, train, valid, hp)
 
 
-@_gemm_as_set
+@_lowered
 def end_epoch(setup: Setup, state: TrainState, metrics, train: Batch, valid: Batch | None, hp):
     """After an epoch's steps: validation, probe statistics, schedules, early stopping."""
     # A fixed subnetwork is evaluated as itself; otherwise the deterministic network.
@@ -514,6 +520,7 @@ def fit(
     info: FitInfo | None = None,
     skip_nonfinite: bool = False,
     checkpointer: Checkpointer | None = None,
+    kernels: str = "auto",
 ) -> tuple[TrainState, dict[str, list[float]]]:
     """Trains ``model`` and returns ``(state, history)``.
 
@@ -523,12 +530,15 @@ def fit(
     logging). ``info``, if given, receives compile and training times. A NaN/Inf loss
     raises ``NonFiniteError``, unless ``skip_nonfinite`` skips such steps. With a
     ``checkpointer`` (``jaxdl.checkpoint``) the run is saved as it goes; see ``fit_state``.
+    ``kernels`` (``"auto"``, ``"on"``, ``"off"``): whether the CPU kernels lower the
+    compiled epoch (``jaxdl.lowering``); the trained values do not depend on it beyond
+    float rounding.
     """
     setup, hp = prepare(
         model, optimizer, train, epochs=epochs, batch_size=batch_size, validation=validation,
         early_stopping=early_stopping, loss=loss, l1=l1, l2=l2, dropout=dropout,
         input_noise=input_noise, init_scale=init_scale, eval_batch_size=eval_batch_size,
-        skip_nonfinite=skip_nonfinite,
+        skip_nonfinite=skip_nonfinite, kernels=kernels,
     )  # fmt: skip
     state = programs(setup).init(as_key(key), hp)
     return fit_state(
@@ -553,8 +563,11 @@ def prepare(
     init_scale: float | None = None,
     eval_batch_size: int = 1000,
     skip_nonfinite: bool = False,
+    kernels: str = "auto",
 ) -> tuple[Setup, HParams]:
-    """Validates everything on the host and splits it into (static Setup, traced HParams)."""
+    """Validates everything on the host and splits it into (static Setup, traced HParams).
+    ``kernels`` is resolved here, once (``jaxdl.lowering.resolve``), into ``Setup.lowering``."""
+    lowered = lowering.resolve(kernels)
     if not isinstance(optimizer, Optimizer):
         validate.fail(
             "optimizer", "an Optimizer from jaxdl.make_optimizer", type(optimizer).__name__
@@ -602,8 +615,7 @@ def prepare(
         eval_batch_size=eval_batch_size,
         probe_size=min(1000, n),
         skip_nonfinite=bool(skip_nonfinite),
-        fused_adam=fused.unavailable(optimizer) is None,
-        gemm=gemm.unavailable() is None,
+        lowering=lowered,
     )
     return setup, hp
 
@@ -628,8 +640,9 @@ def fit_state(
     resumed run); the returned history continues it. A NaN/Inf loss or non-finite
     parameters raise ``NonFiniteError`` naming the epoch and step, before that epoch is
     checkpointed. ``checkpointer`` (``jaxdl.checkpoint.Checkpointer``) saves ``state``
-    and the history after each epoch that is due, and stops the run (``Interrupted``)
-    once a caught signal is saved.
+    and the history after each epoch that is due (the last one as ``final_state``: the
+    result's parameters), and stops the run (``Interrupted``) once a caught signal is
+    saved.
     """
     info = FitInfo() if info is None else info
     tr = to_device(train)
@@ -662,9 +675,12 @@ def fit_state(
             es = setup.early_stopping
             score = None if es is None else -float(stopping.score(es.monitor, metrics))
             best = state.stopping is not None and int(state.stopping.tracker.best_epoch) == epoch
+            last = stopped or epoch == setup.epochs
+            # The last checkpoint holds the run's result (best epoch restored) as its
+            # params, so a reader of the checkpoint alone gets the weights jaxdl reports.
             checkpointer.after_epoch(
-                epoch, state, dict(history), score=score, best=best,
-                last=stopped or epoch == setup.epochs,
+                epoch, final_state(setup, state) if last else state, dict(history),
+                score=score, best=best, last=last,
             )  # fmt: skip
     return final_state(setup, state), dict(history)
 

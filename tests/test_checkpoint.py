@@ -98,6 +98,22 @@ def test_sigkill_then_resume_is_bit_identical(tiny_npz, reference, tmp_path, cap
     _assert_same_as_reference(tmp_path / "k", json.loads(out.splitlines()[-1]), reference)
 
 
+def test_resume_with_the_kernels_off_finishes_the_same_run(tiny_npz, reference, tmp_path, capsys):  # fmt: skip
+    """A run checkpointed with the kernels resumes with ``--kernels off`` (XLA alone)."""
+    proc = _start(tiny_npz, tmp_path, "x")
+    code, _, err = _send_after_checkpoint(proc, tmp_path / "x" / "checkpoints", signal.SIGKILL)
+    assert code == -signal.SIGKILL, err
+    assert not (tmp_path / "x" / "results.json").exists(), "killed too late to test a resume"
+    code, out, err = _main(
+        capsys, "train", "--resume", tmp_path / "x", "--kernels", "off", "--json", "--no-progress"
+    )
+    assert code == 0, err
+    res = json.loads(out.splitlines()[-1])
+    assert res["kernels"] == "off" and res["epochs_run"] == EPOCHS
+    assert abs(res["test_accuracy"] - reference["results"]["test_accuracy"]) <= 0.005
+    assert reference["results"]["kernels"] in ("on", "off")
+
+
 def test_sigterm_saves_exits_cleanly_and_resumes_bit_identically(tiny_npz, reference, tmp_path, capsys):  # fmt: skip
     sig = signal.SIGTERM
     proc = _start(tiny_npz, tmp_path, "s")

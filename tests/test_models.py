@@ -243,7 +243,7 @@ def test_input_dropout_first_preactivation_expectation_matches_across_convention
     p = 0.4
     keep = 1.0 - p
     rates = np.array([p, 0.0], np.float32)
-    inverted = jaxdl.MLP(hidden=(6,), num_classes=3, activation="tanh")
+    inverted = jaxdl.MLP(hidden=(6,), num_classes=3, activation="linear")
     classic = inverted.clone(dropout_convention="classic")
     x = _normal((4, 8))
     params = _params(inverted, x)

@@ -9,8 +9,8 @@ without. The kernel runs the twenty rounds vectorised across elements
 
 ``draw(key, p, shape)`` equals ``jax.random.bernoulli(key, p, shape).astype(float32)``
 for a threefry2x32 key with ``jax_threefry_partitionable`` on (JAX's defaults); with any
-other key, or off the CPU, or with ``JAXDL_BERNOULLI=0``, or where the kernel cannot be
-built, it is that expression. Either way the masks, and so a run, are the same.
+other key it is that expression. Either way the masks, and so a run, are the same.
+``jaxdl.lowering``'s CPU lowering draws jaxdl's own programs' masks with it.
 """
 
 from __future__ import annotations
@@ -19,21 +19,17 @@ import jax
 import jax.numpy as jnp
 from jax import lax
 
-from jaxdl import kernels
+from jaxdl.cpu import build
 
 TARGET = "jaxdl_bernoulli"
 _HANDLERS = (("JaxdlBernoulli", TARGET),)
 SOURCE = "bernoulli.cc"
-_ENV_OFF = "JAXDL_BERNOULLI"
 
 
 def unavailable() -> str | None:
-    """Why the kernel cannot draw here (None: it can). Builds it on first use; a failed
-    build warns once and masks are drawn by ``jax.random.bernoulli``."""
-    return kernels.why_not(
-        SOURCE, _HANDLERS, env_off=_ENV_OFF, what="the Bernoulli kernel",
-        instead="dropout masks are drawn by jax.random.bernoulli",
-    )  # fmt: skip
+    """Why the kernel cannot draw on this host (None: it can). Builds and registers it on
+    first use (on the host, when a lowering is resolved)."""
+    return build.why_not(SOURCE, _HANDLERS, what="the Bernoulli kernel")
 
 
 def _threefry(key: jax.Array) -> bool:
@@ -49,7 +45,7 @@ def draw(key: jax.Array, p: jax.Array, shape: tuple[int, ...]) -> jax.Array:
     """Float32 0/1 array of ``shape``, each 1 with probability ``p`` (a float32 scalar):
     ``jax.random.bernoulli(key, p, shape).astype(float32)``, bit for bit."""
     p = jnp.asarray(p, jnp.float32)
-    if p.shape != () or not _threefry(key) or unavailable() is not None:
+    if p.shape != () or not _threefry(key):
         return jax.random.bernoulli(key, p, shape).astype(jnp.float32)
     data = key if key.dtype == jnp.uint32 else jax.random.key_data(key)
     out = jax.ShapeDtypeStruct(tuple(shape), jnp.float32)

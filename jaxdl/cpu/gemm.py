@@ -6,13 +6,13 @@ step GEMMs 1.1–1.2× faster (x·W and δ·Wᵀ 1.2–1.5×, xᵀ·δ about as 
 epoch of ``fit`` 1.05–1.09× (``benchmarks/bench_gemm.py``, ``bench_train.py``;
 ``benchmarks/README.md``).
 
-``dot_general`` is a drop-in for ``lax.dot_general`` that ``jaxdl.models`` gives its
-dense layers: a float32 (B, I)·(I, O) product with O ≥ ``MIN_WIDTH`` uses the kernel,
+``dot_general`` is a drop-in for ``lax.dot_general`` for jaxdl's dense layers
+(``models.Dense``) when the CPU lowering runs them: a float32 (B, I)·(I, O) product with O ≥ ``MIN_WIDTH`` uses the kernel,
 with its own gradient rule (x·W forward, δ·Wᵀ and xᵀ·δ backward, all by the kernel)
 and batching rule (members of a ``vmap`` share unbatched operands, never copied); a
 narrower one (the output layer) keeps XLA's products but for its weight gradient
 (``narrow``); anything else goes to ``lax.dot_general``. A hidden ReLU layer without
-batch norm runs as ``DenseReLU`` (``dense_relu``): bias and ReLU inside the forward
+batch norm runs as ``dense_relu``: bias and ReLU inside the forward
 call, the ReLU's mask and the bias gradient inside the backward calls, and a training
 step's dropout on the layer's output too (mask and scale, forward and backward).
 ``take_rows`` takes a minibatch from the data set by rows.
@@ -23,9 +23,8 @@ kernels' helpers instead wait for the next call spinning, for a while (``team.h`
 Together: one epoch of the default MLP 1.06–1.15× faster than with the plain kernel
 (``benchmarks/README.md``).
 
-It is on where the kernel can be used: the CPU backend, a CPU with AVX-512, a C++
-compiler (``jaxdl.kernels``). ``JAXDL_GEMM=0`` turns it off, and ``use(False)`` does for
-what is traced inside it (``Setup.gemm``).
+Used only by ``jaxdl.lowering``'s CPU lowering, for jaxdl's own compiled programs; it is
+on where the kernel can be used: the CPU backend, a CPU with AVX-512, a C++ compiler.
 
 Values equal XLA's up to float32 rounding. Each output is one sum over k in increasing
 order, whatever the tiling, the threads or the batch, so a vmapped member equals the
@@ -34,16 +33,11 @@ same product alone bit for bit.
 
 from __future__ import annotations
 
-import contextlib
-import threading
-from collections.abc import Iterator
-
 import jax
 import jax.numpy as jnp
-from flax import linen as nn
 from jax import lax
 
-from jaxdl import kernels
+from jaxdl.cpu import build
 
 TARGET = "jaxdl_matmul"
 TARGET_BIAS = "jaxdl_matmul_bias"  # relu(x·W + b), the fused layer's forward
@@ -56,42 +50,18 @@ _HANDLERS = (
     ("JaxdlTakeRows", TARGET_TAKE_ROWS),
 )  # fmt: skip
 SOURCE = "gemm.cc"
-_ENV_OFF = "JAXDL_GEMM"
 MIN_WIDTH = 32  # dense layers narrower than this use XLA's GEMMs
-_local = threading.local()
 
 
 def unavailable() -> str | None:
-    """Why the kernel cannot be used here (None: it can). Builds it on first use; a failed
-    build warns once and the dense layers use XLA's GEMMs."""
-    return kernels.why_not(
-        SOURCE, _HANDLERS, env_off=_ENV_OFF, what="the GEMM kernel",
-        instead="dense layers use XLA's GEMMs", cpu_flag="avx512f",
-    )  # fmt: skip
-
-
-@contextlib.contextmanager
-def use(on: bool) -> Iterator[None]:
-    """Within this block (while tracing), dense layers use the kernel only if ``on`` (and
-    it is available)."""
-    before = getattr(_local, "on", None)
-    _local.on = bool(on)
-    try:
-        yield
-    finally:
-        _local.on = before
-
-
-def active() -> bool:
-    """Whether a dense layer traced now uses the kernel."""
-    on = getattr(_local, "on", None)  # None: outside any use() block
-    return on is not False and unavailable() is None
+    """Why the kernel cannot be used on this host (None: it can). Builds and registers it
+    on first use (on the host, when a lowering is resolved)."""
+    return build.why_not(SOURCE, _HANDLERS, what="the GEMM kernel", cpu_flag="avx512f")
 
 
 def _contract(a: jax.Array, b: jax.Array, ta: bool, tb: bool) -> tuple[int, int]:
     """(M, N) of ``op(a) @ op(b)``; raises ``ValueError`` for anything but float32
-    matrices that contract over equal lengths, and ``RuntimeError`` where the kernel
-    cannot run. At trace time: the handler exists before XLA compiles a call."""
+    matrices that contract over equal lengths."""
     if a.ndim != 2 or b.ndim != 2 or a.dtype != jnp.float32 or b.dtype != jnp.float32:
         raise ValueError(f"matmul: expected float32 matrices, got {a.dtype}{a.shape} and "
                          f"{b.dtype}{b.shape}")  # fmt: skip
@@ -99,9 +69,6 @@ def _contract(a: jax.Array, b: jax.Array, ta: bool, tb: bool) -> tuple[int, int]
     if k_a != k_b:
         raise ValueError(f"matmul: op(a) {a.shape} and op(b) {b.shape} contract over "
                          f"{k_a} and {k_b} elements; expected equal")  # fmt: skip
-    why = unavailable()
-    if why is not None:
-        raise RuntimeError(why)
     return a.shape[1 if ta else 0], b.shape[0 if tb else 1]
 
 
@@ -211,33 +178,14 @@ _dense_relu.defvjp(_dense_relu_fwd, _dense_relu_bwd)
 
 def fusable(activation: str, x: jax.Array, width: int) -> bool:
     """Whether a dense layer of ``width`` units on ``x`` followed by ``activation`` runs
-    as one ``dense_relu`` (traced now, float32 (B, I) input)."""
-    return (
-        activation == "relu" and x.ndim == 2 and x.dtype == jnp.float32
-        and width >= MIN_WIDTH and active()
-    )  # fmt: skip
-
-
-class DenseReLU(nn.Module):
-    """``nn.Dense`` followed by ReLU, as ``dense_relu``: the same parameters (``kernel``
-    (I, O), ``bias`` (O,) zeros), initialised alike."""
-
-    features: int
-    kernel_init: nn.initializers.Initializer
-
-    @nn.compact
-    def __call__(self, x: jax.Array, mask: jax.Array | None = None, div=None) -> jax.Array:
-        """``mask``, ``div``: dropout on the output, as ``dense_relu`` applies it."""
-        kernel = self.param("kernel", self.kernel_init, (x.shape[-1], self.features))
-        bias = self.param("bias", nn.initializers.zeros_init(), (self.features,))
-        return dense_relu(x, kernel, bias, mask, div)
+    as one ``dense_relu`` (a float32 (B, I) input, a ReLU, at least ``MIN_WIDTH`` units)."""
+    return activation == "relu" and x.ndim == 2 and x.dtype == jnp.float32 and width >= MIN_WIDTH
 
 
 def take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
-    """``x[idx]``: (N, *F)[(B,)] -> (B, *F), by rows copied in the kernel's library when
-    ``active()`` and ``x`` is float32 (XLA:CPU's gather copies element by element), else
-    by XLA. Indices are read as ``x[idx]`` reads them (negative from the end, then clamped)."""
-    if not (active() and x.dtype == jnp.float32 and x.ndim >= 2 and idx.ndim == 1
+    """``x[idx]``: (N, *F)[(B,)] -> (B, *F), by rows copied in the kernel's library where
+    ``x`` is float32 (XLA:CPU's gather copies element by element), else by XLA. Indices are read as ``x[idx]`` reads them (negative from the end, then clamped)."""
+    if not (x.dtype == jnp.float32 and x.ndim >= 2 and idx.ndim == 1
             and x.shape[0] > 0 and idx.dtype == jnp.int32):  # fmt: skip
         return x[idx]
     rows = x.reshape(x.shape[0], -1)
@@ -247,8 +195,8 @@ def take_rows(x: jax.Array, idx: jax.Array) -> jax.Array:
 
 
 def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_type=None):
-    """``lax.dot_general``, with float32 (B, I)·(I, O) products by the kernel when
-    ``active()`` (the signature flax's ``nn.Dense(dot_general=...)`` calls)."""
+    """``lax.dot_general``, with float32 (B, I)·(I, O) products by the kernel (the
+    signature flax's ``nn.Dense(dot_general=...)`` calls)."""
     (lc, rc), (lb, rb) = dimension_numbers
     plain = (
         lhs.ndim == rhs.ndim == 2
@@ -258,6 +206,6 @@ def dot_general(lhs, rhs, dimension_numbers, precision=None, preferred_element_t
     )
     # Narrow layers (the output layer's 10 classes) fill too little of the kernel's 32
     # columns; XLA's GEMMs are faster for them, but for the weight gradient (``narrow``).
-    if plain and active():
+    if plain:
         return dense(lhs, rhs) if rhs.shape[1] >= MIN_WIDTH else narrow(lhs, rhs)
     return lax.dot_general(lhs, rhs, dimension_numbers, precision, preferred_element_type)

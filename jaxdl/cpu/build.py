@@ -1,5 +1,5 @@
-"""Compiled CPU kernels: C++ sources in this package built on first use into XLA FFI
-handlers (``jaxdl.fused``'s Adam update, ``jaxdl.gemm``'s matrix product).
+"""The kernels' build: C++ sources in this package compiled on first use into XLA FFI
+handlers (``adam``'s update, ``gemm``'s matrix products, ``bernoulli``'s masks).
 
 A source is compiled with ``$CXX`` (default ``g++``), ``-march=native`` and the jaxlib
 headers into ``$JAXDL_KERNEL_DIR`` (default ``~/.cache/jaxdl/kernels``), keyed by the
@@ -15,7 +15,6 @@ import os
 import subprocess
 import sys
 import tempfile
-import warnings
 from importlib import resources
 from pathlib import Path
 
@@ -51,7 +50,7 @@ def library_path(source: str) -> Path:
     ``HEADERS``), this jaxlib, compiler and CPU (it need not exist)."""
     key = hashlib.sha256()
     for name in (source, *HEADERS):
-        key.update(resources.files("jaxdl").joinpath(name).read_bytes())
+        key.update(resources.files("jaxdl.cpu").joinpath(name).read_bytes())
     for part in (jax.__version__, compiler(), *FLAGS, devices.cpu_info("model name"),
                  devices.cpu_info("flags"), sys.platform):  # fmt: skip
         key.update(str(part).encode() + b"\0")
@@ -62,7 +61,7 @@ def build(source: str, path: Path) -> None:
     """Compiles ``source`` into ``path`` (atomically: a concurrent build never leaves a
     half-written library). Raises ``OSError`` or ``CalledProcessError`` on failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
-    with resources.as_file(resources.files("jaxdl")) as package:
+    with resources.as_file(resources.files("jaxdl.cpu")) as package:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{Path(source).stem}-", suffix=".so")
         os.close(fd)
         try:
@@ -96,23 +95,12 @@ def register(source: str, handlers: Handlers, what: str) -> str | None:
     return None
 
 
-def why_not(source: str, handlers: Handlers, *, env_off: str, what: str, instead: str,
-            cpu_flag: str | None = None) -> str | None:  # fmt: skip
-    """Why the ``handlers`` of ``source`` cannot be used here (None: they can):
-    ``env_off`` set to 0, a backend other than the CPU, a CPU without ``cpu_flag``, or a
-    failed build, which warns once that jaxdl does ``instead``. Builds it on first use."""
-    if os.environ.get(env_off, "1") == "0":
-        return f"{env_off}=0"
-    if jax.default_backend() != "cpu":
-        return f"the default backend is {jax.default_backend()}, not cpu"
+def why_not(source: str, handlers: Handlers, *, what: str, cpu_flag: str | None = None
+            ) -> str | None:  # fmt: skip
+    """Why the ``handlers`` of ``source`` cannot be used on this host (None: they can):
+    a CPU without ``cpu_flag`` or a failed build. Builds and registers them on first use.
+    Called on the host, when a lowering is resolved (``jaxdl.lowering``), never while
+    tracing."""
     if cpu_flag is not None and cpu_flag not in (devices.cpu_info("flags") or "").split():
         return f"the CPU has no {cpu_flag}"
-    why = register(source, handlers, what)
-    if why is not None:
-        _warn_once(f"{why}; {instead}")
-    return why
-
-
-@functools.cache
-def _warn_once(message: str) -> None:
-    warnings.warn(message, RuntimeWarning, stacklevel=4)
+    return register(source, handlers, what)

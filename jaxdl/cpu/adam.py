@@ -13,56 +13,37 @@ checkpoints and ``get_hyperparams`` work unchanged. Clipping runs before, as Opt
 as XLA does for a one-array program; with several arrays XLA itself rounds Optax's
 expression differently, benchmarks/README.md).
 
-The handler is compiled on first use with ``$CXX`` (default ``g++``) and the jaxlib
-headers into ``$JAXDL_KERNEL_DIR`` (default ``~/.cache/jaxdl/kernels``), keyed by the
-source, jaxlib, compiler and CPU. Where that is impossible (no compiler, not a CPU
-backend), or with ``JAXDL_FUSED_ADAM=0``, training uses Optax's update instead.
+The handler is compiled on first use (``build``). ``jaxdl.lowering``'s CPU lowering uses
+it for jaxdl's own compiled programs where it builds; elsewhere training runs Optax's update.
 """
 
 from __future__ import annotations
-
-from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import optax
 
-from jaxdl import inits, kernels
+from jaxdl import inits
+from jaxdl.cpu import build
 from jaxdl.optim import Optimizer
 
 TARGET = "jaxdl_adam"
 _HANDLERS = (("JaxdlAdam", TARGET),)
 SOURCE = "adam.cc"
-_ENV_OFF = "JAXDL_FUSED_ADAM"
 
 
-def library_path() -> Path:
-    """The shared library for this source, jaxlib, compiler and CPU (it need not exist)."""
-    return kernels.library_path(SOURCE)
+def unavailable() -> str | None:
+    """Why the handler cannot be used on this host (None: it can). Builds and registers it
+    on first use (on the host, when a lowering is resolved)."""
+    return build.why_not(SOURCE, _HANDLERS, what="the fused Adam update")
 
 
-def build(path: Path) -> None:
-    """Compiles ``adam.cc`` into ``path`` (see ``kernels.build``)."""
-    kernels.build(SOURCE, path)
-
-
-def _registered() -> str | None:
-    """Builds (once per machine) and registers the handler; None when registered, else
-    why it could not be."""
-    return kernels.register(SOURCE, _HANDLERS, "the fused Adam update")
-
-
-def unavailable(optimizer: Optimizer) -> str | None:
-    """Why ``optimizer`` cannot use the fused update here (None: it can). Builds the
-    handler on first use; a failed build warns once and training uses Optax's update."""
-    if optimizer.name not in ("adam", "adamw"):
-        return f"{optimizer.name} is not adam or adamw"
-    if optimizer.freeze or optimizer.layer_lr or optimizer.constrain:
-        return "frozen layers, per-layer learning rates and max-norm use Optax's chain"
-    return kernels.why_not(
-        SOURCE, _HANDLERS, env_off=_ENV_OFF, what="the fused Adam update",
-        instead="training uses Optax's Adam update",
-    )  # fmt: skip
+def applies(optimizer: Optimizer) -> bool:
+    """Whether ``optimizer``'s update is one the handler does: Adam or AdamW without frozen
+    layers, per-layer learning rates or max-norm (those use Optax's chain)."""
+    return optimizer.name in ("adam", "adamw") and not (
+        optimizer.freeze or optimizer.layer_lr or optimizer.constrain
+    )
 
 
 def _leaf(p, g, m, v, scalars, after=()):
@@ -84,9 +65,6 @@ def step(optimizer: Optimizer, grads, opt_state, params):
     ``opt_state`` already holds this step's hyperparameters (``optim.set_hyperparams``).
     Every leaf of ``params`` must be float32.
     """
-    why = _registered()  # at trace time: the handler exists before XLA compiles a call
-    if why is not None:
-        raise RuntimeError(why)
     if any(p.dtype != jnp.float32 for p in jax.tree.leaves(params)):
         updates, opt_state = optimizer.tx.update(grads, opt_state, params)
         return optax.apply_updates(params, updates), opt_state
