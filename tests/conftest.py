@@ -73,27 +73,31 @@ def tiny_runs(tmp_path_factory):
 @pytest.fixture
 def fit_on_and_off(blobs):
     """``check(model, choice, rtol, atol)``: trains ``model`` with Adam on ``blobs`` with
-    the Setup field ``choice`` (a compiled kernel: ``fused_adam``, ``gemm``) on and off,
-    asserts that the parameters agree within tolerance, and that a second ``fit`` with
-    new numbers does not retrace the program."""
+    the CPU kernel ``choice`` (a ``Lowering`` field: ``gemm``, ``adam``, ``masks``) on and
+    off, the rest of ``prepare(kernels="on")``'s lowering alike; asserts that the
+    parameters agree within tolerance, and that a second ``fit`` with new numbers does not
+    retrace the program."""
     import dataclasses
 
     from jaxdl import train
 
     def check(model, choice: str, rtol: float, atol: float) -> None:
+        assert choice in ("gemm", "adam", "masks"), choice
         opt = jaxdl.make_optimizer("adam", learning_rate=1e-2)
-        setup, hp = train.prepare(model, opt, blobs.train, epochs=2, batch_size=50)
-        assert getattr(setup, choice), f"prepare() left {choice} off"
+        setup, hp = train.prepare(model, opt, blobs.train, epochs=2, batch_size=50, kernels="on")
+        assert getattr(setup.lowering, choice), f"prepare(kernels='on') left {choice} off"
         ends = {}
         for use in (True, False):
-            s = dataclasses.replace(setup, **{choice: use})
+            lowered = dataclasses.replace(setup.lowering, **{choice: use})
+            s = dataclasses.replace(setup, lowering=lowered)
             state = train.programs(s).init(train.as_key(0), hp)
             ends[use], _ = train.fit_state(s, state, hp, blobs.train)
         for a, b in zip(*(jax.tree.leaves(ends[k].params) for k in (True, False)), strict=True):
             np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
         traces = dict(train.programs(setup).traces)
+        assert traces.get("epoch"), traces  # the program the fits above ran
         jaxdl.fit(model, jaxdl.make_optimizer("adam", learning_rate=3e-3, b2=0.99), blobs.train,
-                  epochs=2, batch_size=50, key=1)  # fmt: skip
+                  epochs=2, batch_size=50, key=1, kernels="on")  # fmt: skip
         assert dict(train.programs(setup).traces) == traces
 
     return check

@@ -1,8 +1,10 @@
-"""The fused Adam update: Optax's values and state, under vmap, and its fallbacks."""
+"""The fused Adam update (``jaxdl.cpu.adam``): Optax's values and state, under vmap, its
+use by jaxdl's programs (``Lowering.adam``) and its build."""
 
 from __future__ import annotations
 
 import re
+import warnings
 
 import jax
 import jax.numpy as jnp
@@ -11,11 +13,11 @@ import optax
 import pytest
 
 import jaxdl
-from jaxdl import fused, kernels, optim, train
+from jaxdl import cpu, lowering, optim, train
+from jaxdl.cpu import adam, build, gemm
 
 pytestmark = pytest.mark.skipif(
-    fused.unavailable(jaxdl.make_optimizer("adam")) is not None,
-    reason=f"fused update unavailable: {fused.unavailable(jaxdl.make_optimizer('adam'))}",
+    cpu.unavailable() is not None, reason=f"the CPU kernels cannot run here: {cpu.unavailable()}"
 )
 
 PARAMS = {
@@ -41,7 +43,7 @@ def _run(opt, use_fused: bool, steps: int = 6, hyper=None):
         p, s = carry
         g = _tree(key, 0.1)
         if use_fused:
-            return fused.step(opt, g, s, p), None
+            return adam.step(opt, g, s, p), None
         u, s = opt.tx.update(g, s, p)
         return (optax.apply_updates(p, u), s), None
 
@@ -81,7 +83,7 @@ def test_vmapped_step_equals_each_member_alone():
     def one(p, g, lr, b1):
         s = optim.set_hyperparams(opt.init(p), {"learning_rate": lr, "b1": b1})
         for _ in range(3):  # moments away from zero
-            p, s = fused.step(opt, g, s, p)
+            p, s = adam.step(opt, g, s, p)
         return p, s
 
     batched = jax.jit(jax.vmap(one))(params, grads, lrs, b1s)
@@ -92,52 +94,91 @@ def test_vmapped_step_equals_each_member_alone():
             np.testing.assert_array_equal(a[i], b)
 
 
-def test_prepare_uses_it_for_adam_families_only(blobs, monkeypatch):
-    def setup_for(opt):
-        return train.prepare(jaxdl.MLP((8,), num_classes=3), opt, blobs.train, epochs=1,
-                             batch_size=64)[0]  # fmt: skip
+def test_the_lowering_uses_it_for_adam_families_only(blobs):
+    """``prepare(kernels="on")`` turns the lowering's ``adam`` on (``"off"`` does not); its
+    update runs the handler for Adam and AdamW (clipped too) and Optax's chain for the
+    rest (another family, frozen layers, per-layer rates, max-norm)."""
 
-    assert setup_for(jaxdl.make_optimizer("adam")).fused_adam
-    assert setup_for(jaxdl.make_optimizer("adamw", clip_norm=1.0)).fused_adam
+    def setup_for(opt, kernels="on"):
+        return train.prepare(jaxdl.MLP((8,), num_classes=3), opt, blobs.train, epochs=1,
+                             batch_size=64, kernels=kernels)[0]  # fmt: skip
+
+    params = {"layer_0": {"kernel": jnp.ones((20, 8)), "bias": jnp.zeros(8)},
+              "output": {"kernel": jnp.ones((8, 3)), "bias": jnp.zeros(3)}}  # fmt: skip
+    grads = jax.tree.map(lambda p: jnp.full_like(p, 0.1), params)
+
+    def update_text(lowered, opt):
+        state = optim.set_hyperparams(opt.init(params), {})
+        return (
+            jax.jit(lambda g, s, p: lowered.update(opt, g, s, p))
+            .lower(grads, state, params)
+            .as_text()
+        )
+
+    on, off = lowering.resolve("on"), lowering.resolve("off")
+    fused = (jaxdl.make_optimizer("adam"), jaxdl.make_optimizer("adamw", clip_norm=1.0))
+    for opt in fused:
+        assert adam.applies(opt), opt
+        assert setup_for(opt).lowering.adam
+        assert adam.TARGET in update_text(on, opt) and adam.TARGET not in update_text(off, opt)
     for opt in (
         jaxdl.make_optimizer("rmsprop"),
         jaxdl.make_optimizer("adam", freeze=("layer_0",)),
         jaxdl.make_optimizer("adam", layer_lr={"output": 0.5}),
         jaxdl.make_optimizer("adam", max_norm=3.0),
     ):
-        assert not setup_for(opt).fused_adam, opt
-    monkeypatch.setenv("JAXDL_FUSED_ADAM", "0")
-    assert not setup_for(jaxdl.make_optimizer("adam")).fused_adam
+        assert not adam.applies(opt), opt
+        assert adam.TARGET not in update_text(on, opt), opt
+    assert not setup_for(fused[0], kernels="off").lowering.adam
 
 
 def test_fit_with_it_matches_optax_and_does_not_retrace(fit_on_and_off):
-    fit_on_and_off(jaxdl.MLP((16,), num_classes=3), "fused_adam", rtol=1e-5, atol=1e-7)
+    fit_on_and_off(jaxdl.MLP((16,), num_classes=3), "adam", rtol=1e-5, atol=1e-7)
 
 
-def test_a_failed_build_warns_once_and_falls_back(tmp_path, monkeypatch):
+def test_a_failed_build_falls_back_and_auto_warns_once(tmp_path, monkeypatch):
+    """A failed build is a reason, not a warning; ``"auto"`` then warns once that the
+    programs use XLA alone and ``"on"`` is refused with the reason."""
     monkeypatch.setenv("JAXDL_KERNEL_DIR", str(tmp_path))
     monkeypatch.setenv("CXX", str(tmp_path / "no-such-compiler"))
-    assert fused.library_path().parent == tmp_path and not fused.library_path().exists()
-    kernels.register.cache_clear()
-    kernels._warn_once.cache_clear()
+    monkeypatch.delenv(lowering.ENV, raising=False)
+    path = build.library_path(adam.SOURCE)
+    assert path.parent == tmp_path and not path.exists()
+    build.register.cache_clear()
+    lowering._resolve.cache_clear()
     try:
-        with pytest.warns(RuntimeWarning, match="could not build the fused Adam update"):
-            why = fused.unavailable(jaxdl.make_optimizer("adam"))
-        assert why is not None and "no-such-compiler" in why
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            why = adam.unavailable()
+        assert why is not None and why.startswith("could not build the fused Adam update")
+        assert "no-such-compiler" in why
+        why = cpu.unavailable()
+        assert why is not None and why.startswith("could not build the GEMM kernel")
+        with pytest.warns(RuntimeWarning, match="could not build the GEMM kernel"):
+            got = lowering.resolve("auto", backend="cpu")
+        assert got == lowering.Lowering(conv="patches")
+        with warnings.catch_warnings():
+            warnings.simplefilter("error")
+            assert lowering.resolve("auto", backend="cpu") == got  # once
+        with pytest.raises(jaxdl.InputError, match="could not build the GEMM kernel"):
+            lowering.resolve("on", backend="cpu")
         assert list(tmp_path.iterdir()) == []  # no half-written library left behind
     finally:
         monkeypatch.undo()
-        kernels.register.cache_clear()
-        assert fused.unavailable(jaxdl.make_optimizer("adam")) is None
+        build.register.cache_clear()
+        lowering._resolve.cache_clear()
+    assert cpu.unavailable() is None and adam.unavailable() is None
 
 
 def test_library_is_built_once_per_source_compiler_and_cpu(tmp_path, monkeypatch):
     monkeypatch.setenv("JAXDL_KERNEL_DIR", str(tmp_path))
-    path = fused.library_path()
-    fused.build(path)
+    path = build.library_path(adam.SOURCE)
+    build.build(adam.SOURCE, path)
     assert path.exists() and [p.name for p in tmp_path.iterdir()] == [path.name]
+    assert build.library_path(adam.SOURCE) == path  # the same inputs: the same library
+    assert build.library_path(gemm.SOURCE) != path  # another source: another library
     monkeypatch.setenv("CXX", "c++")
-    assert fused.library_path() != path  # another compiler: another library
+    assert build.library_path(adam.SOURCE) != path  # another compiler: another library
 
 
 def test_the_epoch_never_copies_a_kernel(blobs):
@@ -146,10 +187,11 @@ def test_the_epoch_never_copies_a_kernel(blobs):
     it copied each kernel that a backward GEMM reads, every step)."""
     model = jaxdl.MLP((16, 16), num_classes=3)
     setup, hp = train.prepare(model, jaxdl.make_optimizer("adam"), blobs.train, epochs=1,
-                              batch_size=64)  # fmt: skip
-    assert setup.fused_adam
+                              batch_size=64, kernels="on")  # fmt: skip
+    assert setup.lowering.adam
     state = train.programs(setup).init(train.as_key(0), hp)
     exe, _ = train.compile_epoch(setup, state, train.to_device(blobs.train), None, hp)
+    assert adam.TARGET in exe.as_text()  # the updates are the handler's
     kernels = {f"f32[{','.join(map(str, k.shape))}]" for k in jax.tree.leaves(state.params)
                if k.ndim == 2}  # fmt: skip
     # A narrow layer's weight gradient is a transposed product: its copy is not a kernel's.

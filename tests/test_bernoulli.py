@@ -1,6 +1,9 @@
-"""The Bernoulli kernel: jax.random.bernoulli's draws bit for bit, alone and vmapped."""
+"""The Bernoulli kernel: jax.random.bernoulli's draws bit for bit, alone and vmapped, and
+as jaxdl's programs' dropout masks (``Lowering.masks``)."""
 
 from __future__ import annotations
+
+import dataclasses
 
 import jax
 import jax.numpy as jnp
@@ -8,11 +11,12 @@ import numpy as np
 import pytest
 
 import jaxdl
-from jaxdl import bernoulli, models
+from jaxdl import cpu, lowering, models, train
+from jaxdl.cpu import bernoulli
 
+# Tests that call the kernels run only where they can; the others run anywhere.
 needs_kernel = pytest.mark.skipif(
-    bernoulli.unavailable() is not None,
-    reason=f"Bernoulli kernel unavailable: {bernoulli.unavailable()}",
+    cpu.unavailable() is not None, reason=f"the CPU kernels cannot run here: {cpu.unavailable()}"
 )
 
 
@@ -69,15 +73,24 @@ def test_raw_uint32_keys_and_the_keep_rate():
     assert abs(float(got.mean()) - 0.3) < 0.005  # 100k draws: σ ≈ 0.0015
 
 
-def test_other_keys_and_the_switch_fall_back_to_jax(monkeypatch):
+def test_other_keys_and_rates_fall_back_to_jax():
+    """Keys the kernel does not hash (another implementation, or threefry without
+    ``jax_threefry_partitionable``) and a rate per element are drawn by
+    ``jax.random.bernoulli`` itself: the same masks, no kernel call."""
     rbg = jax.random.key(0, impl="rbg")
     assert not _uses_kernel(lambda k: bernoulli.draw(k, 0.5, (10, 10)), rbg)
     np.testing.assert_array_equal(bernoulli.draw(rbg, 0.5, (10, 10)), _jax(rbg, 0.5, (10, 10)))
-    monkeypatch.setenv("JAXDL_BERNOULLI", "0")
     key = jax.random.key(0)
-    assert bernoulli.unavailable() == "JAXDL_BERNOULLI=0"
-    assert not _uses_kernel(lambda k: bernoulli.draw(k, 0.5, (10, 10)), key)
-    np.testing.assert_array_equal(bernoulli.draw(key, 0.5, (10, 10)), _jax(key, 0.5, (10, 10)))
+    ps = jnp.linspace(0.1, 0.9, 10, dtype=jnp.float32)
+    assert not _uses_kernel(lambda k, q: bernoulli.draw(k, q, (10, 10)), key, ps)
+    np.testing.assert_array_equal(bernoulli.draw(key, ps, (10, 10)), _jax(key, ps, (10, 10)))
+    before = jax.config.jax_threefry_partitionable
+    jax.config.update("jax_threefry_partitionable", False)
+    try:
+        assert not _uses_kernel(lambda k: bernoulli.draw(k, 0.5, (10, 10)), key)
+        np.testing.assert_array_equal(bernoulli.draw(key, 0.5, (10, 10)), _jax(key, 0.5, (10, 10)))
+    finally:
+        jax.config.update("jax_threefry_partitionable", before)
 
 
 def test_sample_masks_are_the_same_draws_and_carry_no_gradient():
@@ -91,22 +104,40 @@ def test_sample_masks_are_the_same_draws_and_carry_no_gradient():
 
 
 @needs_kernel
-def test_dropout_training_is_unchanged_by_the_kernel(monkeypatch):
-    """A dropout run's parameters are the same bits with the kernel and without."""
+def test_sample_masks_with_the_kernel_are_the_same_draws():
+    """``sample_masks(..., draw=)`` with the kernel or the lowering's ``draw``: the masks
+    of the default ``draw``, bit for bit, per example or shared."""
+    key, rates, widths = jax.random.key(5), jnp.array([0.2, 0.5, 0.3]), (784, 300, 64)
+    on, off = lowering.resolve("on"), lowering.resolve("off")
+    assert on.masks and not off.masks
+    for batch in (50, None):
+        want = models.sample_masks(key, rates, widths, batch)
+        for draw in (bernoulli.draw, on.draw, off.draw):
+            sample = jax.jit(
+                lambda k, r, b=batch, d=draw: models.sample_masks(k, r, widths, b, draw=d)
+            )
+            for got, w in zip(sample(key, rates), want, strict=True):
+                np.testing.assert_array_equal(got, w)
+    assert _uses_kernel(lambda k: on.draw(k, 0.5, (10, 10)), key)
+    assert not _uses_kernel(lambda k: off.draw(k, 0.5, (10, 10)), key)
+
+
+@needs_kernel
+def test_dropout_training_is_unchanged_by_the_kernel():
+    """A dropout run's parameters are the same bits with the kernel drawing its masks
+    (``Lowering.masks``) and without."""
     data = jaxdl.synthetic_splits(300, 50, 50, num_features=20, num_classes=3, seed=0)
-
-    def run():
-        jax.clear_caches()
-        jaxdl.train.programs.cache_clear()
-        model = jaxdl.MLP(hidden=(64, 32))
-        state, _ = jaxdl.fit(
-            model, jaxdl.make_optimizer("sgd", learning_rate=0.1), data.train, epochs=2,
-            batch_size=50, key=0, dropout=[0.2, 0.5, 0.3],
-        )  # fmt: skip
-        return jax.tree.leaves(state.params)
-
-    with_kernel = run()
-    monkeypatch.setenv("JAXDL_BERNOULLI", "0")
-    without = run()
-    for a, b in zip(with_kernel, without, strict=True):
+    model, opt = jaxdl.MLP(hidden=(64, 32)), jaxdl.make_optimizer("sgd", learning_rate=0.1)
+    setup, hp = train.prepare(model, opt, data.train, epochs=2, batch_size=50,
+                              dropout=[0.2, 0.5, 0.3], kernels="on")  # fmt: skip
+    assert setup.lowering.masks
+    ends = {}
+    for masks in (True, False):
+        s = dataclasses.replace(setup, lowering=dataclasses.replace(setup.lowering, masks=masks))
+        state = train.programs(s).init(train.as_key(0), hp)
+        exe, _ = train.compile_epoch(s, state, train.to_device(data.train), None, hp)
+        assert (bernoulli.TARGET in exe.as_text()) == masks  # the kernel drew them, or XLA
+        state, _ = train.fit_state(s, state, hp, data.train)
+        ends[masks] = jax.tree.leaves(state.params)
+    for a, b in zip(ends[True], ends[False], strict=True):
         np.testing.assert_array_equal(a, b)

@@ -1,4 +1,5 @@
-"""The GEMM kernel: values, independence of tiling and batch, gradients, and its use."""
+"""The GEMM kernel: values, independence of tiling and batch, gradients, and its use by
+jaxdl's programs (``Lowering.gemm``)."""
 
 from __future__ import annotations
 
@@ -8,13 +9,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import linen as nn
 
 import jaxdl
-from jaxdl import devices, gemm, models, sweep, train
+from jaxdl import cpu, devices, inits, lowering, models, sweep, train
+from jaxdl.cpu import gemm
 
+# Tests that call the kernels run only where they can; the others run anywhere.
 needs_kernel = pytest.mark.skipif(
-    gemm.unavailable() is not None, reason=f"GEMM kernel unavailable: {gemm.unavailable()}"
+    cpu.unavailable() is not None, reason=f"the CPU kernels cannot run here: {cpu.unavailable()}"
 )
+# Any of the kernels' FFI calls in a lowered program's text.
+ANY_KERNEL = re.compile(r"custom_call @jaxdl_")
 
 
 def _mats(m, k, n, seed=0):
@@ -86,8 +92,22 @@ def test_dense_gradients_equal_xla_autodiff():
     np.testing.assert_allclose(got, want, rtol=1e-4, atol=1e-5)
 
 
+def _text(fn, *args) -> str:
+    return str(jax.jit(fn).lower(*args).as_text())
+
+
 def _uses_kernel(fn, *args) -> bool:
-    return gemm.TARGET in str(jax.jit(fn).lower(*args).as_text())
+    return gemm.TARGET in _text(fn, *args)
+
+
+def _scoped(lowered: lowering.Lowering, fn):
+    """``fn`` traced inside ``lowered.scope()``, as jaxdl traces its programs."""
+
+    def wrapped(*args, **kwargs):
+        with lowered.scope():
+            return fn(*args, **kwargs)
+
+    return wrapped
 
 
 @needs_kernel
@@ -95,16 +115,19 @@ def test_dense_layers_use_it_only_where_it_applies():
     model = jaxdl.MLP(hidden=(64,), num_classes=10)
     params = model.init(jax.random.key(0), jnp.zeros((1, 20)))
     x = jnp.ones((8, 20))
-    assert _uses_kernel(lambda p, x: model.apply(p, x), params, x)
-    with gemm.use(False):
-        assert not _uses_kernel(lambda p, x: model.apply(p, x), params, x)
-        with gemm.use(True):
-            assert _uses_kernel(lambda p, x: model.apply(p, x), params, x)
-        assert not _uses_kernel(lambda p, x: model.apply(p, x), params, x)
-    assert _uses_kernel(lambda p, x: model.apply(p, x), params, x)  # restored after use()
+    on, off = lowering.resolve("on"), lowering.resolve("off")
+    assert on.gemm and not off.gemm
+    plain = lambda p, x: model.apply(p, x)  # noqa: E731
+    assert not _uses_kernel(plain, params, x)  # a direct apply: plain XLA
+    assert _uses_kernel(_scoped(on, plain), params, x)
+    assert not _uses_kernel(_scoped(off, plain), params, x)
+    with on.scope():  # the scope holds only while tracing inside it
+        assert _uses_kernel(lambda p, x: model.apply(p, x), params, x)
+    assert not _uses_kernel(lambda p, x: model.apply(p, x), params, x)  # nothing left over
+    assert not ANY_KERNEL.search(_text(plain, params, x))
     narrow = jaxdl.MLP(hidden=(16,), num_classes=3)  # every layer narrower than MIN_WIDTH
     p2 = narrow.init(jax.random.key(0), jnp.zeros((1, 20)))
-    assert not _uses_kernel(lambda p, x: narrow.apply(p, x), p2, x)
+    assert not _uses_kernel(_scoped(on, lambda p, x: narrow.apply(p, x)), p2, x)
     dims = (((1,), (0,)), ((), ()))
     x16, w16 = jnp.ones((4, 8), jnp.bfloat16), jnp.ones((8, 64), jnp.bfloat16)
     assert not _uses_kernel(lambda a, b: gemm.dot_general(a, b, dims), x16, w16)
@@ -118,21 +141,46 @@ def test_fit_with_it_matches_xla_and_does_not_retrace(fit_on_and_off):
 
 
 def test_it_is_off_where_it_cannot_run(blobs, monkeypatch):
-    def setup_gemm() -> bool:
+    """A CPU without AVX-512: ``"auto"`` resolves to XLA alone, ``"on"`` is refused with
+    the reason; a GPU backend never gets the kernels."""
+
+    def prepare(kernels: str) -> train.Setup:
         opt = jaxdl.make_optimizer("sgd")
         return train.prepare(jaxdl.MLP((48,), num_classes=3), opt, blobs.train, epochs=1,
-                             batch_size=64)[0].gemm  # fmt: skip
+                             batch_size=64, kernels=kernels)[0]  # fmt: skip
 
-    monkeypatch.setenv("JAXDL_GEMM", "0")
-    assert gemm.unavailable() == "JAXDL_GEMM=0"
-    assert not setup_gemm()
-    monkeypatch.delenv("JAXDL_GEMM")
+    off = lowering.Lowering(conv="patches")
+    for backend in ("gpu", "tpu"):
+        for kernels in ("auto", "off"):
+            got = lowering.resolve(kernels, backend=backend)
+            assert got == lowering.XLA and got.conv == "xla" and got.kernels == "off"
+    monkeypatch.delenv(lowering.ENV, raising=False)
+    # The build's results (functools.cache) stay: the CPU flag is checked before them,
+    # and a build under the fake flags would make a library for a CPU that is not here.
     monkeypatch.setattr(devices, "cpu_info", lambda field: "fpu sse2 avx2 fma")
-    assert gemm.unavailable() == "the CPU has no avx512f"
-    assert not setup_gemm()
+    lowering._resolve.cache_clear()
+    try:
+        assert gemm.unavailable() == "the CPU has no avx512f"
+        assert cpu.unavailable() == "the CPU has no avx512f"
+        assert lowering.resolve("auto", backend="cpu") == off
+        assert lowering.resolve("off", backend="cpu") == off
+        with pytest.raises(jaxdl.InputError, match="kernels cannot run .the CPU has no avx512f"):
+            lowering.resolve("on", backend="cpu")
+        monkeypatch.setenv(lowering.ENV, "on")  # the environment's "on" replaces "auto"
+        with pytest.raises(jaxdl.InputError, match="the CPU has no avx512f"):
+            lowering.resolve("auto", backend="cpu")
+        monkeypatch.delenv(lowering.ENV)
+        if jax.default_backend() == "cpu":
+            assert prepare("auto").lowering == off and prepare("off").lowering == off
+            with pytest.raises(jaxdl.InputError, match="the CPU has no avx512f"):
+                prepare("on")
+    finally:
+        monkeypatch.undo()
+        lowering._resolve.cache_clear()
     model = jaxdl.MLP(hidden=(64,), num_classes=10)
     params = model.init(jax.random.key(0), jnp.zeros((1, 20)))
-    assert not _uses_kernel(lambda p, x: model.apply(p, x), params, jnp.ones((8, 20)))
+    text = _text(lambda p, x: model.apply(p, x), params, jnp.ones((8, 20)))
+    assert not ANY_KERNEL.search(text)
 
 
 @pytest.mark.parametrize(
@@ -162,10 +210,11 @@ def test_sweep_members_with_it_equal_standalone_fits(blobs, monkeypatch, form):
     model, opt = jaxdl.MLP(hidden=(40,), num_classes=3), jaxdl.make_optimizer("adam")
     seeds = [5, 6] if form == "own" else [5]
     configs = sweep.grid(learning_rate=[3e-3, 3e-2])
-    kw = dict(epochs=2, batch_size=48, validation=blobs.valid)
+    kw = dict(epochs=2, batch_size=48, validation=blobs.valid, kernels="on")
     setup, *_ = sweep.prepare_sweep(model, opt, blobs.train, configs, seeds=seeds, **kw)
-    assert setup.gemm and sweep.batch_form(setup, shared=len(seeds) == 1) == form
+    assert setup.lowering.gemm and sweep.batch_form(setup, shared=len(seeds) == 1) == form
     res = sweep.sweep(model, opt, blobs.train, configs, seeds=seeds, **kw)
+    assert res.kernels == "on"
     for i, row in enumerate(res.rows):
         o = jaxdl.make_optimizer("adam", learning_rate=row["learning_rate"])
         state, _ = jaxdl.fit(model, o, blobs.train, key=row["seed"], **kw)
@@ -364,8 +413,10 @@ def test_mlp_dropout_runs_inside_the_fused_layers_with_the_same_values(conventio
     rates = jnp.linspace(0.2, 0.5, len(hidden) + 1)
     masks = jaxdl.sample_masks(jax.random.key(2), rates, (20, *hidden), 16)
 
-    def loss(p, m, rates):
+    def plain(p, m, rates):
         return jnp.sum(model.apply(p, x, rates=rates, masks=m, train=True) ** 2)
+
+    loss = _scoped(lowering.resolve("on"), plain)  # as jaxdl's programs trace it
 
     def unfused(p, m, rates):  # the same layers, each step as XLA would run it around the kernel
         h = models.apply_dropout(x, m[0], rates[0], convention)
@@ -380,6 +431,9 @@ def test_mlp_dropout_runs_inside_the_fused_layers_with_the_same_values(conventio
     text = jax.jit(jax.grad(loss)).lower(params, masks, rates).as_text()
     calls = re.findall(rf"@{gemm.TARGET_BIAS}\(([^)]*)\)", text)
     assert [c.count(",") + 1 for c in calls] == [5, 5]  # x, W, b, mask, divisor
+    assert ANY_KERNEL.search(text)
+    # a direct apply, outside the scope, is plain XLA: no kernel at all
+    assert not ANY_KERNEL.search(_text(jax.grad(plain), params, masks, rates))
     got, want = (
         jax.jit(jax.value_and_grad(loss, (0, 2)))(params, masks, rates),
         jax.value_and_grad(unfused, (0, 2))(params, masks, rates),
@@ -394,26 +448,43 @@ def test_mlp_dropout_runs_inside_the_fused_layers_with_the_same_values(conventio
 @needs_kernel
 def test_relu_layers_run_fused_with_nn_dense_parameters():
     """Hidden ReLU layers at least MIN_WIDTH wide run as dense_relu, with the parameters
-    nn.Dense would have (same names, shapes and initial values); batch norm, other
-    activations and use(False) keep nn.Dense."""
+    nn.Dense would have (same names, shapes and initial values); batch norm and other
+    activations use the plain product; the "off" lowering and a direct apply no kernel."""
     x = jnp.ones((8, 20))
 
-    def targets(model, **kw):
-        params = model.init(jax.random.key(0), x)
-        text = str(jax.jit(lambda p: model.apply(p, x, **kw)).lower(params).as_text())
+    def targets(model, lowered: lowering.Lowering | None):
+        def run(fn):
+            return fn if lowered is None else _scoped(lowered, fn)
+
+        params = jax.jit(run(lambda k: model.init(k, x)))(jax.random.key(0))
+        text = _text(run(lambda p: model.apply(p, x)), params)
         return params, gemm.TARGET_BIAS in text, gemm.TARGET in text
 
-    fused, has_fused, _ = targets(jaxdl.MLP(hidden=(64, 40), num_classes=3))
+    on, off = lowering.resolve("on"), lowering.resolve("off")
+    fused, has_fused, _ = targets(jaxdl.MLP(hidden=(64, 40), num_classes=3), on)
     assert has_fused
-    with gemm.use(False):
-        plain, has_fused, has_any = targets(jaxdl.MLP(hidden=(64, 40), num_classes=3))
-    assert not has_fused and not has_any
-    assert jax.tree.structure(fused) == jax.tree.structure(plain)
-    for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(plain), strict=True):
+    for lowered in (off, None):
+        plain, has_fused, has_any = targets(jaxdl.MLP(hidden=(64, 40), num_classes=3), lowered)
+        assert not has_fused and not has_any
+        assert jax.tree.structure(fused) == jax.tree.structure(plain)
+        for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(plain), strict=True):
+            np.testing.assert_array_equal(a, b)
+
+    class WithNNDense(nn.Module):  # the same layers as flax's nn.Dense
+        @nn.compact
+        def __call__(self, x):
+            init = inits.unit_initializer("xavier_uniform")
+            for i, width in enumerate((64, 40)):
+                x = nn.relu(nn.Dense(width, kernel_init=init, name=f"layer_{i}")(x))
+            return nn.Dense(3, kernel_init=init, name="output")(x)
+
+    want = WithNNDense().init(jax.random.key(0), x)
+    assert jax.tree.structure(fused) == jax.tree.structure(want)
+    for a, b in zip(jax.tree.leaves(fused), jax.tree.leaves(want), strict=True):
         np.testing.assert_array_equal(a, b)
     for model in (jaxdl.MLP(hidden=(64,), activation="tanh"),
                   jaxdl.MLP(hidden=(64,), batch_norm=True)):  # fmt: skip
-        _, has_fused, has_any = targets(model)
+        _, has_fused, has_any = targets(model, on)
         assert not has_fused and has_any
 
 
@@ -440,9 +511,10 @@ def test_take_rows_equals_indexing():
     assert "jaxdl_take_rows" in jax.jit(gemm.take_rows).lower(x, idx).as_text()
     labels = jnp.arange(300)
     np.testing.assert_array_equal(gemm.take_rows(labels, idx), labels[idx])  # XLA's
-    with gemm.use(False):  # a new function: jit's cache knows nothing of use()
-        text = jax.jit(lambda x, i: gemm.take_rows(x, i)).lower(x, idx).as_text()
-        assert "jaxdl_take_rows" not in text
+    on, off = lowering.resolve("on"), lowering.resolve("off")
+    assert "jaxdl_take_rows" in jax.jit(on.take_rows).lower(x, idx).as_text()
+    assert "jaxdl_take_rows" not in jax.jit(off.take_rows).lower(x, idx).as_text()
+    np.testing.assert_array_equal(jax.jit(on.take_rows)(x, idx), jax.jit(off.take_rows)(x, idx))
     per_member = jax.vmap(gemm.take_rows, in_axes=(None, 0))(x, idx.reshape(4, 27))
     np.testing.assert_array_equal(per_member, x[idx].reshape(4, 27, 784))
 
@@ -451,7 +523,8 @@ def test_take_rows_equals_indexing():
 def test_kernels_sharing_helpers_give_the_same_bits_every_time():
     """Row copies, fused layers and fused Adam updates one after another pass their work
     to a helper that waits between calls: repeated runs are bit for bit equal."""
-    from jaxdl import fused, optim
+    from jaxdl import optim
+    from jaxdl.cpu import adam
 
     x, w, bias, g = _relu_layer(100, 784, 500, seed=6)
     data = jax.random.normal(jax.random.key(2), (5000, 784))
@@ -467,7 +540,7 @@ def test_kernels_sharing_helpers_give_the_same_bits_every_time():
             layer = params["layer"]
             loss = lambda p: jnp.sum(gemm.dense_relu(rows, p["kernel"], p["bias"]) * g)  # noqa: E731
             grads = {"layer": jax.grad(loss)(layer)}
-            return fused.step(opt, grads, opt_state, params), None
+            return adam.step(opt, grads, opt_state, params), None
 
         return jax.lax.scan(body, (params, opt_state), idx)[0]
 
