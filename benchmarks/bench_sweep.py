@@ -76,7 +76,7 @@ def jaxdl_sweep(ds, sizes, members: int, shared: bool, one_device: bool = False)
     )
     where = devices.for_members(members, jax.devices()[:1] if one_device else None)
     mesh = Mesh(np.asarray(where), ("members",)) if len(where) > 1 else None
-    progs = sweep.programs(setup, mesh, sweep.batch_form(setup, shared))
+    progs = sweep.programs(setup, mesh, sweep.batch_form(setup, shared, sharded=mesh is not None))
     states = progs.init(keys, hp)
     data = sweep.share(train.to_device(ds), mesh)
     active = jax.numpy.ones((members,), bool)

@@ -195,7 +195,11 @@ SERIAL_PLATFORMS = ("cpu",)
 
 
 def batch_form(
-    setup: train.Setup, shared: bool, one_seed: bool = True, platform: str | None = None
+    setup: train.Setup,
+    shared: bool,
+    one_seed: bool = True,
+    platform: str | None = None,
+    sharded: bool = False,
 ) -> str:
     """How the members' steps run on ``platform`` (default: JAX's default backend).
 
@@ -205,15 +209,27 @@ def batch_form(
     batched GEMM over the broadcast minibatch (``shared_batched``). ``serial``: each
     device trains its members one after another, whole epochs, each with its own order
     (wider MLPs on a CPU; not when a shared order must differ from the members' own,
-    i.e. across seeds)."""
+    i.e. across seeds). Over several devices (``sharded``) ``serial`` is a ``shard_map``,
+    which only the Shardy partitioner lowers correctly (``shardy_partitions``)."""
     model = setup.model
     mlp = isinstance(model, models.MLP) and bool(model.hidden)
     if shared and mlp and model.hidden[0] <= CONCAT_MAX_WIDTH:
         return "shared_concat"
     on = platform or jax.default_backend()
-    if mlp and on in SERIAL_PLATFORMS and (one_seed or not shared):
+    lowers = not sharded or shardy_partitions()
+    if mlp and on in SERIAL_PLATFORMS and (one_seed or not shared) and lowers:
         return "serial"
     return "shared_batched" if shared else "own"
+
+
+def shardy_partitions() -> bool:
+    """Whether jit partitions with Shardy (jax's default from 0.7; on 0.6, the setting
+    ``jax_use_shardy_partitioner``). Read on the host, when a sweep picks its program.
+
+    Under the older GSPMD partitioner, a ``shard_map`` of the members' epochs computed
+    wrong values on every other device (jax 0.6.2, 4 CPU devices, 3 members each, an
+    8-step ``lax.scan``), while the vmapped forms under ``jit`` shardings are right."""
+    return bool(jax.config.jax_use_shardy_partitioner)
 
 
 def _shared_order_epoch(setup: train.Setup, form: str, states, data: train.Batch, hps):
@@ -441,7 +457,9 @@ def sweep(
     size = chunk_size(setup, hp, n, len(devices), max_memory_bytes, data_bytes=data.x.nbytes)
     one_seed = len({seed for _, seed in members}) == 1
     shared = data_order == "shared" or (data_order == "auto" and one_seed)
-    progs = programs(setup, mesh, batch_form(setup, shared, one_seed, devices[0].platform))
+    progs = programs(
+        setup, mesh, batch_form(setup, shared, one_seed, devices[0].platform, mesh is not None)
+    )
     traced_before = progs.traces["epoch"]
     chunks = [
         _run_chunk(

@@ -282,6 +282,10 @@ for seeds in ([0], [0, 1]):
     kw2 = dict(seeds=seeds, epochs=2, batch_size=32, validation=s.valid)
     setup, *_ = sweep.prepare_sweep(wide, opt, s.train, cfgs1, **kw2)
     assert sweep.batch_form(setup, len(seeds) == 1, len(seeds) == 1) == "serial"
+    # over devices, a shard_map of the loop: only where Shardy partitions (jax >= 0.7)
+    vmapped = "shared_batched" if len(seeds) == 1 else "own"
+    on_mesh = "serial" if sweep.shardy_partitions() else vmapped
+    assert sweep.batch_form(setup, len(seeds) == 1, len(seeds) == 1, sharded=True) == on_mesh
     multi = sweep.sweep(wide, opt, s.train, cfgs1, **kw2)
     single = sweep.sweep(wide, opt, s.train, cfgs1, devices=jax.devices()[:1], **kw2)
     assert multi.devices == (8 if len(seeds) == 2 else 5)
