@@ -108,7 +108,7 @@ def mc_scenario(x, y, rounds):
         t()
         runs["torch_func_vmap"] = t
     best = interleaved(runs, rounds)
-    compiles = ensemble._mc._cache_size()
+    compiles = ensemble.traces["mc"]
     rows = {way: K * len(x) / s for way, s in best.items()}
     flops = K * len(x) * _forward_flops(sizes)
     return rows, best, {"mc_first_call_seconds": first, "mc_programs": compiles,
@@ -145,7 +145,7 @@ def exact_scenario(x, rounds):
         rounds,
     )
     full_all = best["full_passes_sample"] * 2**16 / sample
-    lowered = ensemble._exact.lower(*ensemble.exact_program_args(model, variables, rates, x))
+    lowered = ensemble.exact_program.lower(*ensemble.exact_program_args(model, variables, rates, x))
     mem = lowered.compile().memory_analysis()
     temp = None if mem is None else mem.temp_size_in_bytes / 2**20
     return {

@@ -58,7 +58,7 @@ from common import (  # noqa: E402
 )
 
 import jaxdl  # noqa: E402
-from jaxdl import devices, sweep, train  # noqa: E402
+from jaxdl import devices, member_programs, sweep, train  # noqa: E402
 
 BATCH = 100
 
@@ -76,9 +76,11 @@ def jaxdl_sweep(ds, sizes, members: int, shared: bool, one_device: bool = False)
     )
     where = devices.for_members(members, jax.devices()[:1] if one_device else None)
     mesh = Mesh(np.asarray(where), ("members",)) if len(where) > 1 else None
-    progs = sweep.programs(setup, mesh, sweep.batch_form(setup, shared, sharded=mesh is not None))
+    progs = member_programs.programs(
+        setup, mesh, member_programs.batch_form(setup, shared, sharded=mesh is not None)
+    )
     states = progs.init(keys, hp)
-    data = sweep.share(train.to_device(ds), mesh)
+    data = member_programs.share(train.to_device(ds), mesh)
     active = jax.numpy.ones((members,), bool)
     if mesh is not None:
         by_member = NamedSharding(mesh, P("members"))

@@ -15,17 +15,17 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxdl import devices, lowering, train
+from jaxdl import compiled, devices, lowering, step, train
 from jaxdl.cpu import gemm
 from jaxdl.devices import compiler_options
 
 
-def jaxdl_epoch(setup: train.Setup, hp: train.HParams, ds) -> tuple[Callable[[], None], float]:
+def jaxdl_epoch(setup: step.Setup, hp: step.HParams, ds) -> tuple[Callable[[], None], float]:
     """``fit``'s compiled epoch on ``ds`` from a fresh state, run once (warm): a function
     that runs one more epoch, and the compile time in seconds."""
-    state = train.programs(setup).init(jax.random.key(0), hp)
+    state = compiled.programs(setup).init(jax.random.key(0), hp)
     data = train.to_device(ds)
-    exe, compile_s = train.compile_epoch(setup, state, data, None, hp)
+    exe, compile_s = compiled.compile_epoch(setup, state, data, None, hp)
     holder = {"state": state}
 
     def epoch():

@@ -102,7 +102,7 @@ def _plot(grids, scales, rates, path: Path) -> None:
         ax.set(title=f"Validation accuracy, {label}", xlabel="learning rate")
         ax.set(ylabel="init scale (× Xavier)")
         fig.colorbar(im, ax=ax, fraction=0.046)
-    report._save_figure(fig, path)
+    report.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -109,7 +109,7 @@ def _plot_curves(summary: dict, path: Path) -> None:
            yscale="log")  # fmt: skip
     ax.grid(True, which="both", alpha=0.3)
     ax.legend()
-    report._save_figure(fig, path)
+    report.save_figure(fig, path)
 
 
 def _plot_filters(kernel: np.ndarray, path: Path) -> None:
@@ -125,7 +125,7 @@ def _plot_filters(kernel: np.ndarray, path: Path) -> None:
         if i < n:
             ax.imshow(filters[:, :, i], cmap="RdBu_r", vmin=-lim, vmax=lim)
     fig.suptitle("First-layer 5×5 filters (red +, blue −)")
-    report._save_figure(fig, path)
+    report.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -123,7 +123,7 @@ def _plot(conditions: dict, hidden, path: Path) -> None:
            yscale="log")  # fmt: skip
     ax.grid(True, which="both", alpha=0.3)
     ax.legend(fontsize="small")
-    report._save_figure(fig, path)
+    report.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -149,7 +149,7 @@ def _plot_histograms(runs, path: Path) -> None:
             if i == 0:
                 ax.set_ylabel("count", fontsize="x-small")
     fig.suptitle("Hidden activations at initialisation (1000 training images)")
-    report._save_figure(fig, path)
+    report.save_figure(fig, path)
 
 
 def _plot_std(runs, path: Path) -> None:
@@ -166,7 +166,7 @@ def _plot_std(runs, path: Path) -> None:
     for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
-    report._save_figure(fig, path)
+    report.save_figure(fig, path)
 
 
 def _plot_accuracy(runs, path: Path) -> None:
@@ -179,7 +179,7 @@ def _plot_accuracy(runs, path: Path) -> None:
     ax.set(ylim=(0, 1))
     ax.grid(True, alpha=0.3)
     ax.legend()
-    report._save_figure(fig, path)
+    report.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -101,7 +101,7 @@ def _plot(runs, path: Path) -> None:
     for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
-    report._save_figure(fig, path)
+    report.save_figure(fig, path)
 
 
 if __name__ == "__main__":

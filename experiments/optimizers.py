@@ -169,7 +169,7 @@ def _plot_mnist(runs, path: Path) -> None:
     for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
-    report._save_figure(fig, path)
+    report.save_figure(fig, path)
 
 
 def _plot_surfaces(surfaces, path: Path) -> None:
@@ -188,7 +188,7 @@ def _plot_surfaces(surfaces, path: Path) -> None:
         ax.set(title=f"{surface} ({len(pts) - 1} steps)", xlim=(x0, x1), ylim=(y0, y1),
                xlabel="x", ylabel="y")  # fmt: skip
         ax.legend(fontsize="small")
-    report._save_figure(fig, path)
+    report.save_figure(fig, path)
 
 
 if __name__ == "__main__":

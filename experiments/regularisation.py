@@ -140,7 +140,7 @@ def _plot_gaps(histories, best, path: Path) -> None:
     for ax in axes.ravel():
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="x-small")
-    report._save_figure(fig, path)
+    report.save_figure(fig, path)
 
 
 def _plot_final(finals, path: Path) -> None:
@@ -153,7 +153,7 @@ def _plot_final(finals, path: Path) -> None:
     ax.set_xticks(x, labels, rotation=15)
     ax.set(title="Final accuracy (deterministic network)", ylabel="accuracy", ylim=(0.7, 1.01))
     ax.legend()
-    report._save_figure(fig, path)
+    report.save_figure(fig, path)
 
 
 if __name__ == "__main__":

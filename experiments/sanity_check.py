@@ -102,7 +102,7 @@ def _plot_curves(hist, labels, path: Path) -> None:
     for ax in axes:
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="small")
-    report._save_figure(fig, path)
+    report.save_figure(fig, path)
 
 
 def _plot_final(conditions, path: Path) -> None:
@@ -116,7 +116,7 @@ def _plot_final(conditions, path: Path) -> None:
     ax.set(title="Final accuracy of the deterministic network", ylabel="accuracy", ylim=(0, 1.05))
     ax.axhline(1.0, color="gray", linestyle="--")
     ax.legend()
-    report._save_figure(fig, path)
+    report.save_figure(fig, path)
 
 
 if __name__ == "__main__":

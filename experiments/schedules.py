@@ -144,7 +144,7 @@ def _plot(runs, path: Path, title: str, *, lr_panel: bool = False, start: int | 
             ax.axvline(start + 0.5, color="gray", ls=":", label="decay switched on")
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize="x-small")
-    report._save_figure(fig, path)
+    report.save_figure(fig, path)
 
 
 if __name__ == "__main__":

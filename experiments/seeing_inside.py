@@ -111,7 +111,7 @@ def _plot_weights(weights, path: Path) -> None:
     for ax, (title, k) in zip(fig.subplots(1, len(panels)), panels, strict=True):
         ax.imshow(_tile(k), cmap="RdBu_r", vmin=-1, vmax=1)
         ax.set(title=f"First-layer weights: {title}", xticks=[], yticks=[])
-    report._save_figure(fig, path)
+    report.save_figure(fig, path)
 
 
 def _plot_histograms(runs, path: Path) -> None:
@@ -134,7 +134,7 @@ def _plot_histograms(runs, path: Path) -> None:
             ax.set(title=f"{label}: hidden layer {i + 1}", xlabel="activation",
                    ylabel="count", yscale="log")  # fmt: skip
             ax.legend(fontsize="x-small")
-    report._save_figure(fig, path)
+    report.save_figure(fig, path)
 
 
 def _plot_dead(runs, path: Path) -> None:
@@ -148,7 +148,7 @@ def _plot_dead(runs, path: Path) -> None:
     ax.set(ylabel="fraction of units")
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize="small")
-    report._save_figure(fig, path)
+    report.save_figure(fig, path)
 
 
 if __name__ == "__main__":

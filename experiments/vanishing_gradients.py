@@ -109,7 +109,7 @@ def _plot_grad_norms(runs, path: Path) -> None:
         ax.legend(fontsize="x-small", ncol=2)
     for ax in axes:
         ax.grid(True, alpha=0.3)
-    report._save_figure(fig, path)
+    report.save_figure(fig, path)
 
 
 def _plot_accuracy(runs, path: Path) -> None:
@@ -122,7 +122,7 @@ def _plot_accuracy(runs, path: Path) -> None:
     ax.set(ylabel="accuracy", ylim=(0, 1))
     ax.grid(True, alpha=0.3)
     ax.legend()
-    report._save_figure(fig, path)
+    report.save_figure(fig, path)
 
 
 if __name__ == "__main__":

@@ -4,29 +4,23 @@ The pure functions are the API: ``fit`` is a convenience built from ``init_state
 ``train_step`` and ``run_epoch``; every sweepable number is a traced array (``HParams``).
 """
 
-from jaxdl import checkpoint, ensemble, sweep
+from jaxdl import checkpoint, ensemble, report, sweep
 from jaxdl.data import Dataset, Splits, load, standardize, synthetic, synthetic_splits
 from jaxdl.devices import use_cpu_cores
 from jaxdl.models import CNN, MLP, masked_widths, sample_masks
 from jaxdl.optim import Optimizer, make_optimizer
 from jaxdl.report import params_digest
+from jaxdl.step import Batch, HParams, Setup, TrainState, init_state, run_epoch, train_step
 from jaxdl.stopping import EarlyStopping
 from jaxdl.train import (
-    Batch,
     FitInfo,
-    HParams,
     NonFiniteError,
-    Setup,
-    TrainState,
     best_epoch,
     evaluate,
     fit,
-    init_state,
     make_hparams,
     predict,
     prepare,
-    run_epoch,
-    train_step,
 )
 from jaxdl.validate import InputError
 
@@ -59,6 +53,7 @@ __all__ = [
     "params_digest",
     "predict",
     "prepare",
+    "report",
     "run_epoch",
     "sample_masks",
     "standardize",

@@ -7,7 +7,7 @@ A checkpoint is one Orbax step directory, ``<directory>/<epoch>/``, with three i
   statistics, plateau and early-stopping state, and the run's PRNG key, stored as its
   raw ``uint32`` data (``jax.random.key_data``) and re-wrapped on restore with the
   recorded implementation. The data order of epoch ``e`` is a function of ``(key, e)``
-  (``train.epoch_order``), so the key and the epoch counter are the data-order state.
+  (``step.epoch_order``), so the key and the epoch counter are the data-order state.
   For a sweep it is every member's state stacked, with the ``active`` flags.
 - ``host``: JSON for what lives on the host (the history; for a sweep also the
   ``diverged`` flags and epochs run). Python floats round-trip through JSON exactly.

@@ -79,7 +79,7 @@ def fit_on_and_off(blobs):
     retrace the program."""
     import dataclasses
 
-    from jaxdl import train
+    from jaxdl import compiled, train
 
     def check(model, choice: str, rtol: float, atol: float) -> None:
         assert choice in ("gemm", "adam", "masks"), choice
@@ -90,14 +90,14 @@ def fit_on_and_off(blobs):
         for use in (True, False):
             lowered = dataclasses.replace(setup.lowering, **{choice: use})
             s = dataclasses.replace(setup, lowering=lowered)
-            state = train.programs(s).init(train.as_key(0), hp)
+            state = compiled.programs(s).init(train.as_key(0), hp)
             ends[use], _ = train.fit_state(s, state, hp, blobs.train)
         for a, b in zip(*(jax.tree.leaves(ends[k].params) for k in (True, False)), strict=True):
             np.testing.assert_allclose(a, b, rtol=rtol, atol=atol)
-        traces = dict(train.programs(setup).traces)
+        traces = dict(compiled.programs(setup).traces)
         assert traces.get("epoch"), traces  # the program the fits above ran
         jaxdl.fit(model, jaxdl.make_optimizer("adam", learning_rate=3e-3, b2=0.99), blobs.train,
                   epochs=2, batch_size=50, key=1, kernels="on")  # fmt: skip
-        assert dict(train.programs(setup).traces) == traces
+        assert dict(compiled.programs(setup).traces) == traces
 
     return check

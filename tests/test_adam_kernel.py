@@ -13,7 +13,7 @@ import optax
 import pytest
 
 import jaxdl
-from jaxdl import cpu, lowering, optim, train
+from jaxdl import compiled, cpu, lowering, optim, train
 from jaxdl.cpu import adam, build, gemm
 
 pytestmark = pytest.mark.skipif(
@@ -189,8 +189,8 @@ def test_the_epoch_never_copies_a_kernel(blobs):
     setup, hp = train.prepare(model, jaxdl.make_optimizer("adam"), blobs.train, epochs=1,
                               batch_size=64, kernels="on")  # fmt: skip
     assert setup.lowering.adam
-    state = train.programs(setup).init(train.as_key(0), hp)
-    exe, _ = train.compile_epoch(setup, state, train.to_device(blobs.train), None, hp)
+    state = compiled.programs(setup).init(train.as_key(0), hp)
+    exe, _ = compiled.compile_epoch(setup, state, train.to_device(blobs.train), None, hp)
     assert adam.TARGET in exe.as_text()  # the updates are the handler's
     kernels = {f"f32[{','.join(map(str, k.shape))}]" for k in jax.tree.leaves(state.params)
                if k.ndim == 2}  # fmt: skip

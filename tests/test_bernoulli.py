@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxdl
-from jaxdl import cpu, lowering, models, train
+from jaxdl import compiled, cpu, lowering, models, train
 from jaxdl.cpu import bernoulli
 
 # Tests that call the kernels run only where they can; the others run anywhere.
@@ -134,8 +134,8 @@ def test_dropout_training_is_unchanged_by_the_kernel():
     ends = {}
     for masks in (True, False):
         s = dataclasses.replace(setup, lowering=dataclasses.replace(setup.lowering, masks=masks))
-        state = train.programs(s).init(train.as_key(0), hp)
-        exe, _ = train.compile_epoch(s, state, train.to_device(data.train), None, hp)
+        state = compiled.programs(s).init(train.as_key(0), hp)
+        exe, _ = compiled.compile_epoch(s, state, train.to_device(data.train), None, hp)
         assert (bernoulli.TARGET in exe.as_text()) == masks  # the kernel drew them, or XLA
         state, _ = train.fit_state(s, state, hp, data.train)
         ends[masks] = jax.tree.leaves(state.params)

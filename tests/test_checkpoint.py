@@ -20,7 +20,7 @@ import numpy as np
 import pytest
 
 import jaxdl
-from jaxdl import checkpoint, cli, report, sweep, train
+from jaxdl import checkpoint, cli, compiled, member_programs, step, sweep, train
 from jaxdl.checkpoint import Checkpointer, CheckpointError
 
 EPOCHS = 8
@@ -146,7 +146,7 @@ def small(blobs):
 
 
 def _init(setup, hp, seed=0):
-    return train.programs(setup).init(jax.random.key(seed), hp)
+    return compiled.programs(setup).init(jax.random.key(seed), hp)
 
 
 def _leaves_equal(a, b) -> bool:
@@ -312,10 +312,10 @@ def test_results_write_crash_loses_nothing_and_resume_finishes(tiny_npz, referen
             raise OSError("disk full")
         return real(src, dst)
 
-    monkeypatch.setattr(report.os, "replace", crash_on_results)
+    monkeypatch.setattr(os, "replace", crash_on_results)
     with pytest.raises(OSError, match="disk full"):
         cli.main(["train", "--data", str(tiny_npz), *FLAGS, "--runs-dir", str(tmp_path), "--name", "c"])  # fmt: skip
-    monkeypatch.setattr(report.os, "replace", real)
+    monkeypatch.setattr(os, "replace", real)
     capsys.readouterr()
     run = tmp_path / "c"
     assert not (run / "results.json").exists()
@@ -337,7 +337,7 @@ def _poisoned(ds: jaxdl.Dataset, row: int) -> jaxdl.Dataset:
 
 def _step_of(setup, key, epoch: int, row: int) -> int:
     """The 1-based global step at which example ``row`` is trained on in ``epoch``."""
-    idx, w = train.epoch_order(setup, key, jnp.int32(epoch - 1))
+    idx, w = step.epoch_order(setup, key, jnp.int32(epoch - 1))
     idx = np.asarray(idx)
     hit = (idx == row) & (np.ones_like(idx, bool) if w is None else np.asarray(w) > 0)
     return (epoch - 1) * setup.steps_per_epoch + int(np.argwhere(hit)[0, 0]) + 1
@@ -386,13 +386,13 @@ def test_skip_nonfinite_skips_exactly_the_bad_steps(blobs):
     assert all(np.isfinite(hist["train_loss"]))
     # One step by value: a bad batch leaves parameters and optimizer state bit-identical.
     start = _init(setup, hp)
-    step = jax.jit(functools.partial(train.train_step, setup))
-    bad = train.Batch(jnp.asarray(data.x[300:400]), jnp.asarray(data.y[300:400]))
-    new, m = step(start, bad, hp)
+    one_step = jax.jit(functools.partial(step.train_step, setup))
+    bad = step.Batch(jnp.asarray(data.x[300:400]), jnp.asarray(data.y[300:400]))
+    new, m = one_step(start, bad, hp)
     assert bool(m["skipped"]) and float(m["weight"]) == 0.0 and int(new.step) == 1
     assert _leaves_equal(new.params, start.params) and _leaves_equal(new.opt_state, start.opt_state)
-    good = train.Batch(jnp.asarray(data.x[:100]), jnp.asarray(data.y[:100]))
-    moved, m = step(start, good, hp)
+    good = step.Batch(jnp.asarray(data.x[:100]), jnp.asarray(data.y[:100]))
+    moved, m = one_step(start, good, hp)
     assert not bool(m["skipped"]) and not _leaves_equal(moved.params, start.params)
 
 
@@ -429,7 +429,7 @@ def test_sweep_resume_restores_every_member_including_frozen_and_diverged(blobs,
               early_stopping=jaxdl.EarlyStopping("train_accuracy", patience=1))  # fmt: skip
     opt = jaxdl.make_optimizer("sgd")
     setup, hp, _, members = sweep.prepare_sweep(MODEL_S, opt, small, configs, **kw)
-    budget = 2 * sweep.member_bytes(setup, hp)  # two chunks: members (0, 1) and (2,)
+    budget = 2 * member_programs.member_bytes(setup, hp)  # two chunks: members (0, 1) and (2,)
     with pytest.warns(UserWarning, match="2 chunks"):
         ref = sweep.sweep(MODEL_S, opt, small, configs, max_memory_bytes=budget, **kw)
     assert ref.chunks == 2 and ref.rows[1]["diverged"] and ref.rows[0]["stopped"]
@@ -476,10 +476,10 @@ def test_cli_sweep_resumes_after_a_crash_with_the_same_results(tiny_npz, tmp_pat
             raise OSError("disk full")
         return real(src, dst)
 
-    monkeypatch.setattr(report.os, "replace", crash_on_results)
+    monkeypatch.setattr(os, "replace", crash_on_results)
     with pytest.raises(OSError, match="disk full"):
         cli.main([str(a) for a in [*argv, "--name", "s"]])
-    monkeypatch.setattr(report.os, "replace", real)
+    monkeypatch.setattr(os, "replace", real)
     capsys.readouterr()
     code, out, err = _main(capsys, "sweep", "--resume", tmp_path / "s", "--json", "--no-progress")
     assert code == 0, err
@@ -509,6 +509,6 @@ def test_signal_after_training_lets_the_run_finish(tiny_npz, tmp_path, capsys, m
     def interrupted(*args, **kw):
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(cli.data, "load", interrupted)
+    monkeypatch.setattr(jaxdl.data, "load", interrupted)
     code, _, err = _main(capsys, "train", "--data", tiny_npz, *FLAGS, "--runs-dir", tmp_path)
     assert code == 130 and err.strip() == "jaxdl train: interrupted; checkpoints already written are kept"  # fmt: skip

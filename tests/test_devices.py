@@ -172,7 +172,7 @@ def test_programs_are_compiled_with_the_options_and_train_the_same(
     """The single-run and sweep epochs carry ``compiler_options`` (an option XLA does not
     know fails their compile, so it reached them), and the 512-bit code trains the same
     parameters as XLA's default."""
-    from jaxdl import sweep, train
+    from jaxdl import compiled, member_programs, sweep, train
 
     model = jaxdl.MLP(hidden=(48, 32), num_classes=3)
     opt = jaxdl.make_optimizer("adam", learning_rate=1e-2)
@@ -180,20 +180,22 @@ def test_programs_are_compiled_with_the_options_and_train_the_same(
     by_option = {}
     for name, options in (("default", {}), ("wide", {"xla_cpu_prefer_vector_width": 512})):
         monkeypatch.setattr(devices, "compiler_options", lambda o=options: o)
-        by_option[name] = _epoch_after(train.programs.__wrapped__(setup), setup, blobs.train, hp)
+        by_option[name] = _epoch_after(
+            compiled._programs.__wrapped__(setup), setup, blobs.train, hp
+        )
     jax.tree.map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-6, atol=1e-7),
         by_option["default"], by_option["wide"],
     )  # fmt: skip
 
     monkeypatch.setattr(devices, "compiler_options", lambda: {"xla_cpu_no_such_option": 1})
-    monkeypatch.setattr(sweep, "compiler_options", devices.compiler_options)
+    monkeypatch.setattr(member_programs, "compiler_options", devices.compiler_options)
     with pytest.raises(RuntimeError, match="xla_cpu_no_such_option"):
-        _epoch_after(train.programs.__wrapped__(setup), setup, blobs.train, hp)
+        _epoch_after(compiled._programs.__wrapped__(setup), setup, blobs.train, hp)
     ssetup, shp, keys, _ = sweep.prepare_sweep(
         model, opt, blobs.train, [{"learning_rate": 0.01}], epochs=1, batch_size=64
     )
-    progs = sweep.programs.__wrapped__(ssetup)
+    progs = member_programs._programs.__wrapped__(ssetup, None, "own")
     states = progs.init(keys, shp)
     active = jax.numpy.ones((1,), bool)
     with pytest.raises(RuntimeError, match="xla_cpu_no_such_option"):

@@ -213,14 +213,14 @@ def test_without_dropout_every_subnetwork_is_the_network():
 
 def test_programs_compile_once_for_new_masks_and_weights():
     model, variables = _net((5,))
-    before_mc, before_exact = ensemble._mc._cache_size(), ensemble._exact._cache_size()
+    before_mc, before_exact = ensemble.traces["mc"], ensemble.traces["exact"]
     for seed in range(3):
         v = model.init(jax.random.key(seed), X[:1])
         masks = ensemble.sample_masks(jax.random.key(seed), model, [0.1, 0.5], 30, (4,))
         ensemble.mc_stats(model, v, [0.1, 0.5], X, Y, masks)
         ensemble.exact_probs(model, v, [0.0, 0.5 + 0.1 * seed], X)
-    assert ensemble._mc._cache_size() - before_mc == 1
-    assert ensemble._exact._cache_size() - before_exact == 1
+    assert ensemble.traces["mc"] - before_mc == 1
+    assert ensemble.traces["exact"] - before_exact == 1
 
 
 def test_bad_masks_and_rates_are_refused():

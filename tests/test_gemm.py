@@ -12,7 +12,7 @@ import pytest
 from flax import linen as nn
 
 import jaxdl
-from jaxdl import cpu, devices, inits, lowering, models, sweep, train
+from jaxdl import cpu, devices, inits, lowering, member_programs, models, step, sweep, train
 from jaxdl.cpu import gemm
 
 # Tests that call the kernels run only where they can; the others run anywhere.
@@ -144,7 +144,7 @@ def test_it_is_off_where_it_cannot_run(blobs, monkeypatch):
     """A CPU without AVX-512: ``"auto"`` resolves to XLA alone, ``"on"`` is refused with
     the reason; a GPU backend never gets the kernels."""
 
-    def prepare(kernels: str) -> train.Setup:
+    def prepare(kernels: str) -> step.Setup:
         opt = jaxdl.make_optimizer("sgd")
         return train.prepare(jaxdl.MLP((48,), num_classes=3), opt, blobs.train, epochs=1,
                              batch_size=64, kernels=kernels)[0]  # fmt: skip
@@ -204,15 +204,15 @@ def test_bad_shapes_are_named_on_the_host(a, b, kw, match):
 def test_sweep_members_with_it_equal_standalone_fits(blobs, monkeypatch, form):
     """In each way a sweep runs its members (in turn, vmapped over a shared minibatch,
     vmapped with their own), a member equals its standalone fit."""
-    monkeypatch.setattr(sweep, "CONCAT_MAX_WIDTH", 8)  # the concatenated form runs XLA's
+    monkeypatch.setattr(member_programs, "CONCAT_MAX_WIDTH", 8)  # the concatenated form runs XLA's
     if form != "serial":
-        monkeypatch.setattr(sweep, "SERIAL_PLATFORMS", ())
+        monkeypatch.setattr(member_programs, "SERIAL_PLATFORMS", ())
     model, opt = jaxdl.MLP(hidden=(40,), num_classes=3), jaxdl.make_optimizer("adam")
     seeds = [5, 6] if form == "own" else [5]
     configs = sweep.grid(learning_rate=[3e-3, 3e-2])
     kw = dict(epochs=2, batch_size=48, validation=blobs.valid, kernels="on")
     setup, *_ = sweep.prepare_sweep(model, opt, blobs.train, configs, seeds=seeds, **kw)
-    assert setup.lowering.gemm and sweep.batch_form(setup, shared=len(seeds) == 1) == form
+    assert setup.lowering.gemm and member_programs.batch_form(setup, shared=len(seeds) == 1) == form
     res = sweep.sweep(model, opt, blobs.train, configs, seeds=seeds, **kw)
     assert res.kernels == "on"
     for i, row in enumerate(res.rows):

@@ -13,7 +13,8 @@ import numpy as np
 import pytest
 from matplotlib import image as mpimg
 
-from jaxdl import cli, htmlreport, report, runs
+from jaxdl import cli, report, runs
+from jaxdl.report import html as htmlreport
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 ENSEMBLE = {

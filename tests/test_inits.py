@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 import jaxdl
-from jaxdl import inits, train
+from jaxdl import compiled, inits, step, train
 from jaxdl.validate import InputError
 
 # The programs here are small: compile them quickly rather than optimise them.
@@ -269,8 +269,8 @@ def test_init_scale_is_traced_and_scales_kernels_linearly():
     model = jaxdl.MLP(hidden=(256,), num_classes=3, weight_init="he_normal")
     opt = jaxdl.make_optimizer("sgd")
     feature_shape = (128,)
-    setup = train.Setup(model, opt, feature_shape, n_train=97, batch_size=13, epochs=1)
-    progs = train.programs(setup)
+    setup = step.Setup(model, opt, feature_shape, n_train=97, batch_size=13, epochs=1)
+    progs = compiled.programs(setup)
     key = jax.random.key(0)
     scales = (1.0, 0.5, 2.0, 0.0, 0.01)
     kernels = {}

@@ -18,7 +18,7 @@ import pytest
 from jax import export
 
 import jaxdl
-from jaxdl import checkpoint, cpu, lowering, models, train
+from jaxdl import checkpoint, compiled, cpu, lowering, models, train
 from jaxdl.checkpoint import Checkpointer
 from jaxdl.lowering import XLA, Lowering
 
@@ -161,9 +161,9 @@ def test_a_gpu_backend_never_gets_the_kernels(blobs, monkeypatch):
         dropout=0.5,
     )
     assert setup.lowering == XLA
-    state = train.programs(setup).init(jax.random.key(0), hp)
+    state = compiled.programs(setup).init(jax.random.key(0), hp)
     data = train.to_device(blobs.train)
-    text = train.programs(setup).epoch.lower(state, data, None, hp).as_text()
+    text = compiled.programs(setup).epoch.lower(state, data, None, hp).as_text()
     assert "jaxdl_" not in text
 
 
@@ -183,7 +183,7 @@ def test_the_lowering_is_not_part_of_a_checkpoints_identity(blobs):
     assert describe(on) == describe(off)
     if KERNELS_WHY is None:
         assert on != off  # they are different programs: caches keep them apart
-        assert train.programs(on) is not train.programs(off)
+        assert compiled.programs(on) is not compiled.programs(off)
 
 
 # ------------------------------------------------------------------ checkpoints move
@@ -202,7 +202,7 @@ def _stopped_run(setup, hp, blobs, directory, config, at: int):
     def keep(epoch, state):
         saved[epoch] = jax.tree.map(np.array, checkpoint._encode(state))
 
-    state = train.programs(setup).init(jax.random.key(0), hp)
+    state = compiled.programs(setup).init(jax.random.key(0), hp)
     with pytest.raises(checkpoint.Interrupted), ck.catch_signals():
         train.fit_state(setup, state, hp, blobs.train, blobs.valid, on_epoch=stop,
                         on_state=keep, checkpointer=ck)  # fmt: skip
@@ -221,7 +221,7 @@ def test_a_run_resumes_with_the_other_lowering(blobs, tmp_path, first, then):
     config = checkpoint.describe(s1, hp, blobs.train.x, blobs.train.y)
     at_stop = _stopped_run(s1, hp, blobs, tmp_path, config, at=2)
     ck = Checkpointer(tmp_path, checkpoint.describe(s2, hp, blobs.train.x, blobs.train.y))
-    restored = ck.restore(train.programs(s2).init(jax.random.key(5), hp))
+    restored = ck.restore(compiled.programs(s2).init(jax.random.key(5), hp))
     assert restored.epoch == 2
     got = jax.tree.leaves(checkpoint._encode(restored.state))
     for a, b in zip(got, jax.tree.leaves(at_stop), strict=True):
@@ -229,7 +229,7 @@ def test_a_run_resumes_with_the_other_lowering(blobs, tmp_path, first, then):
     state, _ = train.fit_state(s2, restored.state, hp, blobs.train, blobs.valid,
                                checkpointer=ck, history=restored.host)  # fmt: skip
     resumed = jaxdl.evaluate(model, state, blobs.test)["accuracy"]
-    whole, _ = train.fit_state(s1, train.programs(s1).init(jax.random.key(0), hp), hp,
+    whole, _ = train.fit_state(s1, compiled.programs(s1).init(jax.random.key(0), hp), hp,
                                blobs.train, blobs.valid)  # fmt: skip
     uninterrupted = jaxdl.evaluate(model, whole, blobs.test)["accuracy"]
     assert abs(resumed - uninterrupted) <= 0.005

@@ -17,7 +17,7 @@ import pytest
 from jax.flatten_util import ravel_pytree
 
 import jaxdl
-from jaxdl import losses, models, train
+from jaxdl import compiled, losses, models, train
 from jaxdl.validate import InputError
 
 # The programs here are tiny: compile them quickly rather than optimise them.
@@ -522,7 +522,7 @@ def test_zero_init_never_breaks_symmetry_but_xavier_does():
 
     # The same compiled training program started from Xavier-uniform weights.
     setup, hp = train.prepare(model, opt, data, **kw)
-    start = train.programs(setup).init(jax.random.key(1), hp)
+    start = compiled.programs(setup).init(jax.random.key(1), hp)
     rng = np.random.default_rng(0)
     params = {
         name: {

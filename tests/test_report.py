@@ -13,6 +13,8 @@ import numpy as np
 import pytest
 
 from jaxdl import report
+from jaxdl.report import files as report_files
+from jaxdl.report import plots
 from jaxdl.validate import InputError
 
 PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
@@ -63,7 +65,7 @@ def test_crash_during_replace_keeps_old_file(tmp_path, monkeypatch):
     def boom(src, dst):
         raise OSError("disk on fire")
 
-    monkeypatch.setattr(report.os, "replace", boom)
+    monkeypatch.setattr(os, "replace", boom)
     with pytest.raises(OSError, match="disk on fire"):
         report.write_json(path, {"new": True})
     assert json.loads(path.read_text()) == {"old": True}
@@ -82,7 +84,7 @@ def test_crash_mid_write_keeps_the_complete_old_history(tmp_path, monkeypatch):
         written.append(os.fstat(fd).st_size)  # the new content is partly on disk here
         raise OSError("killed")
 
-    monkeypatch.setattr(report.os, "fsync", dies_half_way)
+    monkeypatch.setattr(os, "fsync", dies_half_way)
     new = {k: [*v, 0.1] * 1000 for k, v in old.items()}
     with pytest.raises(OSError, match="killed"):
         report.save_history(tmp_path, new)
@@ -215,7 +217,7 @@ def test_plot_layer_stats_subset_and_nothing(tmp_path):
 
 def test_natural_sort_of_layers():
     keys = ["grad_norm/layer_10", "grad_norm/layer_2", "grad_norm/layer_1"]
-    assert sorted(keys, key=report._natural) == [
+    assert sorted(keys, key=plots.natural_key) == [
         "grad_norm/layer_1",
         "grad_norm/layer_2",
         "grad_norm/layer_10",
@@ -226,7 +228,7 @@ def test_natural_sort_of_layers():
 
 
 def test_make_run_dir_auto_name_and_suffix(tmp_path, monkeypatch):
-    monkeypatch.setattr(report, "_timestamp", lambda: "20250101-120000")
+    monkeypatch.setattr(report_files, "_timestamp", lambda: "20250101-120000")
     root = tmp_path / "a" / "runs"  # parents are created
     first = report.make_run_dir(root, None)
     second = report.make_run_dir(root, None)

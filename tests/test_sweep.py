@@ -7,7 +7,7 @@ import numpy as np
 import pytest
 
 import jaxdl
-from jaxdl import report, sweep
+from jaxdl import member_programs, report, sweep
 from jaxdl.validate import InputError
 
 
@@ -79,24 +79,26 @@ def test_members_sharing_a_seed_share_one_minibatch_and_equal_standalone_fits(
 ):
     # MODEL's first layer has 16 units: one concatenated GEMM up to the threshold; wider
     # ones run in turn on a CPU, or batched elsewhere.
-    monkeypatch.setattr(sweep, "CONCAT_MAX_WIDTH", 16 if expected == "shared_concat" else 8)
+    monkeypatch.setattr(
+        member_programs, "CONCAT_MAX_WIDTH", 16 if expected == "shared_concat" else 8
+    )
     if expected == "shared_batched":
-        monkeypatch.setattr(sweep, "SERIAL_PLATFORMS", ())
+        monkeypatch.setattr(member_programs, "SERIAL_PLATFORMS", ())
     opt = jaxdl.make_optimizer("adam")
     configs = sweep.grid(learning_rate=[3e-3, 3e-2], dropout=[0.0, 0.2])
     kw = dict(epochs=3, batch_size=48, validation=blobs.valid, l1=1e-4)  # 48: a partial batch
     setup, *_ = sweep.prepare_sweep(MODEL, opt, blobs.train, configs, seeds=[5], **kw)
-    form = sweep.batch_form(setup, shared=True)
+    form = member_programs.batch_form(setup, shared=True)
     assert form == expected
-    assert sweep.batch_form(setup, shared=True, platform="gpu") == (
+    assert member_programs.batch_form(setup, shared=True, platform="gpu") == (
         "shared_concat" if expected == "shared_concat" else "shared_batched"
     )
-    assert sweep.batch_form(setup, shared=True, one_seed=False) == (
+    assert member_programs.batch_form(setup, shared=True, one_seed=False) == (
         "shared_concat" if expected == "shared_concat" else "shared_batched"
     )  # a shared order across seeds is not each member's own
-    before = sweep.programs(setup, None, form).traces["epoch"]
+    before = member_programs.programs(setup, None, form).traces["epoch"]
     res = sweep.sweep(MODEL, opt, blobs.train, configs, seeds=[5], **kw)
-    assert sweep.programs(setup, None, form).traces["epoch"] == before + res.compiles
+    assert member_programs.programs(setup, None, form).traces["epoch"] == before + res.compiles
     own = sweep.sweep(MODEL, opt, blobs.train, configs, seeds=[5], data_order="own", **kw)
     _close(res.states.params, own.states.params)
     for i, row in enumerate(res.rows):
@@ -250,7 +252,7 @@ SHARDED = """
 import os
 os.environ["XLA_FLAGS"] = "--xla_force_host_platform_device_count=8"
 import jax, numpy as np, jaxdl
-from jaxdl import sweep
+from jaxdl import member_programs, sweep
 assert len(jax.devices()) == 8
 s = jaxdl.synthetic_splits(256, 64, 64, num_features=20, num_classes=3, seed=0, separation=6.0)
 m = jaxdl.MLP(hidden=(16,), num_classes=3)
@@ -277,15 +279,15 @@ for a, b in zip(jax.tree_util.tree_leaves(multi.states.params), jax.tree_util.tr
     np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-6)
 np.testing.assert_allclose(multi.history["val_loss"], single.history["val_loss"], rtol=1e-5)
 # a wider MLP: each device trains its members in turn (shard_map of a loop)
-wide = jaxdl.MLP(hidden=(sweep.CONCAT_MAX_WIDTH + 1,), num_classes=3)
+wide = jaxdl.MLP(hidden=(member_programs.CONCAT_MAX_WIDTH + 1,), num_classes=3)
 for seeds in ([0], [0, 1]):
     kw2 = dict(seeds=seeds, epochs=2, batch_size=32, validation=s.valid)
     setup, *_ = sweep.prepare_sweep(wide, opt, s.train, cfgs1, **kw2)
-    assert sweep.batch_form(setup, len(seeds) == 1, len(seeds) == 1) == "serial"
+    assert member_programs.batch_form(setup, len(seeds) == 1, len(seeds) == 1) == "serial"
     # over devices, a shard_map of the loop: only where Shardy partitions (jax >= 0.7)
     vmapped = "shared_batched" if len(seeds) == 1 else "own"
-    on_mesh = "serial" if sweep.shardy_partitions() else vmapped
-    assert sweep.batch_form(setup, len(seeds) == 1, len(seeds) == 1, sharded=True) == on_mesh
+    on_mesh = "serial" if member_programs.shardy_partitions() else vmapped
+    assert member_programs.batch_form(setup, len(seeds) == 1, len(seeds) == 1, sharded=True) == on_mesh
     multi = sweep.sweep(wide, opt, s.train, cfgs1, **kw2)
     single = sweep.sweep(wide, opt, s.train, cfgs1, devices=jax.devices()[:1], **kw2)
     assert multi.devices == (8 if len(seeds) == 2 else 5)
@@ -313,12 +315,14 @@ def test_sweep_that_does_not_fit_runs_in_chunks_with_the_same_results(blobs):
     kw = dict(seeds=1, epochs=2, batch_size=64, validation=blobs.valid)
     whole = sweep.sweep(MODEL, opt, blobs.train, configs, **kw)
     setup, hp, _, _ = sweep.prepare_sweep(MODEL, opt, blobs.train, configs, **kw)
-    per = sweep.member_bytes(setup, hp)
+    per = member_programs.member_bytes(setup, hp)
     assert per > 4 * sum(v.size for v in jax.tree_util.tree_leaves(whole.states.params)) / 5
     with pytest.warns(UserWarning, match="3 chunks of 2 members"):
         chunked = sweep.sweep(MODEL, opt, blobs.train, configs, max_memory_bytes=2 * per + 1, **kw)
     assert chunked.chunks == 3 and whole.chunks == 1
-    progs = sweep.programs(setup, None, sweep.batch_form(setup, shared=True))  # one seed
+    progs = member_programs.programs(
+        setup, None, member_programs.batch_form(setup, shared=True)
+    )  # one seed
     assert progs.traces["epoch"] == 2  # whole (5) and chunks (2): shapes differ
     _close(chunked.states.params, whole.states.params)
     np.testing.assert_allclose(chunked.history["val_loss"], whole.history["val_loss"], rtol=1e-5)

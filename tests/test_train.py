@@ -11,7 +11,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxdl
-from jaxdl import losses, report, train
+from jaxdl import compiled, losses, optim, report, step, train
 
 
 def _mlp(**kw):
@@ -22,7 +22,7 @@ def test_sgd_step_equals_hand_written_gradient_step(blobs):
     model = _mlp()
     opt = jaxdl.make_optimizer("sgd", learning_rate=0.1)
     setup, hp = train.prepare(model, opt, blobs.train, epochs=1, batch_size=32)
-    state = train.init_state(setup, jax.random.key(0), hp)
+    state = step.init_state(setup, jax.random.key(0), hp)
     x, y = jnp.asarray(blobs.train.x[:32]), jnp.asarray(blobs.train.y[:32])
 
     def loss(p):
@@ -31,7 +31,7 @@ def test_sgd_step_equals_hand_written_gradient_step(blobs):
     expected = jax.tree_util.tree_map(
         lambda p, g: p - 0.1 * g, state.params, jax.grad(loss)(state.params)
     )
-    new, metrics = train.train_step(setup, state, train.Batch(x, y), hp)
+    new, metrics = step.train_step(setup, state, step.Batch(x, y), hp)
     jax.tree_util.tree_map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7), new.params, expected
     )
@@ -44,12 +44,12 @@ def test_padded_batch_equals_batch_of_real_examples(blobs):
     model = _mlp()
     opt = jaxdl.make_optimizer("adam", learning_rate=1e-2)
     setup, hp = train.prepare(model, opt, blobs.train, epochs=1, batch_size=16)
-    state = train.init_state(setup, jax.random.key(1), hp)
+    state = step.init_state(setup, jax.random.key(1), hp)
     x, y = jnp.asarray(blobs.train.x[:16]), jnp.asarray(blobs.train.y[:16])
     w = (jnp.arange(16) < 7).astype(jnp.float32)
     x_pad = x.at[7:].set(1e3)  # garbage in the padding must not matter
-    padded, m_pad = train.train_step(setup, state, train.Batch(x_pad, y, w), hp)
-    real, m_real = train.train_step(setup, state, train.Batch(x[:7], y[:7]), hp)
+    padded, m_pad = step.train_step(setup, state, step.Batch(x_pad, y, w), hp)
+    real, m_real = step.train_step(setup, state, step.Batch(x[:7], y[:7]), hp)
     jax.tree_util.tree_map(
         lambda a, b: np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7),
         padded.params,
@@ -68,7 +68,7 @@ def test_epoch_order_sees_every_example_once(blobs, n, batch):
         epochs=1,
         batch_size=batch,
     )
-    idx, w = train.epoch_order(setup, jax.random.key(0), jnp.int32(0))
+    idx, w = step.epoch_order(setup, jax.random.key(0), jnp.int32(0))
     assert idx.shape == (-(-n // batch), batch)
     real = (
         np.asarray(idx).reshape(-1)[np.asarray(w).reshape(-1) > 0]
@@ -76,7 +76,7 @@ def test_epoch_order_sees_every_example_once(blobs, n, batch):
         else np.asarray(idx).reshape(-1)
     )
     assert sorted(real.tolist()) == list(range(n))
-    idx2, _ = train.epoch_order(setup, jax.random.key(0), jnp.int32(1))
+    idx2, _ = step.epoch_order(setup, jax.random.key(0), jnp.int32(1))
     if n > 5:
         assert not np.array_equal(idx, idx2), "the order must be reshuffled every epoch"
 
@@ -92,9 +92,9 @@ def test_epoch_order_property_every_example_exactly_once(n, data, seed, epoch):
     """Whatever N and batch size: each example once per epoch, padding (weight 0) only in
     the last batch, and a run's order is a function of (key, epoch) alone."""
     batch = data.draw(st.integers(1, n), label="batch")
-    setup = train.Setup(_mlp(), jaxdl.make_optimizer("sgd"), (20,), n_train=n, batch_size=batch)
+    setup = step.Setup(_mlp(), jaxdl.make_optimizer("sgd"), (20,), n_train=n, batch_size=batch)
     key = jax.random.key(seed)
-    idx, w = train.epoch_order(setup, key, jnp.int32(epoch))
+    idx, w = step.epoch_order(setup, key, jnp.int32(epoch))
     steps = -(-n // batch)
     assert idx.shape == (steps, batch)
     w = np.ones(idx.shape) if w is None else np.asarray(w)
@@ -102,7 +102,7 @@ def test_epoch_order_property_every_example_exactly_once(n, data, seed, epoch):
     assert (w.reshape(-1)[:n] == 1).all(), "padding only after the n real slots"
     seen = np.bincount(np.asarray(idx).reshape(-1)[w.reshape(-1) > 0], minlength=n)
     assert (seen == 1).all()
-    again, _ = train.epoch_order(setup, key, jnp.int32(epoch))
+    again, _ = step.epoch_order(setup, key, jnp.int32(epoch))
     np.testing.assert_array_equal(idx, again)
 
 
@@ -128,13 +128,45 @@ def test_second_fit_with_new_numbers_does_not_retrace(blobs):
         **kw,
     )
     setup, _ = train.prepare(model, jaxdl.make_optimizer("momentum"), blobs.train, **kw)
-    progs = train.programs(setup)
+    progs = compiled.programs(setup)
     assert progs.traces == {"init": 1, "epoch": 1}
     assert len(progs.executables) == 1 and info2.compile_seconds == 0.0
     assert h1["learning_rate"][0] == pytest.approx(0.05) and h2["learning_rate"][
         0
     ] == pytest.approx(0.01)
     assert h1["val_loss"] != h2["val_loss"]
+
+
+def test_programs_are_keyed_on_structure_not_on_an_optimizers_numbers(blobs):
+    model = _mlp(hidden=(16,))
+    kw = dict(epochs=2, batch_size=50)
+
+    def setup(opt):
+        return train.prepare(model, opt, blobs.train, **kw)[0]
+
+    adam = setup(jaxdl.make_optimizer("adam", learning_rate=1e-3))
+    other_numbers = setup(jaxdl.make_optimizer("adam", learning_rate=3e-2, b1=0.8, eps=1e-6))
+    assert compiled.programs(adam) is compiled.programs(other_numbers)
+    # The key holds the family's defaults, not the first caller's numbers.
+    key = compiled.program_key(other_numbers)
+    assert dict(key.optimizer.hyperparams) == optim.defaults("adam")
+    assert key == adam and key.optimizer.tx is not other_numbers.optimizer.tx
+    # Structure decides the program: another family, clipping, a frozen layer, a schedule.
+    for opt in (
+        jaxdl.make_optimizer("momentum"),
+        jaxdl.make_optimizer("adam", clip_norm=1.0),
+        jaxdl.make_optimizer("adam", freeze=["layer_0"]),
+        jaxdl.make_optimizer("adam", schedule="warmup_cosine"),
+    ):
+        assert compiled.programs(setup(opt)) is not compiled.programs(adam), opt
+    # Two runs differing only in numbers: one trace, and each run's own numbers used.
+    progs = compiled.programs(adam)
+    _, h1 = jaxdl.fit(model, jaxdl.make_optimizer("adam", learning_rate=1e-3), blobs.train, **kw)
+    _, h2 = jaxdl.fit(model, jaxdl.make_optimizer("adam", learning_rate=3e-2), blobs.train, **kw)
+    assert progs.traces == {"init": 1, "epoch": 1}
+    assert h1["learning_rate"][0] == pytest.approx(1e-3)
+    assert h2["learning_rate"][0] == pytest.approx(3e-2)
+    assert h1["train_loss"] != h2["train_loss"]
 
 
 def test_fit_learns_and_history_has_per_layer_statistics(blobs):
@@ -268,7 +300,7 @@ def test_frozen_layer_keeps_initial_weights(blobs):
     model = _mlp(hidden=(16,))
     opt = jaxdl.make_optimizer("adam", learning_rate=1e-2, freeze=["layer_0"])
     setup, hp = train.prepare(model, opt, blobs.train, epochs=2, batch_size=64)
-    start = train.init_state(setup, jax.random.key(0), hp)
+    start = step.init_state(setup, jax.random.key(0), hp)
     state, _ = jaxdl.fit(model, opt, blobs.train, epochs=2, batch_size=64, key=0)
     np.testing.assert_array_equal(
         state.params["layer_0"]["kernel"], start.params["layer_0"]["kernel"]
@@ -302,13 +334,13 @@ def test_hparams_are_vmappable_members_equal_standalone_runs(blobs):
     hps = jax.tree_util.tree_map(lambda v: jnp.stack([v, v]), hp)
     hps = hps._replace(opt={**hps.opt, "learning_rate": lrs})
     keys = jax.random.split(jax.random.key(0), 2)
-    states = jax.vmap(lambda k, h: train.init_state(setup, k, h))(keys, hps)
+    states = jax.vmap(lambda k, h: step.init_state(setup, k, h))(keys, hps)
     data = train.to_device(blobs.train)
-    states, _ = jax.vmap(lambda s, h: train.run_epoch(setup, s, data, None, h))(states, hps)
+    states, _ = jax.vmap(lambda s, h: step.run_epoch(setup, s, data, None, h))(states, hps)
     for i in range(2):
         hp_i = hp._replace(opt={**hp.opt, "learning_rate": lrs[i]})
-        single = train.init_state(setup, keys[i], hp_i)
-        single, _ = train.run_epoch(setup, single, data, None, hp_i)
+        single = step.init_state(setup, keys[i], hp_i)
+        single, _ = step.run_epoch(setup, single, data, None, hp_i)
         jax.tree_util.tree_map(
             lambda a, b, i=i: np.testing.assert_allclose(a[i], b, rtol=1e-5, atol=1e-6),
             states.params,
@@ -320,9 +352,9 @@ def test_gradient_clipping_bounds_the_update(blobs):
     opt = jaxdl.make_optimizer("sgd", learning_rate=1.0, clip_norm=1e-3)
     model = _mlp(hidden=(8,))
     setup, hp = train.prepare(model, opt, blobs.train, epochs=1, batch_size=64)
-    state = train.init_state(setup, jax.random.key(0), hp)
-    batch = train.Batch(jnp.asarray(blobs.train.x[:64]), jnp.asarray(blobs.train.y[:64]))
-    new, _ = train.train_step(setup, state, batch, hp)
+    state = step.init_state(setup, jax.random.key(0), hp)
+    batch = step.Batch(jnp.asarray(blobs.train.x[:64]), jnp.asarray(blobs.train.y[:64]))
+    new, _ = step.train_step(setup, state, batch, hp)
     delta = jax.tree_util.tree_map(lambda a, b: a - b, new.params, state.params)
     assert float(optax.tree.norm(delta)) == pytest.approx(1e-3, rel=1e-4)
 

@@ -8,7 +8,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 import jaxdl
-from jaxdl import train, validate
+from jaxdl import compiled, train, validate
 from jaxdl.validate import InputError
 
 RNG = np.random.default_rng(0)
@@ -87,11 +87,13 @@ CASES = {
 @pytest.mark.parametrize("case", list(CASES))
 def test_bad_input_is_an_input_error_raised_before_tracing(case):
     call, expected = CASES[case]
-    before = train.programs.cache_info().currsize
+    before = compiled._programs.cache_info().currsize
     with pytest.raises(InputError, match=None) as info:
         call()
     assert expected in str(info.value), str(info.value)
-    assert train.programs.cache_info().currsize == before, "nothing may be compiled for a bad input"
+    assert compiled._programs.cache_info().currsize == before, (
+        "nothing may be compiled for a bad input"
+    )
 
 
 @settings(max_examples=80, deadline=None)

@@ -25,7 +25,8 @@ from typing import Any
 import numpy as np
 from matplotlib.figure import Figure
 
-from jaxdl import report, runs
+from jaxdl import runs
+from jaxdl.report import files, plots
 
 CAPTIONS = {
     "curves.png": "Loss and accuracy per epoch",
@@ -88,13 +89,13 @@ def figures(run: runs.Run) -> list[tuple[str, bytes]]:
             history = json.loads(history_path.read_text())
             history = {k: [math.nan if v is None else v for v in vs] for k, vs in history.items()}
             best = run.results.get("best_epoch")
-            drawn += report.plot_curves(history, Path(tmp, "curves.png"), best_epoch=best)
-            drawn += report.plot_layer_stats(history, Path(tmp, "layers.png"))
+            drawn += plots.plot_curves(history, Path(tmp, "curves.png"), best_epoch=best)
+            drawn += plots.plot_layer_stats(history, Path(tmp, "layers.png"))
         elif run.kind == "sweep" and not names and history_path.exists() and run.rows:
             history = {
                 k: np.array(v, dtype=float) for k, v in json.loads(history_path.read_text()).items()
             }
-            drawn += report.plot_sweep(run.rows, _swept(run.rows), history, tmp)
+            drawn += plots.plot_sweep(run.rows, _swept(run.rows), history, tmp)
         out += [(caption(run.kind, p.name), p.read_bytes()) for p in drawn]
     if run.kind == "ensemble" and "k_curve.png" not in names:
         png = k_curve_png(run.results)
@@ -232,5 +233,5 @@ def write(paths: Sequence[str | Path], out: str | Path, *, title: str = "jaxdl r
     """Writes the report for ``paths`` (run directories, or directories of runs) to ``out``."""
     run_list = runs.expand(paths)
     page = render(run_list, title=title)
-    report.write_text(out, page)
+    files.write_text(out, page)
     return {"report": str(out), "runs": len(run_list), "plots": page.count("<img ")}

@@ -1,0 +1,94 @@
+"""Command line: ``jaxdl train | sweep | ensemble | runs | compare | report | data fetch``.
+
+Thin by design: parses flags, calls the library, prints. Bad input exits with status 2
+and one line naming the flag and what was expected, never a traceback.
+"""
+
+from __future__ import annotations
+
+import json
+import signal
+import sys
+import threading
+from collections.abc import Sequence
+
+from jaxdl import config as run_config
+
+# By name: the submodules below (jaxdl.cli.train, .sweep, ...) become attributes of
+# this package and would shadow jaxdl.train, jaxdl.sweep imported as modules here.
+from jaxdl import tracking
+from jaxdl.checkpoint import Interrupted
+from jaxdl.cli.ensemble import cmd_ensemble
+from jaxdl.cli.parser import build_parser
+from jaxdl.cli.resume import _resumed
+from jaxdl.cli.sweep import _ROW_RESULTS, _use_cpu_devices, cmd_sweep
+from jaxdl.cli.train import cmd_train
+from jaxdl.cli.views import _VIEWS, cmd_fetch
+from jaxdl.report import to_jsonable
+from jaxdl.train import NonFiniteError
+from jaxdl.validate import InputError
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    argv = sys.argv[1:] if argv is None else list(argv)
+    a = parser.parse_args(argv)
+    handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        if getattr(a, "config", None) is not None:
+            a = run_config.reparse(parser, parser.commands[a.command], argv, a)
+        if getattr(a, "tensorboard", False):
+            tracking.require()  # before anything is written
+        if getattr(a, "resume", None) is not None:
+            a = _resumed(a, argv)
+        if a.command == "sweep":
+            _use_cpu_devices(a.cpu_devices)
+            results = cmd_sweep(a)
+            b = results["best"]
+            summary = (f"{results['members']} members, {results['compiles']} compile(s), "
+                       f"{results['diverged']} diverged; best val accuracy "
+                       f"{b['best_val_accuracy']:.4f} (test {b['test_accuracy']:.4f}) with "
+                       f"{ {k: v for k, v in b.items() if k not in _ROW_RESULTS} }; "
+                       f"results {results['results_path']}")  # fmt: skip
+        elif a.command == "train":
+            results = cmd_train(a)
+            summary = (f"test accuracy {results['test_accuracy']:.4f}  test loss {results['test_loss']:.4f}  "
+                       f"best epoch {results['best_epoch']}/{results['epochs_run']}  "
+                       f"{results['samples_per_second']:,.0f} samples/s  run {results['run_dir']}")  # fmt: skip
+        elif a.command == "ensemble":
+            results = cmd_ensemble(a, argv)
+            summary = (f"weight scaling {results['weight_scaling_accuracy']:.4f}; MC "
+                       + ", ".join(f"k={k}: {v:.4f}" for k, v in results["mc_accuracy"].items())
+                       + (f"; exact {results['exact_accuracy']:.4f}" if "exact_accuracy" in results else "")
+                       + f"; run {results['run_dir']}")  # fmt: skip
+        elif a.command in _VIEWS:
+            results, summary = _VIEWS[a.command](a)
+        else:
+            results = cmd_fetch(a)
+            summary = f"{results['dataset']} ready at {results['path']}"
+    except InputError as e:
+        print(f"jaxdl {a.command}: error: {e}", file=sys.stderr)
+        return 2
+    except NonFiniteError as e:
+        print(f"jaxdl {a.command}: error: {e}", file=sys.stderr)
+        return 3
+    except Interrupted as e:
+        run = getattr(e, "run_dir", e.directory)
+        print(f"jaxdl {a.command}: {e}; continue with: jaxdl {a.command} --resume {run}",
+              file=sys.stderr)  # fmt: skip
+        return 128 + e.signum
+    except KeyboardInterrupt:  # before training started, or a second Ctrl-C
+        print(f"jaxdl {a.command}: interrupted; checkpoints already written are kept",
+              file=sys.stderr)  # fmt: skip
+        return 130
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for s, h in handlers.items():  # as they were: the command may have caught them
+                signal.signal(s, h)
+    print(summary)
+    if getattr(a, "json", False):
+        print(json.dumps(to_jsonable(results)))
+    return 0
+
+
+__all__ = ["build_parser", "main"]

@@ -1,0 +1,271 @@
+"""The flags shared by the training commands (model, optimizer, data, regularisation,
+early stopping, checkpoints) and the argparse types that read their values.
+"""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from jaxdl import (
+    inits,
+    losses,
+    lowering,
+    models,
+    optim,
+    stopping,
+    sweep,
+)
+from jaxdl.validate import InputError
+
+
+class _Parser(argparse.ArgumentParser):
+    """argparse that reports errors on one line and exits 2 (never prints usage)."""
+
+    def error(self, message: str):
+        self.exit(2, f"{self.prog}: error: {message}\n")
+
+
+def _ints(text: str) -> tuple[int, ...]:
+    try:
+        values = tuple(int(t) for t in text.split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(
+            f"expected comma-separated integers, got {text!r}"
+        ) from None
+    if not values or any(v <= 0 for v in values):
+        raise argparse.ArgumentTypeError(f"expected positive integers like 500,500, got {text!r}")
+    return values
+
+
+def _cpu_devices(text: str) -> str | int:
+    if text == "auto":
+        return text
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if n <= 0:
+        raise argparse.ArgumentTypeError(f"expected auto or a positive integer, got {text!r}")
+    return n
+
+
+def _names(text: str) -> tuple[str, ...]:
+    return tuple(t.strip() for t in text.split(",") if t.strip())
+
+
+def _values(text: str) -> list[float]:
+    try:
+        return sweep.parse_values(text)
+    except InputError as e:
+        raise argparse.ArgumentTypeError(str(e).removeprefix("values: ")) from None
+
+
+def _multipliers(text: str) -> dict[str, float]:
+    out = {}
+    for item in _names(text):
+        name, _, value = item.partition("=")
+        try:
+            out[name.strip()] = float(value)
+        except ValueError:
+            raise argparse.ArgumentTypeError(
+                f"expected LAYER=FACTOR pairs like output=10,layer_0=0.5, got {item!r}"
+            ) from None
+    return out
+
+
+def _add_train_flags(p: argparse.ArgumentParser, number=float) -> None:
+    """The flags of ``train``; ``number`` parses the sweepable ones (a list in ``sweep``)."""
+    g = p.add_argument_group("model")
+    g.add_argument("--model", choices=("mlp", "cnn"), default="mlp", help="architecture")
+    g.add_argument(
+        "--hidden", type=_ints, default=(500, 500), help="MLP hidden widths, e.g. 500,500"
+    )
+    g.add_argument("--activation", default="relu", help=f"one of {', '.join(models.ACTIVATIONS)}")
+    g.add_argument("--maxout-pieces", type=int, default=2, help="pieces per maxout unit")
+    g.add_argument("--init", default="xavier_uniform", help=f"one of {', '.join(inits.NAMES)}")
+    g.add_argument(
+        "--init-scale",
+        type=number,
+        default=None,
+        help="kernel multiplier (σ for 'normal'; default: the init's own)",
+    )
+    g.add_argument("--batch-norm", action="store_true", help="batch norm after each hidden layer")
+    g.add_argument(
+        "--conv-features", type=_ints, default=(32, 64), help="CNN channels per conv block"
+    )
+    g.add_argument("--conv-kernel", type=int, default=5, help="CNN kernel size")
+    g.add_argument(
+        "--conv-dense", type=_ints, default=(512,), help="CNN dense widths after the conv blocks"
+    )
+    g = p.add_argument_group("regularisation")
+    g.add_argument(
+        "--dropout-input",
+        type=number,
+        default=0.0,
+        help="dropout rate on the input (CNN: on the conv features)",
+    )
+    g.add_argument(
+        "--dropout-hidden", type=number, default=0.0, help="dropout rate on each hidden layer"
+    )
+    g.add_argument(
+        "--dropout-convention",
+        choices=models.CONVENTIONS,
+        default="inverted",
+        help="scale at train time (inverted) or at test time (classic)",
+    )
+    g.add_argument("--l1", type=number, default=0.0, help="L1 coefficient on the kernels")
+    g.add_argument("--l2", type=number, default=0.0, help="L2 coefficient on the kernels (× Σw²)")
+    g.add_argument(
+        "--input-noise",
+        type=number,
+        default=0.0,
+        help="σ of Gaussian noise added to training inputs",
+    )
+    g.add_argument(
+        "--early-stopping",
+        type=int,
+        default=0,
+        metavar="PATIENCE",
+        help="stop after PATIENCE epochs without improvement in --monitor (0: never stop early)",
+    )
+    g.add_argument(
+        "--monitor",
+        choices=tuple(stopping.MONITORS),
+        default="val_accuracy",
+        help="validation metric that picks the best epoch (and stops early)",
+    )
+    g.add_argument(
+        "--min-delta", type=float, default=0.0, help="smallest change that counts as an improvement"
+    )
+    g.add_argument(
+        "--no-restore-best",
+        action="store_true",
+        help="keep the last epoch's parameters, not the best epoch's",
+    )
+    g = p.add_argument_group("optimizer")
+    g.add_argument("--optimizer", default="adam", help=f"one of {', '.join(optim.FAMILIES)}")
+    g.add_argument(
+        "--lr", type=number, default=None, help="learning rate (default: the optimizer's)"
+    )
+    for name, text in (
+        ("momentum", "momentum μ (momentum, momentum_ema, nesterov)"),
+        ("b1", "Adam β1"), ("b2", "Adam β2"), ("eps", "ε (adagrad, rmsprop, adam)"),
+        ("decay", "RMSProp ρ"), ("weight-decay", "decoupled weight decay on the kernels"),
+        ("decay-start-epoch", "epoch from which weight decay applies"),
+        ("clip-norm", "clip gradients to this global norm"),
+        ("max-norm", "max-norm constraint: each unit's incoming weights kept within this L2 norm"),
+        ("lr-decay", "step/plateau decay factor"), ("lr-decay-every", "step schedule period (epochs)"),
+        ("lr-patience", "plateau patience (epochs)"), ("warmup-epochs", "warm-up length (epochs)"),
+        ("lr-min-ratio", "cosine floor as a fraction of the learning rate"),
+    ):  # fmt: skip
+        g.add_argument(f"--{name}", type=number, default=None, help=text)
+    g.add_argument(
+        "--schedule",
+        choices=optim.SCHEDULES,
+        default="warmup_cosine",
+        help="learning-rate schedule (default: a cosine from the learning rate to 0 over --epochs)",
+    )
+    g.add_argument(
+        "--freeze", type=_names, default=(), help="comma-separated layers to freeze, e.g. layer_0"
+    )
+    g.add_argument(
+        "--layer-lr",
+        type=_multipliers,
+        default={},
+        help="per-layer learning-rate multipliers, e.g. output=10,layer_0=0.5",
+    )
+    g = p.add_argument_group("training")
+    g.add_argument("--loss", choices=losses.LOSSES, default="cross_entropy", help="data loss")
+    g.add_argument("--epochs", type=int, default=20, help="maximum number of epochs")
+    g.add_argument("--batch-size", type=int, default=100, help="minibatch size")
+    g.add_argument("--seed", type=int, default=0, help="PRNG seed (initialisation, order, dropout)")
+    g = p.add_argument_group("data and output")
+    g.add_argument(
+        "--data",
+        default="mnist",
+        help="'mnist', or an .npz with x_train, y_train, x_valid, y_valid, x_test, y_test",
+    )
+    g.add_argument(
+        "--data-dir",
+        type=Path,
+        default=None,
+        help="data cache (default $JAXDL_DATA_DIR or ~/.cache/jaxdl)",
+    )
+    g.add_argument(
+        "--preprocess",
+        choices=("none", "pixel_mean", "global"),
+        default="none",
+        help="input standardisation (statistics from the training split)",
+    )
+    g.add_argument(
+        "--train-size", type=int, default=None, help="use only the first N training examples"
+    )
+    g.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run directories go")
+    g.add_argument("--name", default=None, help="run directory name (default: train-<timestamp>)")
+    g.add_argument(
+        "--json", action="store_true", help="print a JSON summary as the last line of stdout"
+    )
+    g.add_argument("--no-progress", action="store_true", help="no progress display")
+    g.add_argument("--no-plots", action="store_true", help="do not write PNG plots")
+    g.add_argument(
+        "--kernels",
+        choices=lowering.KERNELS,
+        default="auto",
+        help="CPU kernels for the compiled programs: auto (where the CPU has AVX-512 and "
+        "they build), on (or fail saying why), off (XLA alone, as on a GPU/TPU); how the "
+        "run is computed, not what: a run may resume with another setting",
+    )
+    g.add_argument(
+        "--tensorboard",
+        action="store_true",
+        help="write TensorBoard event files into the run directory "
+        "(needs tensorboardX: pip install 'jaxdl[tensorboard]')",
+    )
+    g.add_argument(
+        "--config",
+        type=Path,
+        default=None,
+        metavar="FILE",
+        help="read settings from a TOML or JSON file (a run's config.json reruns it); "
+        "flags given on the command line override the file",
+    )
+
+
+def _add_checkpoint_flags(p: argparse.ArgumentParser, *, skip: bool = True) -> None:
+    g = p.add_argument_group("checkpoints and faults")
+    g.add_argument(
+        "--resume",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="continue the run in RUN_DIR from its latest checkpoint, with the settings of "
+        "its config.json (only --json, --no-progress, --no-plots, --data-dir and --kernels "
+        "may be given)",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=1,
+        metavar="N",
+        help="checkpoint every N epochs, at each new best epoch and at the last (0: never)",
+    )
+    g.add_argument(
+        "--keep-checkpoints",
+        type=int,
+        default=2,
+        metavar="K",
+        help="keep the K latest checkpoints (and the best one)",
+    )
+    if skip:
+        g.add_argument(
+            "--skip-nonfinite",
+            action="store_true",
+            help="skip optimizer steps whose loss or gradient is NaN/Inf (default: stop the "
+            "run at the first one, exit status 3)",
+        )
+
+
+_OPT_FLAGS = ("momentum", "b1", "b2", "eps", "decay", "weight_decay", "decay_start_epoch",
+              "clip_norm", "max_norm", "lr_decay", "lr_decay_every", "lr_patience", "warmup_epochs",
+              "lr_min_ratio")  # fmt: skip

@@ -1,0 +1,122 @@
+"""The ``jaxdl`` argument parser: one subcommand per command."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+
+from jaxdl import member_programs
+from jaxdl.cli.flags import _add_checkpoint_flags, _add_train_flags, _cpu_devices, _Parser, _values
+
+
+def build_parser() -> argparse.ArgumentParser:
+    fmt = argparse.ArgumentDefaultsHelpFormatter
+    p = _Parser(prog="jaxdl", description="Compiled JAX training for studying deep networks.")
+    sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
+    t = sub.add_parser("train", help="train one model", formatter_class=fmt,
+                       description="Train one model. With no flags: the course's Keras example "
+                       "(784-500-500-10 ReLU, cross-entropy, Adam 1e-3, batch 100, 20 epochs) on MNIST.")  # fmt: skip
+    _add_train_flags(t)
+    _add_checkpoint_flags(t)
+    w = sub.add_parser(
+        "sweep",
+        help="train many models at once (one compiled program per structure)",
+        formatter_class=fmt,
+        description="Train every combination of the given values × seeds as one vmapped "
+        "program. Sweepable flags take lists: --lr 1e-4,3e-4,1e-3 or logspace:1e-4:1e-1:16 "
+        "or linspace:0:0.5:6.",
+    )
+    _add_train_flags(w, number=_values)
+    _add_checkpoint_flags(w, skip=False)
+    w.add_argument("--seeds", type=int, default=1, help="seeds per configuration (0..N-1)")
+    w.add_argument(
+        "--data-order", choices=member_programs.DATA_ORDERS, default="auto",
+        help="own: each member shuffles with its seed; shared: all use the first member's "
+        "order (faster: one minibatch per step for all); auto: shared when one seed",
+    )  # fmt: skip
+    w.add_argument(
+        "--cpu-devices", type=_cpu_devices, default="auto", metavar="auto|N",
+        help="on a CPU, run the members on N devices of the host's cores (auto: one per "
+        "core, unless XLA_FLAGS or JAX_NUM_CPU_DEVICES set a count); GPUs are unaffected",
+    )  # fmt: skip
+    _add_view_commands(sub, fmt)
+    e = _add_ensemble_command(sub, fmt)
+    p.commands = {"train": t, "sweep": w, "ensemble": e}  # for --config: set a command's defaults
+    d = sub.add_parser("data", help="data sets", formatter_class=fmt)
+    dsub = d.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
+    f = dsub.add_parser(
+        "fetch", help="download and verify a data set into the cache", formatter_class=fmt
+    )
+    f.add_argument("name", choices=("mnist",), help="data set")
+    f.add_argument("--data-dir", type=Path, default=None, help="cache directory")
+    f.add_argument("--force", action="store_true", help="fetch again even if cached")
+    return p
+
+
+def _add_ensemble_command(sub, fmt) -> argparse.ArgumentParser:
+    e = sub.add_parser(
+        "ensemble",
+        help="train a dropout net and measure it as an ensemble of subnetworks",
+        formatter_class=fmt,
+        description="Train a dropout net (the train flags; dropout 0.2 on the input and 0.5 "
+        "on hidden layers by default), then compare weight scaling with Monte-Carlo "
+        "averages of k sampled subnetworks (arithmetic and geometric), the exact ensemble "
+        "of all subnetworks when they are few, and optionally explicit ensembles.",
+    )
+    _add_train_flags(e)
+    e.set_defaults(dropout_input=0.2, dropout_hidden=0.5)
+    g = e.add_argument_group("ensemble")
+    g.add_argument("--k", type=int, default=100, help="subnetworks sampled (curve for k=1..K)")
+    g.add_argument("--repeats", type=int, default=5, help="independent k-samples (spread)")
+    g.add_argument(
+        "--exact",
+        choices=("auto", "on", "off"),
+        default="auto",
+        help="enumerate all 2^M subnetworks (auto: when M <= --max-units)",
+    )
+    g.add_argument("--max-units", type=int, default=20, help="most masked units to enumerate")
+    g.add_argument(
+        "--explicit",
+        type=int,
+        default=0,
+        metavar="N",
+        help="also train N independent nets and N fixed-mask subnetworks (0: skip)",
+    )
+    g.add_argument(
+        "--from",
+        dest="from_run",
+        type=Path,
+        default=None,
+        metavar="RUN_DIR",
+        help="analyse the net a finished 'jaxdl train' run in RUN_DIR trained (its final "
+        "parameters, from its checkpoints) instead of training one; the train flags are "
+        "then the run's own",
+    )
+    g.add_argument("--test-size", type=int, default=None, help="use the first N test examples")
+    g.add_argument(
+        "--ood-size", type=int, default=1000, help="test images turned out-of-distribution"
+    )
+    return e
+
+
+def _add_view_commands(sub, fmt) -> None:
+    """``runs``, ``compare`` and ``report``: read run directories, train nothing."""
+    r = sub.add_parser("runs", help="list run directories, newest first", formatter_class=fmt)
+    r.add_argument("runs_dir", nargs="?", type=Path, default=Path("runs"), help="where runs are")
+    r.add_argument("--limit", type=int, default=0, help="show only the N newest (0: all)")
+    c = sub.add_parser(
+        "compare", help="print the settings and results that differ", formatter_class=fmt
+    )
+    c.add_argument("paths", nargs="+", type=Path, metavar="RUN_DIR", help="two or more runs")
+    h = sub.add_parser(
+        "report", help="write one self-contained HTML page about runs", formatter_class=fmt
+    )
+    h.add_argument(
+        "paths", nargs="+", type=Path, metavar="RUN_DIR", help="runs, or directories of runs"
+    )
+    h.add_argument("--out", type=Path, default=Path("report.html"), help="the HTML file")
+    h.add_argument("--title", default="jaxdl report", help="page title")
+    for q in (r, c, h):
+        q.add_argument(
+            "--json", action="store_true", help="print a JSON summary as the last line of stdout"
+        )

@@ -1,0 +1,122 @@
+"""Checkpoint flags, ``--resume`` (a run directory's ``config.json`` read back, with the
+flags a resumed run may change) and the fault handling around a checkpointed run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+
+from jaxdl import (
+    checkpoint,
+    report,
+    train,
+    validate,
+)
+from jaxdl.cli.parser import build_parser
+from jaxdl.validate import InputError
+
+
+def _check_checkpoint_flags(a: argparse.Namespace) -> None:
+    validate.positive_int("--checkpoint-every", a.checkpoint_every, allow_zero=True)
+    validate.positive_int("--keep-checkpoints", a.keep_checkpoints)
+    if a.resume is not None and not a.checkpoint_every:
+        raise InputError(f"--resume: {str(a.resume)!r} was run with --checkpoint-every 0, so "
+                         "it has no checkpoints to resume from")  # fmt: skip
+
+
+def _checkpointer(a: argparse.Namespace, run_dir: Path, config) -> checkpoint.Checkpointer | None:
+    if not a.checkpoint_every:
+        return None
+    return checkpoint.Checkpointer(
+        run_dir / "checkpoints", config, every=a.checkpoint_every, max_to_keep=a.keep_checkpoints
+    )
+
+
+@contextlib.contextmanager
+def _faults(ckpt: checkpoint.Checkpointer | None, run_dir: Path):
+    """Catches SIGINT/SIGTERM from here to the end of the command (``main`` restores the
+    handlers): during training the run is saved at the end of the epoch and stops; once
+    training is done it finishes writing its results. On a NaN/Inf loss writes the
+    history so far and says where the last good checkpoint is."""
+    with ckpt.catch_signals(restore=False) if ckpt is not None else contextlib.nullcontext():
+        try:
+            yield
+        except train.NonFiniteError as e:
+            report.save_history(run_dir, e.history)
+            kept = [] if ckpt is None else ckpt.epochs()
+            where = (f"the last good checkpoint is epoch {kept[-1]} in {ckpt.directory}" if kept
+                     else "no checkpoint was kept")  # fmt: skip
+            e.args = (f"{e}; {where}; history in {run_dir}; lower --lr, add --clip-norm or "
+                      "--skip-nonfinite and start a new run",)  # fmt: skip
+            raise
+        except checkpoint.Interrupted as e:
+            e.run_dir = run_dir
+            raise
+
+
+# Flags a resumed run may set: they change what is shown, not what is computed.
+_RESUME_MAY_SET = ("resume", "json", "no_progress", "no_plots", "data_dir", "kernels")
+
+
+def _given_flags(argv: Sequence[str]) -> dict:
+    """The flags given on the command line (not their defaults), by dest."""
+    p = build_parser()
+    for action in p._actions:
+        if isinstance(action, argparse._SubParsersAction):
+            for sub in action.choices.values():
+                sub._defaults.clear()  # set_defaults() values (e.g. ensemble's dropout rates)
+                for act in sub._actions:
+                    act.default = argparse.SUPPRESS
+    return vars(p.parse_args(argv))
+
+
+def _run_config(flag: str, run_dir: Path, command: str) -> dict:
+    """The config.json of the ``command`` run in ``run_dir`` (for ``flag``'s message)."""
+    path = run_dir / "config.json"
+    try:
+        config = json.loads(path.read_text())
+    except OSError:
+        raise InputError(f"{flag}: expected a run directory with a config.json, got "
+                         f"{str(run_dir)!r}") from None  # fmt: skip
+    except ValueError as e:
+        raise InputError(f"{flag}: {str(path)!r} is not valid JSON ({e})") from None
+    if not isinstance(config, dict) or config.get("command") != command:
+        raise InputError(f"{flag}: {str(run_dir)!r} is not a {command} run")
+    return config
+
+
+def _with_settings(a: argparse.Namespace, config: Mapping, keep: Sequence[str]) -> dict:
+    """``a``'s values, with every setting of ``config`` that ``a`` has too, except ``keep``."""
+    out = vars(a).copy()
+    for dest, value in config.items():
+        if dest in out and dest not in keep:
+            if value is not None and dest in ("runs_dir", "data_dir"):
+                value = Path(value)
+            elif isinstance(out[dest], tuple) and isinstance(value, list):
+                value = tuple(value)
+            out[dest] = value
+    return out
+
+
+def _resumed(a: argparse.Namespace, argv: Sequence[str]) -> argparse.Namespace:
+    """``a`` with the settings of the run being resumed (its config.json); refuses
+    flags that would change what is computed."""
+    run_dir = Path(a.resume)
+    config = _run_config("--resume", run_dir, a.command)
+    if (run_dir / ("results.json" if a.command == "train" else "summary.json")).exists():
+        raise InputError(f"--resume: {str(run_dir)!r} has finished already; nothing to resume")
+    given = _given_flags(argv)
+    for dest, value in given.items():
+        if dest in (*_RESUME_MAY_SET, "command") or report.to_jsonable(value) == config.get(dest):
+            continue
+        flag = "--" + dest.replace("_", "-")
+        raise InputError(f"{flag}: {str(run_dir)!r} was started with {config.get(dest)!r}, got "
+                         f"{value!r}; a resumed run keeps its settings (only --json, "
+                         "--no-progress, --no-plots, --data-dir and --kernels may be given)")  # fmt: skip
+    out = _with_settings(a, config, keep=list(given))
+    out["resume"] = run_dir
+    return argparse.Namespace(**out)

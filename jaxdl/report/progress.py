@@ -1,0 +1,121 @@
+"""Live progress on a terminal (a rich bar, or one plain line per epoch) and plain-text
+tables of results."""
+
+from __future__ import annotations
+
+import math
+import sys
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any, TextIO
+
+from jaxdl.report.files import scalar
+
+_SHOWN = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+
+
+def _metrics_text(metrics: Mapping[str, float]) -> str:
+    return "  ".join(f"{k} {float(metrics[k]):.4f}" for k in _SHOWN if k in metrics)
+
+
+class Progress:
+    """Per-epoch progress: a rich bar on a terminal, one plain line per epoch otherwise.
+
+    Example::
+
+        with Progress(20) as p:
+            for epoch in range(1, 21):
+                p.update(epoch, {"train_loss": 0.1, "val_accuracy": 0.97})
+            p.finish(best_epoch=18)
+    """
+
+    def __init__(self, total: int, *, enabled: bool = True, stream: TextIO | None = None) -> None:
+        self.total = int(total)
+        self.enabled = enabled
+        self.stream = sys.stderr if stream is None else stream
+        self.epoch = 0
+        self._start = time.perf_counter()
+        self._bar = None
+        isatty = getattr(self.stream, "isatty", None)
+        if enabled and callable(isatty) and isatty():
+            from rich import progress as rp
+            from rich.console import Console
+
+            columns = (
+                rp.TextColumn("epoch {task.completed}/{task.total}"),
+                rp.BarColumn(),
+                rp.TimeElapsedColumn(),
+                rp.TimeRemainingColumn(),
+                rp.TextColumn("{task.fields[metrics]}", markup=False),  # the live metrics
+            )
+            console = Console(file=self.stream)
+            self._bar = rp.Progress(*columns, console=console, transient=False)
+            self._task = self._bar.add_task("train", total=self.total, metrics="")
+
+    def __enter__(self) -> Progress:
+        self._start = time.perf_counter()
+        if self._bar is not None:
+            self._bar.start()
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def elapsed(self) -> float:
+        """Seconds since the display started."""
+        return time.perf_counter() - self._start
+
+    def update(self, epoch: int, metrics: Mapping[str, float]) -> None:
+        """Reports that ``epoch`` (1-based) epochs are done, with their latest metrics."""
+        self.epoch = int(epoch)
+        if not self.enabled:
+            return
+        text = _metrics_text(metrics)
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.epoch, metrics=text)
+            return
+        elapsed = self.elapsed()
+        eta = elapsed / max(self.epoch, 1) * max(self.total - self.epoch, 0)
+        parts = [f"epoch {self.epoch}/{self.total}", text, f"({elapsed:.1f}s, eta {eta:.1f}s)"]
+        print("  ".join(p for p in parts if p), file=self.stream, flush=True)
+
+    def finish(self, stopped_early: bool = False, best_epoch: int | None = None) -> None:
+        """Prints a closing line: epochs run, wall time, early stop and best epoch."""
+        if not self.enabled:
+            return
+        n = f"{self.epoch}/{self.total} epochs"
+        how = f"stopped early after {n}" if stopped_early else f"done: {n}"
+        best = "" if best_epoch is None else f"; best epoch {best_epoch}"
+        if self._bar is not None:
+            self._bar.stop()  # end the live display first so the line prints below the bar
+        print(f"{how} in {self.elapsed():.1f}s{best}", file=self.stream, flush=True)
+
+
+def _cell(value: Any) -> str:
+    value = scalar(value)
+    if isinstance(value, float):
+        if value == 0 or not math.isfinite(value) or 1e-3 <= abs(value) < 1e5:
+            return f"{value:.4f}"
+        return f"{value:.3e}"
+    return "" if value is None else str(value)
+
+
+def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
+    """Aligned plain-text table; numbers right-aligned, text left-aligned, missing cells blank."""
+    cells = [[_cell(row.get(c)) for c in columns] for row in rows]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    numeric = [
+        all(isinstance(scalar(row.get(c)), (int, float)) for row in rows if row.get(c) is not None)
+        for c in columns
+    ]
+
+    def line(values: Sequence[str]) -> str:
+        return "  ".join(
+            v.rjust(w) if num else v.ljust(w)
+            for v, w, num in zip(values, widths, numeric, strict=True)
+        ).rstrip()
+
+    return "\n".join(
+        [line(list(columns)), line(["-" * w for w in widths]), *(line(r) for r in cells)]
+    )
