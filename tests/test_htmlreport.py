@@ -188,3 +188,16 @@ def test_the_browser_check_catches_broken_plots_and_errors(tmp_path):
     assert (attrs["plots"], attrs["plots-loaded"], attrs["visible"]) == ("1", "0", "0")
     warning = "This plot failed to load"
     assert dom.count(warning) == page.read_text().count(warning) + 1
+
+
+def test_numbers_are_shown_readably_and_kept_exact_for_sorting():
+    row = {"rate": 17808.906, "acc": 0.98539996, "loss": 0.0682, "n": 20, "big": 1e20}
+    cells = htmlreport.table([row], list(row))
+    shown = re.findall(r'data-value="([^"]+)">([^<]*)</td>', cells)
+    assert shown == [
+        ("17808.906", "17,809"),
+        ("0.98539996", "0.9854"),
+        ("0.0682", "0.0682"),
+        ("20", "20"),
+        ("1e+20", "1e+20"),
+    ]

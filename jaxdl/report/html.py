@@ -110,7 +110,10 @@ def _cell(value: Any) -> str:
         text = "" if value is None else str(value)
         return f"<td>{html.escape(text)}</td>"
     if isinstance(value, (int, float)):
-        shown = f"{value:.4g}" if isinstance(value, float) else str(value)
+        shown = str(value)
+        if isinstance(value, float):  # 0.9854, 56.15; rates as 17,809, not 1.781e+04
+            big = math.isfinite(value) and 1e4 <= abs(value) < 1e15
+            shown = f"{value:,.0f}" if big else f"{value:.4g}"
         return f'<td class="num" data-value="{value!r}">{html.escape(shown)}</td>'
     return f"<td>{html.escape(json.dumps(value))}</td>"
 
