@@ -367,17 +367,16 @@ def test_progress_tty_uses_rich_bar_that_fits_the_terminal(monkeypatch, columns)
         for e in range(1, 21):
             p.update(e, {**metrics, "train_loss": 0.5 / e})
         p.finish(best_epoch=18)
-    text = out.getvalue()
-    assert "done: 20/20 epochs" in text and "best epoch 18" in text
-    plain = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", text)  # without the colour codes
-    bar = [line for line in plain.splitlines() if "epoch 20/20" in line][-1]
-    if columns == 80:  # fewer, shorter metrics, every one whole, and no time remaining
-        assert bar.rstrip().endswith("loss 0.0250 val_loss 0.2500 val_acc 0.9000"), bar
-        assert "…" not in bar and len(bar.rstrip()) <= 80
-    else:
-        assert (
-            "train_loss 0.0250  train_accuracy 0.7500  val_loss 0.2500  val_accuracy 0.9000" in bar
-        )
+    plain = re.sub(r"\x1b\[[0-9;]*[A-Za-z]", "", out.getvalue())  # without the colour codes
+    lines = [line.rstrip() for line in plain.replace("\r", "\n").splitlines() if line.strip()]
+    assert "done: 20/20 epochs" in plain and "best epoch 18" in plain
+    every = "loss 0.0250 acc 0.7500 val_loss 0.2500 val_acc 0.9000"
+    # One line kept per finished epoch, then the bar: epoch count, time remaining, metrics.
+    kept = [line for line in lines if re.fullmatch(r"epoch \d+/20  loss .*s", line)]
+    assert [line.split()[1] for line in kept] == [f"{e}/20" for e in range(1, 21)]
+    bar = [line for line in lines if line.startswith("epoch 20/20 ") and line not in kept][-1]
+    assert bar.endswith(every) and re.search(r" \d+:\d\d:\d\d ", bar), bar
+    assert all(len(line) <= columns and "…" not in line for line in lines), lines
 
 
 # --- table --------------------------------------------------------------------

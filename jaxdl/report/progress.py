@@ -12,16 +12,16 @@ from typing import Any, TextIO
 from jaxdl.report.files import scalar
 
 _SHOWN = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
-# On a terminal narrower than WIDE columns the bar shows fewer metrics, shorter, and no
-# time remaining, so that an 80-column line holds it all (the finish line says the time).
-WIDE = 110
-_NARROW = {"train_loss": "loss", "val_loss": "val_loss", "val_accuracy": "val_acc"}
+# The names a terminal's bar uses: short, so that the epoch count, the bar, the time
+# remaining and all four metrics fit an 80-column line.
+_SHORT = {"train_loss": "loss", "train_accuracy": "acc", "val_loss": "val_loss",
+          "val_accuracy": "val_acc"}  # fmt: skip
+WIDE = 110  # from this many columns the bar is longer and shows the elapsed time too
 
 
-def _metrics_text(metrics: Mapping[str, float], narrow: bool = False) -> str:
-    if narrow:
-        shown = [k for k in _NARROW if k in metrics] or [k for k in _SHOWN if k in metrics][:2]
-        return " ".join(f"{_NARROW.get(k, k)} {float(metrics[k]):.4f}" for k in shown)
+def _metrics_text(metrics: Mapping[str, float], short: bool = False) -> str:
+    if short:
+        return " ".join(f"{_SHORT[k]} {float(metrics[k]):.4f}" for k in _SHOWN if k in metrics)
     return "  ".join(f"{k} {float(metrics[k]):.4f}" for k in _SHOWN if k in metrics)
 
 
@@ -41,7 +41,7 @@ class Progress:
         self.enabled = enabled
         self.stream = sys.stderr if stream is None else stream
         self.epoch = 0
-        self._start = time.perf_counter()
+        self._start = self._last = time.perf_counter()
         self._bar = None
         isatty = getattr(self.stream, "isatty", None)
         if enabled and callable(isatty) and isatty():
@@ -49,19 +49,19 @@ class Progress:
             from rich.console import Console
 
             console = Console(file=self.stream)
-            self._narrow = console.width < WIDE
+            wide = console.width >= WIDE
             columns = (
                 rp.TextColumn("epoch {task.completed}/{task.total}"),
-                rp.BarColumn(bar_width=10 if self._narrow else 30),
-                rp.TimeElapsedColumn(),
-                *(() if self._narrow else (rp.TimeRemainingColumn(),)),
+                rp.BarColumn(bar_width=20 if wide else 5),
+                *((rp.TimeElapsedColumn(),) if wide else ()),
+                rp.TimeRemainingColumn(),
                 rp.TextColumn("{task.fields[metrics]}", markup=False),  # the live metrics
             )
             self._bar = rp.Progress(*columns, console=console, transient=False)
             self._task = self._bar.add_task("train", total=self.total, metrics="")
 
     def __enter__(self) -> Progress:
-        self._start = time.perf_counter()
+        self._start = self._last = time.perf_counter()
         if self._bar is not None:
             self._bar.start()
         return self
@@ -80,8 +80,13 @@ class Progress:
         if not self.enabled:
             return
         if self._bar is not None:
-            text = _metrics_text(metrics, narrow=self._narrow)
+            text = _metrics_text(metrics, short=True)
+            # Each finished epoch keeps its line on screen, above the live bar (as Keras).
+            took = time.perf_counter() - self._last
+            line = f"epoch {self.epoch}/{self.total}  {text}  {took:.1f}s"
+            self._bar.console.print(line, markup=False, highlight=False)
             self._bar.update(self._task, completed=self.epoch, metrics=text)
+            self._last = time.perf_counter()
             return
         text = _metrics_text(metrics)
         elapsed = self.elapsed()
