@@ -49,7 +49,9 @@ def bench_jaxdl(ds, rates=RATES, masks: bool = True):
     ``jax.random.bernoulli`` instead of the kernel, the rest lowered alike)."""
     model = jaxdl.MLP(hidden=SIZES[1:-1], num_classes=10)
     opt = jaxdl.make_optimizer("adam", learning_rate=1e-3)
-    setup, hp = train.prepare(model, opt, ds, epochs=1000, batch_size=BATCH, dropout=rates)
+    setup, hp = train.prepare(
+        jaxdl.RunConfig.of(model, opt, epochs=1000, batch_size=BATCH, dropout=rates), ds
+    )
     if not masks:
         setup = dataclasses.replace(
             setup, lowering=dataclasses.replace(setup.lowering, masks=False)

@@ -72,7 +72,10 @@ def jaxdl_sweep(ds, sizes, members: int, shared: bool, one_device: bool = False)
     lrs = np.geomspace(1e-4, 1e-2, members)
     configs = [{"learning_rate": float(lr)} for lr in lrs]
     setup, hp, keys, _ = sweep.prepare_sweep(
-        model, jaxdl.make_optimizer("adam"), ds, configs, seeds=[0], epochs=1000, batch_size=BATCH
+        jaxdl.RunConfig.of(model, jaxdl.make_optimizer("adam"), epochs=1000, batch_size=BATCH),
+        ds,
+        configs,
+        seeds=[0],
     )
     where = devices.for_members(members, jax.devices()[:1] if one_device else None)
     mesh = Mesh(np.asarray(where), ("members",)) if len(where) > 1 else None

@@ -73,7 +73,9 @@ def _default():
 def bench_jaxdl(ds, kernels="auto", **choices):
     """``kernels`` for ``prepare``; ``choices`` (``adam``, ``gemm``) override fields of the
     ``Lowering`` it resolved."""
-    setup, hp = train.prepare(*_default(), ds, epochs=1000, batch_size=BATCH, kernels=kernels)
+    setup, hp = train.prepare(
+        jaxdl.RunConfig.of(*_default(), epochs=1000, batch_size=BATCH, kernels=kernels), ds
+    )
     setup = dataclasses.replace(setup, lowering=dataclasses.replace(setup.lowering, **choices))
     t0 = time.perf_counter()
     epoch, compile_s = jaxdl_epoch(setup, hp, ds)

@@ -86,12 +86,12 @@ def main(argv=None) -> dict:
     runs = {}
     for label, (init, act, scale) in CONDITIONS.items():
         model = jaxdl.MLP(hidden=(width,) * DEPTH, activation=act, weight_init=init)
-        kw = dict(epochs=epochs, batch_size=100, validation=valid, init_scale=scale)
+        kw = dict(epochs=epochs, batch_size=100, init_scale=scale)
         t0 = time.perf_counter()
-        setup, hp = jaxdl.prepare(model, opt, train, **kw)
+        setup, hp = jaxdl.prepare(jaxdl.RunConfig.of(model, opt, **kw), train, valid)
         # The initial state fit starts from (the same cached program and key).
         first = jaxdl.train.programs(setup).init(jaxdl.train.as_key(a.seed), hp)
-        state, history = jaxdl.fit(model, opt, train, key=a.seed, **kw)
+        state, history = jaxdl.fit(model, opt, train, validation=valid, key=a.seed, **kw)
         h0 = activations(model, first.params, probe)
         h1 = activations(model, state.params, probe)
         runs[label] = {

@@ -52,7 +52,9 @@ def main(argv=None) -> dict:
     runs, weights = {}, {}
     for label, lr in RATES.items():
         opt = jaxdl.make_optimizer("adam", learning_rate=lr)
-        setup, hp = jaxdl.prepare(model, opt, train, epochs=epochs, batch_size=100)
+        setup, hp = jaxdl.prepare(
+            jaxdl.RunConfig.of(model, opt, epochs=epochs, batch_size=100), train
+        )
         state = jaxdl.train.programs(setup).init(jaxdl.train.as_key(a.seed), hp)
         first = np.asarray(state.params["layer_0"]["kernel"])
         hists: list[list[list[int]]] = []  # epoch → layer → counts

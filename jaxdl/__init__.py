@@ -5,6 +5,7 @@ The pure functions are the API: ``fit`` is a convenience built from ``init_state
 """
 
 from jaxdl import checkpoint, ensemble, report, sweep
+from jaxdl.config import RunConfig
 from jaxdl.data import Dataset, Splits, load, standardize, synthetic, synthetic_splits
 from jaxdl.devices import use_cpu_cores
 from jaxdl.models import CNN, MLP, masked_widths, sample_masks
@@ -37,6 +38,7 @@ __all__ = [
     "InputError",
     "NonFiniteError",
     "Optimizer",
+    "RunConfig",
     "Setup",
     "Splits",
     "TrainState",

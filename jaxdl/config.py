@@ -1,181 +1,387 @@
-"""Run configurations: every setting of a run as a file, and a file back into settings.
+"""The run configuration: everything a training run is, as one frozen, JSON-serialisable value.
 
-Every run directory holds ``config.json``: one key per flag of the command that made it
-(its ``dest``, e.g. ``batch_size``), defaults and the seed included, plus a few keys
-kept for the record (``command``, ``resolved``, ``run_dir``). ``jaxdl train --config
-runs/NAME/config.json`` reruns it; a hand-written TOML or JSON file works the same way:
+.. code-block:: text
 
-.. code-block:: toml
+    RunConfig
+      model           ModelConfig(module="mlp", args={"hidden": (500, 500), ...})
+      optimizer       OptimizerConfig(name="adam", hyperparams={"learning_rate": ...}, ...)
+      data            DataConfig(source="mnist", preprocess="none", train_size=None)
+      training        Training(epochs, batch_size, seed, loss, early_stopping, ...)
+      regularisation  Regularisation(l1, l2, dropout, dropout_input, input_noise, init_scale)
+      checkpointing   Checkpointing(every, keep)
+      kernels         "auto" | "on" | "off": how the program is lowered, not what it computes
 
-    hidden = [256, 256]       # or "256,256", as on the command line
-    dropout-hidden = 0.5      # flag spelling works too
-    optimizer = "momentum"
-    momentum = 0.9
-    epochs = 30
-
-Values are read exactly as the flag's text would be (a list becomes ``a,b,c``), so a
-file accepts whatever the flag accepts. Flags given on the command line override the
-file. An unknown key is an error naming the key and the nearest valid one. The run
-directory's name is never taken from a saved ``config.json``: a rerun gets a new one.
+Python keywords (``RunConfig.of``), CLI flags and ``--config`` files (``from_flags``) all
+build one; ``jaxdl.prepare(config, train, validation)`` turns it into the static ``Setup``
+and the traced ``HParams``; a run directory's ``config.json`` holds ``to_dict()`` under
+``"run"`` and ``RunConfig.load(run_dir)`` reads it back. Values are checked where they
+are used (``prepare``), so a config can be written, read and compared without data.
 """
 
 from __future__ import annotations
 
-import argparse
+import dataclasses
 import difflib
 import json
-import sys
-from collections.abc import Mapping, Sequence
+from collections.abc import Mapping
 from pathlib import Path
 from typing import Any
 
+import flax.linen as nn
+
+from jaxdl import models, optim
+from jaxdl.optim import Optimizer
+from jaxdl.stopping import EarlyStopping
 from jaxdl.validate import InputError
 
-if sys.version_info >= (3, 11):
-    import tomllib
-else:  # pragma: no cover - exercised on Python 3.10 only
-    import tomli as tomllib
-
-# Written into config.json for the record; ignored when a config is read back.
+# Written into a run's config.json for the record; ignored when it is read back.
 RECORD_KEYS = ("command", "resolved", "run_dir")
-# Not settings of the run: where its settings came from, and its directory's name.
-NOT_SAVED = ("config", "name")
+
+MODULES: dict[str, type[nn.Module]] = {"mlp": models.MLP, "cnn": models.CNN}
 
 
-def settings(a: argparse.Namespace) -> dict[str, Any]:
-    """The settings to save in ``config.json``: every parsed flag (paths as text),
-    except ``--config`` and ``--name``, plus ``command``."""
-    return {
-        k: (str(v) if isinstance(v, Path) else v) for k, v in vars(a).items() if k not in NOT_SAVED
-    }
-
-
-def load(path: str | Path) -> dict[str, Any]:
-    """Reads a TOML (``.toml``) or JSON (any other suffix) file holding one table/object."""
-    path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as e:
-        raise InputError(f"--config: cannot read {str(path)!r} ({e.strerror or e})") from None
-    try:
-        values = tomllib.loads(text) if path.suffix == ".toml" else json.loads(text)
-    except (tomllib.TOMLDecodeError, json.JSONDecodeError) as e:
-        kind = "TOML" if path.suffix == ".toml" else "JSON"
-        first = str(e).splitlines()[0] if str(e) else type(e).__name__
-        raise InputError(f"--config {path}: not valid {kind}: {first}") from None
-    if not isinstance(values, dict):
-        raise InputError(
-            f"--config {path}: expected a table of settings, got {type(values).__name__}"
-        )
-    return values
-
-
-def _flag_actions(parser: argparse.ArgumentParser) -> dict[str, argparse.Action]:
-    # argparse has no public accessor for a parser's actions; ``_actions`` has been stable
-    # since argparse entered the standard library.
-    return {
-        a.dest: a
-        for a in parser._actions
-        if a.option_strings and a.dest not in (argparse.SUPPRESS, "help", *NOT_SAVED)
-    }
-
-
-def _as_text(value: Any, where: str) -> str:
-    """The command-line text a file value stands for: lists join with commas."""
-    if isinstance(value, bool):
-        raise InputError(f"{where}: expected a value for the flag, got {value!r}")
-    if isinstance(value, (list, tuple)):
-        return ",".join(_as_text(v, where) for v in value)
+def _frozen(value: Any) -> Any:
+    """JSON lists as tuples (hashable module fields, equal after a round trip)."""
+    if isinstance(value, list | tuple):
+        return tuple(_frozen(v) for v in value)
     if isinstance(value, Mapping):
-        return ",".join(f"{k}={_as_text(v, where)}" for k, v in value.items())
-    if isinstance(value, float):
-        return repr(value)  # round-trips exactly
-    if isinstance(value, (int, str)):
-        return str(value)
-    raise InputError(f"{where}: unsupported value {value!r}")
+        return {str(k): _frozen(v) for k, v in value.items()}
+    return value
 
 
-_EXPECTED = {int: "an integer", float: "a number", Path: "a path"}
+def _unknown(where: str, key: str, valid, what: str = "key") -> InputError:
+    near = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return InputError(f"{where}: unknown {what} {key!r}{hint}; expected one of {', '.join(valid)}")
 
 
-def _convert(action: argparse.Action, value: Any, where: str) -> Any:
-    """Parses one file value as argparse would parse the flag's text."""
-    if value is None:
-        if action.default is None:
-            return None
-        raise InputError(f"{where}: expected a value, got null")
-    if action.nargs == 0:  # store_true / store_false
-        if not isinstance(value, bool):
-            raise InputError(f"{where}: expected true or false, got {value!r}")
-        return value
-    text = _as_text(value, where)
-    converted: Any = text
-    if action.type is not None:
+def _module_fields(cls: type[nn.Module]) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls) if f.name not in ("parent", "name")]
+
+
+@dataclasses.dataclass(frozen=True)
+class ModelConfig:
+    """Which module (``"mlp"`` or ``"cnn"``) and its arguments (the module's fields).
+    Without ``num_classes`` in ``args``, ``prepare`` takes it from the labels."""
+
+    module: str = "mlp"
+    args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+
+    def __post_init__(self):
+        object.__setattr__(self, "args", _frozen(dict(self.args)))
+
+    def build(self, num_classes: int | None = None) -> nn.Module:
+        """The module; ``num_classes`` fills in the class count when ``args`` has none."""
+        if self.module not in MODULES:
+            raise _unknown("model", self.module, MODULES, "module")
+        cls = MODULES[self.module]
+        fields = _module_fields(cls)
+        for key in self.args:
+            if key not in fields:
+                raise _unknown(f"model {self.module}", key, fields, "argument")
+        args = dict(self.args)
+        if num_classes is not None:
+            args.setdefault("num_classes", num_classes)
+        return models.check_model(cls(**args))
+
+    @classmethod
+    def of(cls, model: nn.Module) -> ModelConfig:
+        """The config that builds ``model`` again (every field, defaults included)."""
+        models.check_model(model)
+        name = next(k for k, c in MODULES.items() if type(model) is c)
+        return cls(name, {k: getattr(model, k) for k in _module_fields(type(model))})
+
+
+@dataclasses.dataclass(frozen=True)
+class OptimizerConfig:
+    """An optimizer family, its numbers (those not given are the family's defaults,
+    ``optim.defaults``), its schedule and its structure. ``clip``/``decay``/``constrain``
+    put a pass into the chain even where the numbers do not need it (a sweep whose
+    members differ in it)."""
+
+    name: str = "adam"
+    hyperparams: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    schedule: str = "constant"
+    freeze: tuple[str, ...] = ()
+    layer_lr: Mapping[str, float] = dataclasses.field(default_factory=dict)
+    clip: bool = False
+    decay: bool = False
+    constrain: bool = False
+
+    def __post_init__(self):
+        object.__setattr__(self, "hyperparams", dict(self.hyperparams))
+        object.__setattr__(self, "freeze", tuple(self.freeze))
+        object.__setattr__(self, "layer_lr", dict(self.layer_lr))
+
+    def build(self) -> Optimizer:
+        opt = optim.make_optimizer(
+            self.name, schedule=self.schedule, freeze=self.freeze, layer_lr=self.layer_lr,
+            **self.hyperparams,
+        )  # fmt: skip
+        return dataclasses.replace(
+            opt, clip=opt.clip or self.clip, decay=opt.decay or self.decay,
+            constrain=opt.constrain or self.constrain,
+        )  # fmt: skip
+
+    @classmethod
+    def of(cls, opt: Optimizer) -> OptimizerConfig:
+        """The config that builds ``opt`` again (numbers that differ from the defaults)."""
+        if not isinstance(opt, Optimizer):
+            raise InputError(
+                f"optimizer: expected an Optimizer from jaxdl.make_optimizer, got "
+                f"{type(opt).__name__}"
+            )
+        base = optim.defaults(opt.name)
+        numbers = {k: float(v) for k, v in opt.hyperparams.items() if base.get(k) != v}
+        return cls(opt.name, numbers, opt.schedule, opt.freeze, dict(opt.layer_lr),
+                   opt.clip, opt.decay, opt.constrain)  # fmt: skip
+
+
+@dataclasses.dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from (``"mnist"`` or an ``.npz`` path), its standardisation
+    and how many training examples are used (None: all)."""
+
+    source: str = "mnist"
+    preprocess: str = "none"
+    train_size: int | None = None
+
+
+@dataclasses.dataclass(frozen=True)
+class Training:
+    """The loop: epochs, minibatches, seed, data loss, early stopping, NaN handling."""
+
+    epochs: int = 20
+    batch_size: int = 100
+    seed: int = 0
+    loss: str = "cross_entropy"
+    early_stopping: EarlyStopping | None = None
+    eval_batch_size: int = 1000
+    skip_nonfinite: bool = False
+
+
+@dataclasses.dataclass(frozen=True)
+class Regularisation:
+    """Penalties and noise. ``dropout``: one rate for every masked layer or one per layer
+    (input first); ``dropout_input``, if given, the input layer's rate (then ``dropout``
+    is the hidden layers'). ``init_scale`` None: the initialiser's own."""
+
+    l1: float = 0.0
+    l2: float = 0.0
+    dropout: float | tuple[float, ...] | None = None
+    dropout_input: float | None = None
+    input_noise: float = 0.0
+    init_scale: float | None = None
+
+    def __post_init__(self):
+        if isinstance(self.dropout, list | tuple):
+            object.__setattr__(self, "dropout", tuple(self.dropout))
+
+
+@dataclasses.dataclass(frozen=True)
+class Checkpointing:
+    """Save every ``every`` epochs (0: never), keeping the ``keep`` latest (and the best)."""
+
+    every: int = 1
+    keep: int = 2
+
+
+_SECTIONS = {
+    "data": DataConfig,
+    "training": Training,
+    "regularisation": Regularisation,
+    "checkpointing": Checkpointing,
+}
+# Python keywords that name a field of a section by another name (``every`` alone, or
+# ``source``, would not say what they set).
+_ALIASES = {"checkpoint_every": ("checkpointing", "every"),
+            "keep_checkpoints": ("checkpointing", "keep"), "data": ("data", "source")}  # fmt: skip
+
+
+def _keyword_targets() -> dict[str, tuple[str, str]]:
+    out = {f.name: (s, f.name) for s, c in _SECTIONS.items() for f in dataclasses.fields(c)
+           if s != "checkpointing" and f.name != "source"}  # fmt: skip
+    return {**out, **_ALIASES}
+
+
+@dataclasses.dataclass(frozen=True)
+class RunConfig:
+    """Everything a run is; see the module's docstring."""
+
+    model: ModelConfig = ModelConfig()
+    optimizer: OptimizerConfig = OptimizerConfig()
+    data: DataConfig = DataConfig()
+    training: Training = Training()
+    regularisation: Regularisation = Regularisation()
+    checkpointing: Checkpointing = Checkpointing()
+    kernels: str = "auto"
+
+    @classmethod
+    def of(
+        cls,
+        model: nn.Module | ModelConfig | None = None,
+        optimizer: Optimizer | OptimizerConfig | None = None,
+        **settings: Any,
+    ) -> RunConfig:
+        """A config from Python objects and keywords, each keyword going to the section
+        that has it: ``RunConfig.of(jaxdl.MLP((256,)), opt, epochs=5, l2=1e-4,
+        learning_rate=3e-3)``. A keyword naming one of the optimizer family's numbers sets it."""
+        model = ModelConfig() if model is None else model
+        optimizer = OptimizerConfig() if optimizer is None else optimizer
+        if not isinstance(model, ModelConfig):
+            model = ModelConfig.of(model)
+        if not isinstance(optimizer, OptimizerConfig):
+            optimizer = OptimizerConfig.of(optimizer)
+        return cls(model, optimizer).replace(**settings)
+
+    def replace(self, **settings: Any) -> RunConfig:
+        """A copy with the given settings changed (the keywords of ``of``)."""
+        targets = _keyword_targets()
+        numbers = optim.defaults(self.optimizer.name)
+        parts: dict[str, dict[str, Any]] = {}
+        hyper = dict(self.optimizer.hyperparams)
+        top: dict[str, Any] = {}
+        for key, value in settings.items():
+            if key in ("model", "optimizer", "kernels"):
+                top[key] = value
+            elif key in targets:
+                section, name = targets[key]
+                parts.setdefault(section, {})[name] = value
+            elif key in numbers:
+                hyper[key] = value
+            else:
+                valid = sorted([*targets, *numbers, "kernels"])
+                raise _unknown("run settings", key, valid, "setting")
+        sections = {s: dataclasses.replace(getattr(self, s), **v) for s, v in parts.items()}
+        if hyper != self.optimizer.hyperparams:
+            sections["optimizer"] = dataclasses.replace(self.optimizer, hyperparams=hyper)
+        return dataclasses.replace(self, **sections, **top)
+
+    def to_dict(self) -> dict[str, Any]:
+        """Plain JSON values (lists for tuples), one key per section, plus ``kernels``."""
+        return json.loads(json.dumps(dataclasses.asdict(self)))
+
+    @classmethod
+    def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> RunConfig:
+        """The inverse of ``to_dict``; a missing key takes its default. An unknown section
+        or key raises ``InputError`` naming it and ``source``."""
+        if not isinstance(values, Mapping):
+            raise InputError(f"{source}: expected a table of sections, got {values!r}")
+        classes = {"model": ModelConfig, "optimizer": OptimizerConfig, **_SECTIONS}
+        out: dict[str, Any] = {}
+        for key, value in values.items():
+            if key == "kernels":
+                out[key] = value
+                continue
+            if key not in classes:
+                raise _unknown(source, key, [*classes, "kernels"])
+            names = [f.name for f in dataclasses.fields(classes[key])]
+            if not isinstance(value, Mapping):
+                raise InputError(f"{source}: {key}: expected a table, got {value!r}")
+            for k in value:
+                if k not in names:
+                    raise _unknown(f"{source}: {key}", k, names)
+            fields = dict(value)
+            if key == "training" and isinstance(fields.get("early_stopping"), Mapping):
+                fields["early_stopping"] = EarlyStopping(**fields["early_stopping"])
+            out[key] = classes[key](**fields)
+        return cls(**out)
+
+    @classmethod
+    def load(cls, path: str | Path) -> RunConfig:
+        """The config of a run directory (or of its ``config.json``)."""
+        path = Path(path)
+        path = path / "config.json" if path.is_dir() else path
         try:
-            converted = action.type(text)
-        except argparse.ArgumentTypeError as e:
-            raise InputError(f"{where}: {e}") from None
-        except (TypeError, ValueError):
-            expected = _EXPECTED.get(action.type, "a valid value")
-            raise InputError(f"{where}: expected {expected}, got {value!r}") from None
-    if action.choices is not None and converted not in action.choices:
-        near = difflib.get_close_matches(str(converted), [str(c) for c in action.choices], n=1)
-        hint = f" (did you mean {near[0]!r}?)" if near else ""
-        raise InputError(
-            f"{where}: unknown value {converted!r}{hint}; expected one of "
-            f"{', '.join(map(str, action.choices))}"
-        )
-    return converted
+            saved = json.loads(path.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:
+            raise InputError(f"{str(path)!r}: cannot read a run's config.json ({e})") from None
+        if not isinstance(saved, dict) or "run" not in saved:
+            raise InputError(f"{str(path)!r}: holds no run configuration (no 'run' key)")
+        return cls.from_dict(saved["run"], source=str(path))
+
+    # -- the same settings named like the command line's flags (``--batch-size`` ->
+    # ``batch_size``): what CLI flags and hand-written ``--config`` files give, and what
+    # ``jaxdl compare`` and the HTML report show.
+
+    def as_flags(self) -> dict[str, Any]:
+        """The settings that have a flag, keyed by the flag's dest (``lr``, ``hidden``, …)."""
+        m, o, t, r = self.model, self.optimizer, self.training, self.regularisation
+        out: dict[str, Any] = {"model": m.module}
+        out |= {flag: m.args[field] for flag, field in MODEL_FLAGS.items() if field in m.args}
+        out |= {"optimizer": o.name, "lr": o.hyperparams.get("learning_rate")}
+        out |= {k: o.hyperparams.get(k) for k in OPTIMIZER_FLAGS}
+        out |= {"schedule": o.schedule, "freeze": o.freeze, "layer_lr": dict(o.layer_lr)}
+        out |= {k: getattr(t, k) for k in ("epochs", "batch_size", "seed", "loss")}
+        if t.skip_nonfinite:  # a flag of train only
+            out["skip_nonfinite"] = True
+        if (es := t.early_stopping) is not None:
+            out |= {"early_stopping": es.patience or 0, "monitor": es.monitor,
+                    "min_delta": es.min_delta, "no_restore_best": not es.restore_best}  # fmt: skip
+        out |= {k: getattr(r, k) for k in ("l1", "l2", "input_noise", "init_scale")}
+        out |= {"dropout_input": r.dropout_input, "dropout_hidden": r.dropout}
+        out |= {"data": self.data.source, "preprocess": self.data.preprocess,
+                "train_size": self.data.train_size}  # fmt: skip
+        out |= {"checkpoint_every": self.checkpointing.every,
+                "keep_checkpoints": self.checkpointing.keep, "kernels": self.kernels}  # fmt: skip
+        return out
+
+    @classmethod
+    def from_flags(cls, flags: Mapping[str, Any]) -> RunConfig:
+        """The config the training flags describe (``vars`` of a parsed command line);
+        a flag that is missing takes the config's default."""
+        d = cls()
+        get = flags.get
+        module = get("model", d.model.module)
+        known = _module_fields(MODULES[module]) if module in MODULES else []
+        args = {f: flags[k] for k, f in MODEL_FLAGS.items() if f in known and k in flags}
+        numbers = {k: get(k) for k in OPTIMIZER_FLAGS if get(k) is not None}
+        if get("lr") is not None:
+            numbers["learning_rate"] = get("lr")
+        es = None
+        if "early_stopping" in flags:  # 0: never stop, but still keep the best epoch
+            es = EarlyStopping(get("monitor", "val_loss"), get("early_stopping") or None,
+                               get("min_delta", 0.0), not get("no_restore_best", False))  # fmt: skip
+        o, t, r, c = d.optimizer, d.training, d.regularisation, d.checkpointing
+        return cls(
+            ModelConfig(module, args),
+            OptimizerConfig(get("optimizer", o.name), numbers, get("schedule", o.schedule),
+                            get("freeze", o.freeze), get("layer_lr") or {}),
+            DataConfig(get("data", d.data.source), get("preprocess", d.data.preprocess),
+                       get("train_size")),
+            Training(get("epochs", t.epochs), get("batch_size", t.batch_size),
+                     get("seed", t.seed), get("loss", t.loss), es,
+                     skip_nonfinite=bool(get("skip_nonfinite", False))),
+            Regularisation(get("l1", r.l1), get("l2", r.l2), get("dropout_hidden"),
+                           get("dropout_input"), get("input_noise", r.input_noise),
+                           get("init_scale")),
+            Checkpointing(get("checkpoint_every", c.every), get("keep_checkpoints", c.keep)),
+            get("kernels", d.kernels),
+        )  # fmt: skip
 
 
-def defaults(
-    parser: argparse.ArgumentParser, values: Mapping[str, Any], *, command: str, source: str
-) -> dict[str, Any]:
-    """Checks a config's keys and values against ``parser`` (one command's) and returns
-    them parsed, keyed by ``dest``, ready for ``parser.set_defaults``.
-
-    Keys may be spelled like the flag (``batch-size``) or its dest (``batch_size``).
-    Raises ``InputError`` naming the file and key for an unknown key (with the nearest
-    valid one), a bad value, a key given twice, or a config written by another command.
-    """
-    actions = _flag_actions(parser)
-    written_by = values.get("command")
-    if written_by is not None and written_by != command:
-        raise InputError(
-            f"--config {source}: written by 'jaxdl {written_by}'; use it with that command, "
-            f"not 'jaxdl {command}'"
-        )
-    out: dict[str, Any] = {}
-    for key, value in values.items():
-        dest = str(key).replace("-", "_")
-        if dest in RECORD_KEYS:
-            continue
-        if dest == "name":  # a hand-written file may name its run directory; a run's
-            if written_by is None:  # own config.json (older ones held its name) may not
-                out[dest] = _as_text(value, f"--config {source}: {key}")
-            continue
-        action = actions.get(dest)
-        if action is None:
-            valid = sorted(actions) + ["name"]
-            near = difflib.get_close_matches(dest, valid, n=1, cutoff=0.5)
-            hint = f" (did you mean {near[0]!r}?)" if near else ""
-            raise InputError(f"--config {source}: unknown key {key!r} for jaxdl {command}{hint}")
-        if dest in out:
-            raise InputError(f"--config {source}: {key!r} is given twice")
-        out[dest] = _convert(action, value, f"--config {source}: {key}")
-    return out
+# Model flags and the module fields they set.
+MODEL_FLAGS = {"hidden": "hidden", "conv_features": "features", "conv_kernel": "kernel_size",
+               "conv_dense": "dense", "activation": "activation",
+               "maxout_pieces": "maxout_pieces", "init": "weight_init",
+               "batch_norm": "batch_norm", "dropout_convention": "dropout_convention"}  # fmt: skip
+# Optimizer numbers with a flag of their own name (the learning rate is ``--lr``).
+OPTIMIZER_FLAGS = ("momentum", "b1", "b2", "eps", "decay", "weight_decay",
+                   "decay_start_epoch", "clip_norm", "max_norm", "lr_decay", "lr_decay_every",
+                   "lr_patience", "warmup_epochs", "lr_min_ratio")  # fmt: skip
+# Every flag a RunConfig holds: the rest of a command line is how the run is shown.
+RUN_FLAGS = frozenset([*RunConfig().as_flags(), *MODEL_FLAGS, *OPTIMIZER_FLAGS,
+                       "skip_nonfinite", "early_stopping", "monitor", "min_delta",
+                       "no_restore_best"])  # fmt: skip
 
 
-def reparse(
-    parser: argparse.ArgumentParser,
-    command_parser: argparse.ArgumentParser,
-    argv: Sequence[str] | None,
-    a: argparse.Namespace,
-) -> argparse.Namespace:
-    """Parses ``argv`` again with the file named by ``a.config`` as defaults, so flags on
-    the command line override the file and the parser's defaults fill the rest."""
-    values = load(a.config)
-    command_parser.set_defaults(
-        **defaults(command_parser, values, command=a.command, source=str(a.config))
-    )
-    return parser.parse_args(argv)
+def saved_flags(saved: Mapping[str, Any]) -> dict[str, Any]:
+    """A run directory's ``config.json`` as flag-named settings (JSON values): its run's
+    ``as_flags()``, then its sweep ``space`` and its ``options``, with the record keys as
+    they are. A file that is flat already (hand-written) is returned as it is."""
+    if not isinstance(saved.get("run"), Mapping):
+        return dict(saved)
+    run = RunConfig.from_dict(saved["run"], source="config.json: run")
+    rest = {k: v for k, v in saved.items() if k not in ("run", "space", "options")}
+    flat = {**rest, **run.as_flags(), **saved.get("space", {}), **saved.get("options", {})}
+    return json.loads(json.dumps(flat))

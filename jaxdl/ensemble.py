@@ -35,7 +35,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdl import lowering, models, sweep, validate
+from jaxdl import lowering, models, sweep, train, validate
+from jaxdl.config import RunConfig
 from jaxdl.data import Dataset
 
 # The ensemble view's programs, reachable from here as ensemble.mc_stats and so on.
@@ -210,36 +211,32 @@ def member_stats(
 
 
 def train_explicit(
-    model: Model,
-    optimizer,
+    config: RunConfig,
     train_data: Dataset,
     *,
     n: int,
     rates,
     key: jax.Array,
-    epochs: int,
-    seed: int = 0,
-    config: Mapping[str, Any] | None = None,
-    **kwargs: Any,
+    **options: Any,
 ) -> dict[str, Any]:
     """Explicit ensembles to set beside one dropout-trained net, trained vmapped:
 
-    - ``independent``: n nets without dropout, seeds ``seed…seed+n-1``;
+    - ``independent``: n nets of ``config`` without dropout, seeds ``seed…seed+n-1``
+      (``seed``: ``config.training.seed``);
     - ``bagging``: n fixed-mask subnetworks ("dropout bagging"), each with its own weights
       and one mask drawn with ``rates`` from ``key``, used at every step.
 
-    ``config``: the numbers every member shares (``sweep.sweep``'s configuration keys:
-    ``learning_rate``, ``l2``, ``input_noise``, …); its ``dropout`` is ignored. ``kwargs``
-    go to ``sweep.sweep`` (batch_size, validation, test, early_stopping, …).
+    ``options`` go to ``sweep.run`` (validation, test, devices, …).
     Returns ``{"independent": SweepResult, "bagging": SweepResult, "masks": Masks}``.
     """
     validate.positive_int("n", n)
-    seeds = list(range(seed, seed + n))
+    seed = config.training.seed
+    model = config.model.build(train.num_classes(train_data))
     masks = sample_masks(key, model, rates, n, train_data.x.shape[1:])
-    configs = [{**(config or {}), "dropout": 0.0}]
-    common = dict(seeds=seeds, epochs=epochs, **kwargs)
+    configs = [{"dropout": 0.0, "dropout_input": None}]
+    common = dict(seeds=list(range(seed, seed + n)), **options)
     return {
-        "independent": sweep.sweep(model, optimizer, train_data, configs, **common),
-        "bagging": sweep.sweep(model, optimizer, train_data, configs, masks=masks, **common),
+        "independent": sweep.run(config, train_data, configs, **common),
+        "bagging": sweep.run(config, train_data, configs, masks=masks, **common),
         "masks": masks,
     }

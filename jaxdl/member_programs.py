@@ -12,13 +12,15 @@ import functools
 import math
 import os
 import warnings
+from collections.abc import Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxdl import compiled, models, step
+from jaxdl import compiled, models, step, validate
 from jaxdl.devices import compiler_options
 
 
@@ -264,3 +266,21 @@ def pad(keys, hp, n: int, size: int):
         return jnp.concatenate([v, jnp.repeat(v[-1:], extra, axis=0)]) if extra else v
 
     return padded(keys), jax.tree_util.tree_map(padded, hp), jnp.arange(n + extra) < n
+
+
+def member_slice(tree, start: int, stop: int):
+    """Members ``start:stop`` of a tree with a leading member axis."""
+    return jax.tree_util.tree_map(lambda v: v[start:stop], tree)
+
+
+def check_masks(masks, members: int, widths: Sequence[int]) -> models.Masks:
+    """Fixed subnetworks, one 0/1 (members, width) array per masked layer, checked."""
+    if not isinstance(masks, tuple | list) or len(masks) != len(widths):
+        validate.fail("masks", f"a tuple of {len(widths)} arrays, one per masked layer", masks)
+    out = []
+    for i, (m, w) in enumerate(zip(masks, widths, strict=True)):
+        m = np.asarray(m, np.float32)
+        if m.shape != (members, w) or not np.isin(m, (0.0, 1.0)).all():
+            validate.fail(f"masks[{i}]", f"0/1 values of shape ({members}, {w})", m.shape)
+        out.append(jnp.asarray(m))
+    return tuple(out)

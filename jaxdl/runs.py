@@ -15,8 +15,8 @@ from collections.abc import Iterable, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from jaxdl import config as config_mod
 from jaxdl import report
+from jaxdl.config import RECORD_KEYS, saved_flags
 from jaxdl.validate import InputError
 
 RUN_FILES = ("config.json", "results.json", "summary.json")
@@ -124,15 +124,13 @@ def _lr(value: Any) -> str:
 
 def summary_row(run: Run) -> dict[str, Any]:
     """The key facts of a run, one table row: name, kind, when, model, results."""
-    cfg, res = run.config, run.results
+    cfg, res = settings(run), run.results
     row: dict[str, Any] = {
         "run": run.name,
         "kind": run.kind,
         "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(run.created)),
         "model": _describe(cfg),
-        "optimizer": f"{cfg['optimizer']} lr={_lr(settings(run).get('lr'))}"
-        if "optimizer" in cfg
-        else "",
+        "optimizer": f"{cfg['optimizer']} lr={_lr(cfg.get('lr'))}" if "optimizer" in cfg else "",
     }
     if run.kind == "train":
         row.update(
@@ -166,9 +164,14 @@ def run_table(runs: Sequence[Run]) -> str:
 
 
 def settings(run: Run) -> dict[str, Any]:
-    """A run's settings: its ``config.json`` less the keys kept only for the record, with
-    a default learning rate (``lr`` null: the optimizer's own) shown as its value."""
-    out = {k: v for k, v in run.config.items() if k not in config_mod.RECORD_KEYS}
+    """A run's settings by flag name (``jaxdl.config.saved_flags``) less the keys kept only
+    for the record, with a default learning rate (``lr`` null: the optimizer's own) shown
+    as its value. An unreadable run config gives the file's keys as they are."""
+    try:
+        flat = saved_flags(run.config)
+    except (InputError, TypeError, AttributeError):
+        flat = dict(run.config)
+    out = {k: v for k, v in flat.items() if k not in RECORD_KEYS}
     resolved = (run.config.get("resolved") or {}).get("hyperparams") or {}
     if out.get("lr") is None and "learning_rate" in resolved:
         out["lr"] = resolved["learning_rate"]

@@ -13,7 +13,7 @@ import numpy as np
 from jaxdl import validate
 
 # Settings a member may set besides the optimizer's own numbers (optim.defaults).
-MEMBER_KEYS = ("l1", "l2", "dropout", "input_noise", "init_scale")
+MEMBER_KEYS = ("l1", "l2", "dropout", "dropout_input", "input_noise", "init_scale")
 
 
 def grid(**axes: Sequence[Any]) -> list[dict[str, Any]]:

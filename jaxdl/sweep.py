@@ -24,6 +24,7 @@ are ``jaxdl.space``.
 from __future__ import annotations
 
 import dataclasses
+import inspect
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -35,15 +36,25 @@ import numpy as np
 from jax.sharding import Mesh
 
 from jaxdl import compiled, models, optim, step, train, validate
+from jaxdl.config import OptimizerConfig, RunConfig
 from jaxdl.data import Dataset
 from jaxdl.devices import for_members
 from jaxdl.models import Model
 from jaxdl.optim import Optimizer
-from jaxdl.stopping import EarlyStopping
 
 if TYPE_CHECKING:
     from jaxdl.checkpoint import Checkpointer
-from jaxdl.member_programs import DATA_ORDERS, batch_form, chunk_size, freeze, pad, programs, share
+from jaxdl.member_programs import (
+    DATA_ORDERS,
+    batch_form,
+    check_masks,
+    chunk_size,
+    freeze,
+    member_slice,
+    pad,
+    programs,
+    share,
+)
 from jaxdl.space import MEMBER_KEYS
 from jaxdl.space import grid as grid  # the search spaces, as sweep.grid too
 from jaxdl.space import parse_values as parse_values
@@ -79,25 +90,23 @@ class SweepResult:
         return max(ok or self.rows, key=lambda r: r.get(metric, -math.inf))
 
 
-def _member_hparams(
-    setup: step.Setup, optimizer: Optimizer, cfg: Mapping[str, Any], base: Mapping[str, Any]
-) -> step.HParams:
+def _member_hparams(setup: step.Setup, base: Mapping[str, Any], cfg: Mapping[str, Any]):
     merged = {**base, **cfg}
     kw = {k: merged[k] for k in MEMBER_KEYS if k in merged and merged[k] is not None}
     overrides = {k: v for k, v in merged.items() if k not in MEMBER_KEYS}
-    return train.make_hparams(setup, optimizer, setup.feature_shape, **kw, **overrides)
+    return train.make_hparams(setup, setup.optimizer, setup.feature_shape, **kw, **overrides)
 
 
-def _structure_for(optimizer: Optimizer, configs: Sequence[Mapping[str, Any]]) -> Optimizer:
+def _structure_for(opt: OptimizerConfig, configs: Sequence[Mapping[str, Any]]) -> OptimizerConfig:
     """The optimizer with clipping / decay / max-norm passes on if any member needs them."""
 
     def needs(key, test):
         return any(test(c[key]) for c in configs if key in c)
 
-    decay = optimizer.decay or needs("weight_decay", lambda v: v > 0)
-    clip = optimizer.clip or needs("clip_norm", math.isfinite)
-    constrain = optimizer.constrain or needs("max_norm", math.isfinite)
-    return dataclasses.replace(optimizer, decay=decay, clip=clip, constrain=constrain)
+    decay = opt.decay or needs("weight_decay", lambda v: v > 0)
+    clip = opt.clip or needs("clip_norm", math.isfinite)
+    constrain = opt.constrain or needs("max_norm", math.isfinite)
+    return dataclasses.replace(opt, decay=decay, clip=clip, constrain=constrain)
 
 
 def _largest(value) -> float:
@@ -106,42 +115,41 @@ def _largest(value) -> float:
 
 
 def prepare_sweep(
-    model: Model,
-    optimizer: Optimizer,
+    config: RunConfig,
     train_data: Dataset,
     configs: Sequence[Mapping[str, Any]],
     *,
     seeds: int | Sequence[int] = 1,
-    epochs: int,
-    batch_size: int = 100,
     validation: Dataset | None = None,
-    early_stopping: EarlyStopping | None = None,
-    loss: str = "cross_entropy",
-    kernels: str = "auto",
-    **base: Any,
 ) -> tuple[step.Setup, step.HParams, jax.Array, list[tuple[dict, int]]]:
     """Validates a sweep on the host: the shared ``Setup``, the members' stacked
-    ``HParams`` and PRNG keys (leading axis: members), and the (config, seed) pairs."""
+    ``HParams`` and PRNG keys (leading axis: members), and the (config, seed) pairs.
+    A member's numbers are ``config``'s (its regularisation and optimizer numbers)
+    with its configuration's on top."""
     seeds = list(range(seeds)) if isinstance(seeds, int) else list(seeds)
     if not seeds:
         validate.fail("seeds", "at least one seed", seeds)
     if not configs:
         validate.fail("configs", "at least one configuration", configs)
-    for key in {k for c in configs for k in c} | set(base):
-        validate.choice("sweep setting", key, [*MEMBER_KEYS, *optim.defaults(optimizer.name)])
-    optimizer = _structure_for(optimizer, [*configs, base])
+    opt = config.optimizer
+    for key in {k for c in configs for k in c}:
+        validate.choice("sweep setting", key, [*MEMBER_KEYS, *optim.defaults(opt.name)])
+    base = {**dataclasses.asdict(config.regularisation), **opt.hyperparams}
     members = [(dict(c), s) for c in configs for s in seeds]
     # Static switches (dropout, noise, penalties) are on if any member needs them.
     flags = {
         k: max(_largest({**base, **c}.get(k)) for c, _ in members)
         for k in ("dropout", "input_noise", "l1", "l2")
     }
-    setup, _ = train.prepare(
-        model, optimizer, train_data, epochs=epochs, batch_size=batch_size, validation=validation,
-        early_stopping=early_stopping, loss=loss, l1=flags["l1"], l2=flags["l2"],
-        dropout=flags["dropout"], input_noise=flags["input_noise"], kernels=kernels,
-    )  # fmt: skip
-    hps = [_member_hparams(setup, optimizer, c, base) for c, _ in members]
+    flags["dropout"] = max(
+        flags["dropout"], *(_largest({**base, **c}.get("dropout_input")) for c, _ in members)
+    )
+    shared = dataclasses.replace(config.regularisation, dropout_input=None, **flags)
+    config = dataclasses.replace(
+        config, optimizer=_structure_for(opt, [*configs, base]), regularisation=shared
+    )
+    setup, _ = train.prepare(config, train_data, validation)
+    hps = [_member_hparams(setup, base, c) for c, _ in members]
     hp = jax.tree_util.tree_map(lambda *v: jnp.stack(v), *hps)
     keys = jnp.stack([train.as_key(s) for _, s in members])
     return setup, hp, keys, members
@@ -153,31 +161,47 @@ def sweep(
     train_data: Dataset,
     configs: Sequence[Mapping[str, Any]],
     *,
-    seeds: int | Sequence[int] = 1,
     epochs: int,
-    batch_size: int = 100,
+    **settings: Any,
+) -> SweepResult:
+    """Trains ``len(configs) × seeds`` members of one structure as one program:
+    ``run(RunConfig.of(model, optimizer, epochs=epochs, **settings), train_data,
+    configs, ...)``, where the keywords of ``run`` (``seeds``, ``validation``, ``test``,
+    ``on_epoch``, ``devices``, …) go to ``run`` and the rest (``batch_size``,
+    ``early_stopping``, ``loss``, ``kernels``, ``l2``, ``learning_rate``, …: the
+    keywords of ``RunConfig.of``) are the settings every member shares unless its
+    configuration sets them."""
+    options = {k: settings.pop(k) for k in _RUN_OPTIONS if k in settings}
+    config = RunConfig.of(model, optimizer, epochs=epochs, **settings)
+    return run(config, train_data, configs, **options)
+
+
+def run(
+    config: RunConfig,
+    train_data: Dataset,
+    configs: Sequence[Mapping[str, Any]],
+    *,
+    seeds: int | Sequence[int] = 1,
     validation: Dataset | None = None,
     test: Dataset | None = None,
-    early_stopping: EarlyStopping | None = None,
-    loss: str = "cross_entropy",
     on_epoch=None,
     devices: Sequence[jax.Device] | None = None,
     max_memory_bytes: int | None = None,
     masks: models.Masks | None = None,
     checkpointer: Checkpointer | None = None,
     data_order: str = "auto",
-    kernels: str = "auto",
-    **base: Any,
 ) -> SweepResult:
-    """Trains ``len(configs) × seeds`` members of one structure as one program.
+    """Trains ``len(configs) × seeds`` members of ``config``'s structure as one program.
 
     Args:
+      config: what every member shares (``jaxdl.RunConfig``): model, optimizer family
+        and schedule, epochs, batch size, early stopping, lowering, and the numbers a
+        configuration does not set.
       configs: one dict per configuration: optimizer numbers (``learning_rate``,
         ``momentum``, ``b1``, ``weight_decay``, …) and ``l1``, ``l2``, ``dropout``
         (one rate or one per masked layer), ``input_noise``, ``init_scale``. See
         ``grid`` and ``random_configs``.
       seeds: a count (seeds 0…n-1) or explicit seeds; every configuration runs with each.
-      **base: settings shared by all members unless a configuration sets them.
       on_epoch: ``on_epoch(epoch, metrics)`` with (members,) arrays, after each epoch.
       devices: where to run (default: all of ``jax.devices()``, at most one per member;
         on a CPU host ``jaxdl.use_cpu_cores()`` makes each core a device). With more
@@ -193,8 +217,6 @@ def sweep(
         every step instead of sampled dropout masks ("dropout bagging").
       checkpointer: saves every member (frozen and diverged ones too) as the sweep goes,
         one checkpoint directory per chunk, and resumes each chunk from its latest one.
-      kernels: ``"auto"``, ``"on"`` or ``"off"``: whether the CPU kernels lower the
-        sweep's program (``jaxdl.lowering``); resolved once, here.
       data_order: ``"own"``: each member draws its own data order from its seed and
         gathers its own minibatches. ``"shared"``: every member trains on the first
         member's order, so each step's minibatch is gathered once and a narrow first
@@ -205,12 +227,11 @@ def sweep(
     """
     validate.choice("data_order", data_order, DATA_ORDERS)
     setup, hp, keys, members = prepare_sweep(
-        model, optimizer, train_data, configs, seeds=seeds, epochs=epochs,
-        batch_size=batch_size, validation=validation, early_stopping=early_stopping,
-        loss=loss, kernels=kernels, **base,
-    )  # fmt: skip
+        config, train_data, configs, seeds=seeds, validation=validation
+    )
+    epochs, early_stopping = setup.epochs, setup.early_stopping
     if masks is not None:
-        hp = hp._replace(masks=_check_masks(masks, len(members), setup.widths))
+        hp = hp._replace(masks=check_masks(masks, len(members), setup.widths))
     n = len(members)
     devices = for_members(n, devices)
     mesh = Mesh(np.asarray(devices), ("members",)) if len(devices) > 1 else None
@@ -227,7 +248,7 @@ def sweep(
         _run_chunk(
             progs,
             keys[i : i + size],
-            _slice(hp, i, i + size),
+            member_slice(hp, i, i + size),
             size,
             data,
             valid,
@@ -262,6 +283,9 @@ def sweep(
         devices=len(devices),
         kernels=setup.lowering.kernels,
     )
+
+
+_RUN_OPTIONS = tuple(inspect.signature(run).parameters)[3:]
 
 
 class _Chunk(NamedTuple):
@@ -316,22 +340,6 @@ def _run_chunk(progs, keys, hp, size, data, valid, epochs, on_epoch, ckpt=None) 
     seconds = time.perf_counter() - t0
     states = jax.tree_util.tree_map(lambda v: v[:n], states)
     return _Chunk(states, history, diverged[:n], epochs_run[:n], epoch, seconds, compile_seconds)
-
-
-def _slice(tree, start: int, stop: int):
-    return jax.tree_util.tree_map(lambda v: v[start:stop], tree)
-
-
-def _check_masks(masks, members: int, widths: Sequence[int]) -> models.Masks:
-    if not isinstance(masks, tuple | list) or len(masks) != len(widths):
-        validate.fail("masks", f"a tuple of {len(widths)} arrays, one per masked layer", masks)
-    out = []
-    for i, (m, w) in enumerate(zip(masks, widths, strict=True)):
-        m = np.asarray(m, np.float32)
-        if m.shape != (members, w) or not np.isin(m, (0.0, 1.0)).all():
-            validate.fail(f"masks[{i}]", f"0/1 values of shape ({members}, {w})", m.shape)
-        out.append(jnp.asarray(m))
-    return tuple(out)
 
 
 def _rows(members, hist, diverged, epochs_run, states, setup, test, hp) -> list[dict[str, Any]]:

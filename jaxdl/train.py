@@ -23,11 +23,11 @@ import numpy as np
 
 from jaxdl import inits, losses, lowering, models, optim, stopping, validate
 from jaxdl.compiled import compile_epoch, programs
+from jaxdl.config import RunConfig
 from jaxdl.data import Dataset
 from jaxdl.models import Model
 from jaxdl.optim import Optimizer
 from jaxdl.step import Batch, HParams, PRNGKey, Setup, TrainState, chunked_logits
-from jaxdl.stopping import EarlyStopping
 
 if TYPE_CHECKING:
     from jaxdl.checkpoint import Checkpointer
@@ -41,21 +41,26 @@ def make_hparams(
     l1: float = 0.0,
     l2: float = 0.0,
     dropout: float | Sequence[float] | None = None,
+    dropout_input: float | None = None,
     input_noise: float = 0.0,
     init_scale: float | None = None,
     **overrides: float,
 ) -> HParams:
     """Validated hyperparameters as float32 arrays.
 
-    ``dropout``: one rate for every masked layer, or one per layer (input first).
+    ``dropout``: one rate for every masked layer, or one per layer (input first);
+    ``dropout_input``, if given, the input layer's rate (``dropout`` then the others').
     ``overrides`` replace the optimizer's numbers (e.g. ``learning_rate=3e-3``).
     """
     model = setup_or_model.model if isinstance(setup_or_model, Setup) else setup_or_model
     n_masked = len(models.masked_widths(model, feature_shape))
     if dropout is None:
         dropout = 0.0
+    if dropout_input is not None and np.ndim(dropout) != 0:
+        validate.fail("dropout", "one rate for the hidden layers with dropout_input", dropout)
     if np.ndim(dropout) == 0:
-        dropout = [float(dropout)] * n_masked
+        first = float(dropout) if dropout_input is None else float(dropout_input)
+        dropout = [first] + [float(dropout)] * (n_masked - 1)
     rates = validate.rates("dropout", dropout, n_masked)
     values = dict(optimizer.hyperparams) or optim.defaults(optimizer.name)
     for k, v in overrides.items():
@@ -116,116 +121,96 @@ def fit(
     train: Dataset,
     *,
     epochs: int,
-    batch_size: int = 100,
-    key: int | PRNGKey = 0,
     validation: Dataset | None = None,
-    early_stopping: EarlyStopping | None = None,
-    loss: str = "cross_entropy",
-    l1: float = 0.0,
-    l2: float = 0.0,
-    dropout: float | Sequence[float] | None = None,
-    input_noise: float = 0.0,
-    init_scale: float | None = None,
-    eval_batch_size: int = 1000,
+    key: int | PRNGKey = 0,
     on_epoch: Callable[[int, Mapping[str, float]], None] | None = None,
     info: FitInfo | None = None,
-    skip_nonfinite: bool = False,
     checkpointer: Checkpointer | None = None,
-    kernels: str = "auto",
+    **settings,
 ) -> tuple[TrainState, dict[str, list[float]]]:
     """Trains ``model`` and returns ``(state, history)``.
 
-    ``history[metric]`` has one float per epoch run. With ``early_stopping`` the loop ends
-    once it triggers and, with ``restore_best``, ``state.params`` are the best epoch's.
-    ``on_epoch(epoch, metrics)`` is called on the host after each epoch (progress,
-    logging). ``info``, if given, receives compile and training times. A NaN/Inf loss
-    raises ``NonFiniteError``, unless ``skip_nonfinite`` skips such steps. With a
-    ``checkpointer`` (``jaxdl.checkpoint``) the run is saved as it goes; see ``fit_state``.
-    ``kernels`` (``"auto"``, ``"on"``, ``"off"``): whether the CPU kernels lower the
-    compiled epoch (``jaxdl.lowering``); the trained values do not depend on it beyond
-    float rounding.
+    ``settings``: any keyword of ``RunConfig.of`` (``batch_size``, ``early_stopping``,
+    ``loss``, ``l1``, ``l2``, ``dropout``, ``dropout_input``, ``input_noise``,
+    ``init_scale``, ``skip_nonfinite``, ``kernels``, an optimizer number such as
+    ``learning_rate``, …); ``fit`` builds the run's ``RunConfig`` from them and
+    ``prepare``s it. ``history[metric]`` has one float per epoch run. With
+    ``early_stopping`` the loop ends once it triggers and, with ``restore_best``,
+    ``state.params`` are the best epoch's. ``on_epoch(epoch, metrics)`` is called on the
+    host after each epoch (progress, logging). ``info``, if given, receives compile and
+    training times. A NaN/Inf loss raises ``NonFiniteError``, unless ``skip_nonfinite``
+    skips such steps. With a ``checkpointer`` (``jaxdl.checkpoint``) the run is saved as
+    it goes; see ``fit_state``. ``kernels`` (``"auto"``, ``"on"``, ``"off"``): whether the
+    CPU kernels lower the compiled epoch (``jaxdl.lowering``); the trained values do not
+    depend on it beyond float rounding.
     """
-    setup, hp = prepare(
-        model, optimizer, train, epochs=epochs, batch_size=batch_size, validation=validation,
-        early_stopping=early_stopping, loss=loss, l1=l1, l2=l2, dropout=dropout,
-        input_noise=input_noise, init_scale=init_scale, eval_batch_size=eval_batch_size,
-        skip_nonfinite=skip_nonfinite, kernels=kernels,
-    )  # fmt: skip
+    seed = {"seed": int(key)} if isinstance(key, int | np.integer) else {}
+    config = RunConfig.of(model, optimizer, epochs=epochs, **seed, **settings)
+    setup, hp = prepare(config, train, validation)
     state = programs(setup).init(as_key(key), hp)
     return fit_state(
         setup, state, hp, train, validation, on_epoch=on_epoch, info=info, checkpointer=checkpointer
     )
 
 
+def num_classes(*datasets: Dataset | None) -> int:
+    """1 + the largest integer label in ``datasets`` (at least 2)."""
+    ys = [np.asarray(d.y) for d in datasets if d is not None]
+    if not all(np.issubdtype(y.dtype, np.integer) and y.size for y in ys):
+        return 10  # the label checks in ``prepare`` say what is wrong
+    return max(2, 1 + max(int(y.max()) for y in ys))
+
+
 def prepare(
-    model: Model,
-    optimizer: Optimizer,
-    train: Dataset,
-    *,
-    epochs: int,
-    batch_size: int,
-    validation: Dataset | None = None,
-    early_stopping: EarlyStopping | None = None,
-    loss: str = "cross_entropy",
-    l1: float = 0.0,
-    l2: float = 0.0,
-    dropout: float | Sequence[float] | None = None,
-    input_noise: float = 0.0,
-    init_scale: float | None = None,
-    eval_batch_size: int = 1000,
-    skip_nonfinite: bool = False,
-    kernels: str = "auto",
+    config: RunConfig, train: Dataset, validation: Dataset | None = None
 ) -> tuple[Setup, HParams]:
-    """Validates everything on the host and splits it into (static Setup, traced HParams).
-    ``kernels`` is resolved here, once (``jaxdl.lowering.resolve``), into ``Setup.lowering``."""
-    lowered = lowering.resolve(kernels)
-    if not isinstance(optimizer, Optimizer):
-        validate.fail(
-            "optimizer", "an Optimizer from jaxdl.make_optimizer", type(optimizer).__name__
-        )
-    models.check_model(model)
-    validate.choice("loss", loss, losses.LOSSES)
+    """Validates a run on the host and splits it into (static Setup, traced HParams).
+
+    ``config.kernels`` is resolved here, once (``jaxdl.lowering.resolve``), into
+    ``Setup.lowering``. A model config without ``num_classes`` takes it from the labels.
+    """
+    if not isinstance(config, RunConfig):
+        validate.fail("config", "a jaxdl.RunConfig (e.g. RunConfig.of(model, optimizer))",
+                      type(config).__name__)  # fmt: skip
+    t = config.training
+    lowered = lowering.resolve(config.kernels)
+    model = config.model.build(num_classes(train, validation))
+    optimizer = config.optimizer.build()
+    validate.choice("loss", t.loss, losses.LOSSES)
     train = check_data(train, "train", model.num_classes)
     feature_shape = tuple(train.x.shape[1:])
     if validation is not None:
         validation = check_data(validation, "validation", model.num_classes, feature_shape)
     if isinstance(model, models.CNN) and math.prod(feature_shape) != math.prod(model.image_shape):
         validate.fail("train x shape", f"images of {model.image_shape} values", train.x.shape)
-    validate.positive_int("epochs", epochs)
-    validate.positive_int("batch_size", batch_size)
-    validate.positive_int("eval_batch_size", eval_batch_size)
+    validate.positive_int("epochs", t.epochs)
+    validate.positive_int("batch_size", t.batch_size)
+    validate.positive_int("eval_batch_size", t.eval_batch_size)
     n = train.x.shape[0]
-    if batch_size > n:
-        validate.fail("batch_size", f"at most the {n} training examples", batch_size)
-    if (
-        early_stopping is not None
-        and early_stopping.monitor.startswith("val_")
-        and validation is None
-    ):
-        validate.fail(
-            "early stopping", "validation data to monitor " + early_stopping.monitor, None
-        )
+    if t.batch_size > n:
+        validate.fail("batch_size", f"at most the {n} training examples", t.batch_size)
+    es = t.early_stopping
+    if es is not None and es.monitor.startswith("val_") and validation is None:
+        validate.fail("early stopping", "validation data to monitor " + es.monitor, None)
     shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *feature_shape)))
     optim.check_layers(optimizer, list(shapes["params"]))
-    hp = make_hparams(
-        model, optimizer, feature_shape, l1=l1, l2=l2, dropout=dropout,
-        input_noise=input_noise, init_scale=init_scale,
-    )  # fmt: skip
+    r = config.regularisation
+    hp = make_hparams(model, optimizer, feature_shape, **dataclasses.asdict(r))
     setup = Setup(
         model=model,
         optimizer=optimizer,
         feature_shape=feature_shape,
         n_train=n,
-        batch_size=batch_size,
-        epochs=epochs,
-        loss=loss,
+        batch_size=t.batch_size,
+        epochs=t.epochs,
+        loss=t.loss,
         dropout=bool(np.any(np.asarray(hp.dropout) > 0)),
-        input_noise=input_noise > 0,
-        penalty=l1 > 0 or l2 > 0,
-        early_stopping=early_stopping,
-        eval_batch_size=eval_batch_size,
+        input_noise=r.input_noise > 0,
+        penalty=r.l1 > 0 or r.l2 > 0,
+        early_stopping=es,
+        eval_batch_size=t.eval_batch_size,
         probe_size=min(1000, n),
-        skip_nonfinite=bool(skip_nonfinite),
+        skip_nonfinite=bool(t.skip_nonfinite),
         lowering=lowered,
     )
     return setup, hp

@@ -84,7 +84,9 @@ def fit_on_and_off(blobs):
     def check(model, choice: str, rtol: float, atol: float) -> None:
         assert choice in ("gemm", "adam", "masks"), choice
         opt = jaxdl.make_optimizer("adam", learning_rate=1e-2)
-        setup, hp = train.prepare(model, opt, blobs.train, epochs=2, batch_size=50, kernels="on")
+        setup, hp = train.prepare(
+            jaxdl.RunConfig.of(model, opt, epochs=2, batch_size=50, kernels="on"), blobs.train
+        )
         assert getattr(setup.lowering, choice), f"prepare(kernels='on') left {choice} off"
         ends = {}
         for use in (True, False):

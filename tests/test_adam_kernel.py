@@ -100,8 +100,7 @@ def test_the_lowering_uses_it_for_adam_families_only(blobs):
     rest (another family, frozen layers, per-layer rates, max-norm)."""
 
     def setup_for(opt, kernels="on"):
-        return train.prepare(jaxdl.MLP((8,), num_classes=3), opt, blobs.train, epochs=1,
-                             batch_size=64, kernels=kernels)[0]  # fmt: skip
+        return train.prepare(jaxdl.RunConfig.of(jaxdl.MLP((8,), num_classes=3), opt, epochs=1, batch_size=64, kernels=kernels), blobs.train)[0]  # fmt: skip
 
     params = {"layer_0": {"kernel": jnp.ones((20, 8)), "bias": jnp.zeros(8)},
               "output": {"kernel": jnp.ones((8, 3)), "bias": jnp.zeros(3)}}  # fmt: skip
@@ -186,8 +185,7 @@ def test_the_epoch_never_copies_a_kernel(blobs):
     place: the compiled epoch holds no copy of any weight matrix (without the ordering,
     it copied each kernel that a backward GEMM reads, every step)."""
     model = jaxdl.MLP((16, 16), num_classes=3)
-    setup, hp = train.prepare(model, jaxdl.make_optimizer("adam"), blobs.train, epochs=1,
-                              batch_size=64, kernels="on")  # fmt: skip
+    setup, hp = train.prepare(jaxdl.RunConfig.of(model, jaxdl.make_optimizer("adam"), epochs=1, batch_size=64, kernels="on"), blobs.train)  # fmt: skip
     assert setup.lowering.adam
     state = compiled.programs(setup).init(train.as_key(0), hp)
     exe, _ = compiled.compile_epoch(setup, state, train.to_device(blobs.train), None, hp)

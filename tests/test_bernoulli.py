@@ -128,8 +128,7 @@ def test_dropout_training_is_unchanged_by_the_kernel():
     (``Lowering.masks``) and without."""
     data = jaxdl.synthetic_splits(300, 50, 50, num_features=20, num_classes=3, seed=0)
     model, opt = jaxdl.MLP(hidden=(64, 32)), jaxdl.make_optimizer("sgd", learning_rate=0.1)
-    setup, hp = train.prepare(model, opt, data.train, epochs=2, batch_size=50,
-                              dropout=[0.2, 0.5, 0.3], kernels="on")  # fmt: skip
+    setup, hp = train.prepare(jaxdl.RunConfig.of(model, opt, epochs=2, batch_size=50, dropout=[0.2, 0.5, 0.3], kernels="on"), data.train)  # fmt: skip
     assert setup.lowering.masks
     ends = {}
     for masks in (True, False):

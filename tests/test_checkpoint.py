@@ -139,8 +139,7 @@ def small(blobs):
     model = jaxdl.MLP(hidden=(16,), num_classes=3, batch_norm=True)
     opt = jaxdl.make_optimizer("adam", learning_rate=3e-3, schedule="plateau")
     es = jaxdl.EarlyStopping("val_accuracy", None)
-    setup, hp = train.prepare(model, opt, blobs.train, epochs=6, batch_size=64,
-                              validation=blobs.valid, early_stopping=es, dropout=0.2)  # fmt: skip
+    setup, hp = train.prepare(jaxdl.RunConfig.of(model, opt, epochs=6, batch_size=64, early_stopping=es, dropout=0.2), blobs.train, validation=blobs.valid)  # fmt: skip
     config = checkpoint.describe(setup, hp, blobs.train.x, blobs.train.y)
     return setup, hp, config
 
@@ -275,7 +274,8 @@ def test_resume_refusals_exit_2_with_one_line(tiny_npz, tmp_path, capsys, monkey
     (tmp_path / "swp").mkdir()
     (tmp_path / "swp" / "config.json").write_text(json.dumps(sweep_cfg))
     (tmp_path / "off").mkdir()
-    off_cfg = json.loads((tmp_path / "done" / "config.json").read_text()) | {"checkpoint_every": 0}
+    off_cfg = json.loads((tmp_path / "done" / "config.json").read_text())
+    off_cfg["run"]["checkpointing"]["every"] = 0
     (tmp_path / "off" / "config.json").write_text(json.dumps(off_cfg))
     (tmp_path / "bad").mkdir()
     (tmp_path / "bad" / "config.json").write_text('{"command": "tra')
@@ -346,7 +346,7 @@ def _step_of(setup, key, epoch: int, row: int) -> int:
 def test_nan_loss_stops_naming_epoch_and_step_and_keeps_the_last_good_checkpoint(blobs, tmp_path):
     opt = jaxdl.make_optimizer("sgd", learning_rate=0.1)
     model = jaxdl.MLP(hidden=(8,), num_classes=3)
-    setup, hp = train.prepare(model, opt, blobs.train, epochs=5, batch_size=100)
+    setup, hp = train.prepare(jaxdl.RunConfig.of(model, opt, epochs=5, batch_size=100), blobs.train)
     config = checkpoint.describe(setup, hp, blobs.train.x, blobs.train.y)
     ck = Checkpointer(tmp_path, config)
 
@@ -377,7 +377,7 @@ def test_skip_nonfinite_skips_exactly_the_bad_steps(blobs):
     opt = jaxdl.make_optimizer("sgd", learning_rate=0.1)
     model = jaxdl.MLP(hidden=(8,), num_classes=3)
     data = _poisoned(blobs.train, 300)
-    setup, hp = train.prepare(model, opt, blobs.train, epochs=3, batch_size=100, skip_nonfinite=True)  # fmt: skip
+    setup, hp = train.prepare(jaxdl.RunConfig.of(model, opt, epochs=3, batch_size=100, skip_nonfinite=True), blobs.train)  # fmt: skip
     setup = dataclasses.replace(setup, probe_size=100)  # keep the NaN row out of the statistics
     state, hist = train.fit_state(setup, _init(setup, hp), hp, data)
     assert hist["skipped_steps"] == [1.0, 1.0, 1.0]  # the one batch holding row 300, each epoch
@@ -428,7 +428,9 @@ def test_sweep_resume_restores_every_member_including_frozen_and_diverged(blobs,
     kw = dict(epochs=8, batch_size=16, validation=blobs.valid,
               early_stopping=jaxdl.EarlyStopping("train_accuracy", patience=1))  # fmt: skip
     opt = jaxdl.make_optimizer("sgd")
-    setup, hp, _, members = sweep.prepare_sweep(MODEL_S, opt, small, configs, **kw)
+    config = jaxdl.RunConfig.of(MODEL_S, opt, epochs=8, batch_size=16,
+                                early_stopping=kw["early_stopping"])  # fmt: skip
+    setup, hp, _, members = sweep.prepare_sweep(config, small, configs, validation=blobs.valid)
     budget = 2 * member_programs.member_bytes(setup, hp)  # two chunks: members (0, 1) and (2,)
     with pytest.warns(UserWarning, match="2 chunks"):
         ref = sweep.sweep(MODEL_S, opt, small, configs, max_memory_bytes=budget, **kw)

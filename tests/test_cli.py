@@ -13,6 +13,7 @@ import pytest
 
 import jaxdl
 from jaxdl import cli
+from jaxdl.config import saved_flags
 
 
 @pytest.fixture(scope="module")
@@ -53,7 +54,7 @@ def test_train_end_to_end_writes_run_dir_and_json(tmp_path, tiny_npz, capsys):
         "layers.png",
     ):
         assert (run / f).stat().st_size > 0, f
-    config = json.loads((run / "config.json").read_text())
+    config = saved_flags(json.loads((run / "config.json").read_text()))
     assert config["hidden"] == [32] and config["epochs"] == 4 and config["seed"] == 0
     hist = json.loads((run / "history.json").read_text())
     assert len(hist["train_loss"]) == res["epochs_run"]
@@ -299,7 +300,10 @@ def test_sweep_data_order_flag_reaches_the_sweep(tmp_path, tiny_npz, capsys):
             "--runs-dir", str(tmp_path), "--name", order, "--json", "--no-progress", "--no-plots",
         )  # fmt: skip
         assert code == 0, err
-        assert json.loads((tmp_path / order / "config.json").read_text())["data_order"] == order
+        assert (
+            json.loads((tmp_path / order / "config.json").read_text())["options"]["data_order"]
+            == order
+        )
         rows = json.loads((tmp_path / order / "results.json").read_text())
         digests[order] = [r["test_loss"] for r in rows]
     assert digests["own"][0] == pytest.approx(digests["shared"][0], rel=1e-5)

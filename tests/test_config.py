@@ -8,7 +8,9 @@ from pathlib import Path
 
 import pytest
 
-from jaxdl import cli, config
+from jaxdl import cli
+from jaxdl.cli import config_file as config
+from jaxdl.config import saved_flags
 from jaxdl.validate import InputError
 
 
@@ -121,7 +123,7 @@ def test_record_keys_are_ignored_and_name_never_saved():
 def test_rerun_from_config_json_gives_the_same_digest(tiny_runs, tmp_path, capsys):
     root, _ = tiny_runs
     original = json.loads((root / "t" / "results.json").read_text())
-    saved = json.loads((root / "t" / "config.json").read_text())
+    saved = saved_flags(json.loads((root / "t" / "config.json").read_text()))
     assert saved["seed"] == 0 and saved["hidden"] == [32, 16] and saved["epochs"] == 3
     assert saved["run_dir"] == str(root / "t") and "name" not in saved
     code, out, err = _run(
@@ -134,7 +136,7 @@ def test_rerun_from_config_json_gives_the_same_digest(tiny_runs, tmp_path, capsy
     assert res["test_accuracy"] == original["test_accuracy"]
     rerun = Path(res["run_dir"])
     assert rerun.parent == tmp_path and rerun.name.startswith("train-")  # a new directory
-    again = json.loads((rerun / "config.json").read_text())
+    again = saved_flags(json.loads((rerun / "config.json").read_text()))
     differ = {k for k in saved.keys() | again.keys() if saved.get(k) != again.get(k)}
     assert differ == {"run_dir", "runs_dir", "json"}  # only what the flags changed
 
@@ -162,7 +164,7 @@ def test_flags_override_the_file(tiny_runs, tmp_path, capsys):
     )  # fmt: skip
     assert code == 0, err
     res = json.loads(out.strip().splitlines()[-1])
-    saved = json.loads((Path(res["run_dir"]) / "config.json").read_text())
+    saved = saved_flags(json.loads((Path(res["run_dir"]) / "config.json").read_text()))
     assert (saved["epochs"], saved["lr"]) == (1, 0.1)  # the flags
     assert (saved["hidden"], saved["seed"], saved["batch_size"]) == ([8], 4, 50)  # the file
     assert saved["optimizer"] == "sgd" and saved["no_plots"] is True

@@ -102,7 +102,7 @@ def test_cli_sweep_runs_its_members_on_the_cores(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     res = json.loads(out.stdout.strip().splitlines()[-1])
     assert res["devices"] == 2 and res["members"] == 3 and res["compiles"] == 1
-    assert json.loads((tmp_path / "s" / "config.json").read_text())["cpu_devices"] == 2
+    assert json.loads((tmp_path / "s" / "config.json").read_text())["options"]["cpu_devices"] == 2
 
 
 @pytest.fixture
@@ -176,7 +176,7 @@ def test_programs_are_compiled_with_the_options_and_train_the_same(
 
     model = jaxdl.MLP(hidden=(48, 32), num_classes=3)
     opt = jaxdl.make_optimizer("adam", learning_rate=1e-2)
-    setup, hp = train.prepare(model, opt, blobs.train, epochs=3, batch_size=64)
+    setup, hp = train.prepare(jaxdl.RunConfig.of(model, opt, epochs=3, batch_size=64), blobs.train)
     by_option = {}
     for name, options in (("default", {}), ("wide", {"xla_cpu_prefer_vector_width": 512})):
         monkeypatch.setattr(devices, "compiler_options", lambda o=options: o)
@@ -193,7 +193,9 @@ def test_programs_are_compiled_with_the_options_and_train_the_same(
     with pytest.raises(RuntimeError, match="xla_cpu_no_such_option"):
         _epoch_after(compiled._programs.__wrapped__(setup), setup, blobs.train, hp)
     ssetup, shp, keys, _ = sweep.prepare_sweep(
-        model, opt, blobs.train, [{"learning_rate": 0.01}], epochs=1, batch_size=64
+        jaxdl.RunConfig.of(model, opt, epochs=1, batch_size=64),
+        blobs.train,
+        [{"learning_rate": 0.01}],
     )
     progs = member_programs._programs.__wrapped__(ssetup, None, "own")
     states = progs.init(keys, shp)

@@ -253,10 +253,10 @@ def test_ood_inputs_and_trained_net_is_less_sure_off_distribution(blobs):
 
 def test_fixed_mask_members_train_and_are_evaluated_as_their_subnetwork(blobs):
     model = jaxdl.MLP(hidden=(16,), num_classes=3)
+    config = jaxdl.RunConfig.of(model, jaxdl.make_optimizer("adam"), epochs=2, batch_size=64)
     out = ensemble.train_explicit(
-        model, jaxdl.make_optimizer("adam"), blobs.train, n=3, rates=[0.5, 0.5],
-        key=jax.random.key(3), epochs=2, batch_size=64, test=blobs.test,
-    )  # fmt: skip
+        config, blobs.train, n=3, rates=[0.5, 0.5], key=jax.random.key(3), test=blobs.test
+    )
     masks, bag, ind = out["masks"], out["bagging"], out["independent"]
     init = jax.vmap(lambda k: model.init(k, blobs.train.x[:1]))(
         jnp.stack([jax.random.split(jaxdl.train.as_key(s))[0] for s in range(3)])
@@ -353,7 +353,7 @@ def test_cli_ensemble_from_a_finished_train_run(tmp_path, small_npz, capsys):
     assert res["exact_units"] == 10  # the run's own dropout: 0.5 on its 10 hidden units
     assert not (tmp_path / "e" / "history.json").exists()  # nothing was trained
     saved = json.loads((tmp_path / "e" / "config.json").read_text())
-    assert saved["from_run"] == str(run)
+    assert saved["options"]["from_run"] == str(run)
 
 
 def test_cli_ensemble_from_refuses_what_it_cannot_load(tmp_path, small_npz, capsys):

@@ -146,8 +146,7 @@ def test_it_is_off_where_it_cannot_run(blobs, monkeypatch):
 
     def prepare(kernels: str) -> step.Setup:
         opt = jaxdl.make_optimizer("sgd")
-        return train.prepare(jaxdl.MLP((48,), num_classes=3), opt, blobs.train, epochs=1,
-                             batch_size=64, kernels=kernels)[0]  # fmt: skip
+        return train.prepare(jaxdl.RunConfig.of(jaxdl.MLP((48,), num_classes=3), opt, epochs=1, batch_size=64, kernels=kernels), blobs.train)[0]  # fmt: skip
 
     off = lowering.Lowering(conv="patches")
     for backend in ("gpu", "tpu"):
@@ -211,7 +210,8 @@ def test_sweep_members_with_it_equal_standalone_fits(blobs, monkeypatch, form):
     seeds = [5, 6] if form == "own" else [5]
     configs = sweep.grid(learning_rate=[3e-3, 3e-2])
     kw = dict(epochs=2, batch_size=48, validation=blobs.valid, kernels="on")
-    setup, *_ = sweep.prepare_sweep(model, opt, blobs.train, configs, seeds=seeds, **kw)
+    config = jaxdl.RunConfig.of(model, opt, epochs=2, batch_size=48, kernels="on")
+    setup, *_ = sweep.prepare_sweep(config, blobs.train, configs, seeds=seeds)
     assert setup.lowering.gemm and member_programs.batch_form(setup, shared=len(seeds) == 1) == form
     res = sweep.sweep(model, opt, blobs.train, configs, seeds=seeds, **kw)
     assert res.kernels == "on"

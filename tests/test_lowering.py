@@ -153,12 +153,10 @@ def test_a_gpu_backend_never_gets_the_kernels(blobs, monkeypatch):
         lowering.resolve("on")
     opt = jaxdl.make_optimizer("adam")
     setup, hp = train.prepare(
-        jaxdl.MLP(hidden=(64,), num_classes=3),
-        opt,
+        jaxdl.RunConfig.of(
+            jaxdl.MLP(hidden=(64,), num_classes=3), opt, epochs=1, batch_size=64, dropout=0.5
+        ),
         blobs.train,
-        epochs=1,
-        batch_size=64,
-        dropout=0.5,
     )
     assert setup.lowering == XLA
     state = compiled.programs(setup).init(jax.random.key(0), hp)
@@ -172,10 +170,12 @@ def test_the_lowering_is_not_part_of_a_checkpoints_identity(blobs):
     kw = dict(epochs=1, batch_size=64, dropout=0.5)
     first = "on" if KERNELS_WHY is None else "auto"
     on = train.prepare(
-        jaxdl.MLP(hidden=(64,), num_classes=3), opt, blobs.train, kernels=first, **kw
+        jaxdl.RunConfig.of(jaxdl.MLP(hidden=(64,), num_classes=3), opt, kernels=first, **kw),
+        blobs.train,
     )[0]
     off = train.prepare(
-        jaxdl.MLP(hidden=(64,), num_classes=3), opt, blobs.train, kernels="off", **kw
+        jaxdl.RunConfig.of(jaxdl.MLP(hidden=(64,), num_classes=3), opt, kernels="off", **kw),
+        blobs.train,
     )[0]
     assert repr(on) == repr(off) and "lowering" not in repr(on)
     hp = train.make_hparams(on, opt, (20,), dropout=0.5)
@@ -214,8 +214,11 @@ def _stopped_run(setup, hp, blobs, directory, config, at: int):
 def test_a_run_resumes_with_the_other_lowering(blobs, tmp_path, first, then):
     model = jaxdl.MLP(hidden=(64, 40), num_classes=3)
     opt = jaxdl.make_optimizer("adam", learning_rate=3e-3)
-    kw = dict(epochs=5, batch_size=64, validation=blobs.valid, dropout=[0.2, 0.5, 0.5])
-    setups = {k: train.prepare(model, opt, blobs.train, kernels=k, **kw) for k in (first, then)}
+    kw = dict(epochs=5, batch_size=64, dropout=[0.2, 0.5, 0.5])
+    setups = {
+        k: train.prepare(jaxdl.RunConfig.of(model, opt, kernels=k, **kw), blobs.train, blobs.valid)
+        for k in (first, then)
+    }
     (s1, hp), (s2, _) = setups[first], setups[then]
     assert s1.lowering.kernels == first and s2.lowering.kernels == then
     config = checkpoint.describe(s1, hp, blobs.train.x, blobs.train.y)

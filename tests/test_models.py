@@ -521,7 +521,7 @@ def test_zero_init_never_breaks_symmetry_but_xavier_does():
     assert np.all(np.isfinite(history["train_loss"]))
 
     # The same compiled training program started from Xavier-uniform weights.
-    setup, hp = train.prepare(model, opt, data, **kw)
+    setup, hp = train.prepare(jaxdl.RunConfig.of(model, opt, **kw), data)
     start = compiled.programs(setup).init(jax.random.key(1), hp)
     rng = np.random.default_rng(0)
     params = {

@@ -430,7 +430,9 @@ def test_freeze_order_does_not_matter_and_unknown_layers_are_refused():
     model = jaxdl.MLP(hidden=(4,), num_classes=2)
     for kw in ({"freeze": ("layer_9",)}, {"layer_lr": {"layr_0": 0.5}}):
         with pytest.raises(InputError, match="layer"):
-            train.prepare(model, make_optimizer("sgd", **kw), ds, epochs=1, batch_size=8)
+            train.prepare(
+                jaxdl.RunConfig.of(model, make_optimizer("sgd", **kw), epochs=1, batch_size=8), ds
+            )
 
 
 def test_values_that_need_a_pass_the_chain_lacks_are_refused():

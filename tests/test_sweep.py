@@ -87,7 +87,8 @@ def test_members_sharing_a_seed_share_one_minibatch_and_equal_standalone_fits(
     opt = jaxdl.make_optimizer("adam")
     configs = sweep.grid(learning_rate=[3e-3, 3e-2], dropout=[0.0, 0.2])
     kw = dict(epochs=3, batch_size=48, validation=blobs.valid, l1=1e-4)  # 48: a partial batch
-    setup, *_ = sweep.prepare_sweep(MODEL, opt, blobs.train, configs, seeds=[5], **kw)
+    config = jaxdl.RunConfig.of(MODEL, opt, epochs=3, batch_size=48, l1=1e-4)
+    setup, *_ = sweep.prepare_sweep(config, blobs.train, configs, seeds=[5], validation=blobs.valid)
     form = member_programs.batch_form(setup, shared=True)
     assert form == expected
     assert member_programs.batch_form(setup, shared=True, platform="gpu") == (
@@ -281,13 +282,14 @@ np.testing.assert_allclose(multi.history["val_loss"], single.history["val_loss"]
 # a wider MLP: each device trains its members in turn (shard_map of a loop)
 wide = jaxdl.MLP(hidden=(member_programs.CONCAT_MAX_WIDTH + 1,), num_classes=3)
 for seeds in ([0], [0, 1]):
-    kw2 = dict(seeds=seeds, epochs=2, batch_size=32, validation=s.valid)
-    setup, *_ = sweep.prepare_sweep(wide, opt, s.train, cfgs1, **kw2)
+    config = jaxdl.RunConfig.of(wide, opt, epochs=2, batch_size=32)
+    setup, *_ = sweep.prepare_sweep(config, s.train, cfgs1, seeds=seeds, validation=s.valid)
     assert member_programs.batch_form(setup, len(seeds) == 1, len(seeds) == 1) == "serial"
     # over devices, a shard_map of the loop: only where Shardy partitions (jax >= 0.7)
     vmapped = "shared_batched" if len(seeds) == 1 else "own"
     on_mesh = "serial" if member_programs.shardy_partitions() else vmapped
     assert member_programs.batch_form(setup, len(seeds) == 1, len(seeds) == 1, sharded=True) == on_mesh
+    kw2 = dict(seeds=seeds, epochs=2, batch_size=32, validation=s.valid)
     multi = sweep.sweep(wide, opt, s.train, cfgs1, **kw2)
     single = sweep.sweep(wide, opt, s.train, cfgs1, devices=jax.devices()[:1], **kw2)
     assert multi.devices == (8 if len(seeds) == 2 else 5)
@@ -314,7 +316,8 @@ def test_sweep_that_does_not_fit_runs_in_chunks_with_the_same_results(blobs):
     configs = [{"learning_rate": lr} for lr in (1e-3, 3e-3, 1e-2, 3e-2, 1e-1)]
     kw = dict(seeds=1, epochs=2, batch_size=64, validation=blobs.valid)
     whole = sweep.sweep(MODEL, opt, blobs.train, configs, **kw)
-    setup, hp, _, _ = sweep.prepare_sweep(MODEL, opt, blobs.train, configs, **kw)
+    config = jaxdl.RunConfig.of(MODEL, opt, epochs=2, batch_size=64)
+    setup, hp, _, _ = sweep.prepare_sweep(config, blobs.train, configs, validation=blobs.valid)
     per = member_programs.member_bytes(setup, hp)
     assert per > 4 * sum(v.size for v in jax.tree_util.tree_leaves(whole.states.params)) / 5
     with pytest.warns(UserWarning, match="3 chunks of 2 members"):

@@ -21,7 +21,7 @@ def _mlp(**kw):
 def test_sgd_step_equals_hand_written_gradient_step(blobs):
     model = _mlp()
     opt = jaxdl.make_optimizer("sgd", learning_rate=0.1)
-    setup, hp = train.prepare(model, opt, blobs.train, epochs=1, batch_size=32)
+    setup, hp = train.prepare(jaxdl.RunConfig.of(model, opt, epochs=1, batch_size=32), blobs.train)
     state = step.init_state(setup, jax.random.key(0), hp)
     x, y = jnp.asarray(blobs.train.x[:32]), jnp.asarray(blobs.train.y[:32])
 
@@ -43,7 +43,7 @@ def test_padded_batch_equals_batch_of_real_examples(blobs):
     """The weighted padding of a partial last batch changes nothing: same step as 7 real examples."""
     model = _mlp()
     opt = jaxdl.make_optimizer("adam", learning_rate=1e-2)
-    setup, hp = train.prepare(model, opt, blobs.train, epochs=1, batch_size=16)
+    setup, hp = train.prepare(jaxdl.RunConfig.of(model, opt, epochs=1, batch_size=16), blobs.train)
     state = step.init_state(setup, jax.random.key(1), hp)
     x, y = jnp.asarray(blobs.train.x[:16]), jnp.asarray(blobs.train.y[:16])
     w = (jnp.arange(16) < 7).astype(jnp.float32)
@@ -62,11 +62,8 @@ def test_padded_batch_equals_batch_of_real_examples(blobs):
 @pytest.mark.parametrize("n,batch", [(103, 10), (100, 10), (5, 5), (7, 3)])
 def test_epoch_order_sees_every_example_once(blobs, n, batch):
     setup, _ = train.prepare(
-        _mlp(),
-        jaxdl.make_optimizer("sgd"),
+        jaxdl.RunConfig.of(_mlp(), jaxdl.make_optimizer("sgd"), epochs=1, batch_size=batch),
         jaxdl.data.subset(blobs.train, n),
-        epochs=1,
-        batch_size=batch,
     )
     idx, w = step.epoch_order(setup, jax.random.key(0), jnp.int32(0))
     assert idx.shape == (-(-n // batch), batch)
@@ -127,7 +124,9 @@ def test_second_fit_with_new_numbers_does_not_retrace(blobs):
         info=info2,
         **kw,
     )
-    setup, _ = train.prepare(model, jaxdl.make_optimizer("momentum"), blobs.train, **kw)
+    kw.pop("validation")
+    config = jaxdl.RunConfig.of(model, jaxdl.make_optimizer("momentum"), **kw)
+    setup, _ = train.prepare(config, blobs.train, blobs.valid)
     progs = compiled.programs(setup)
     assert progs.traces == {"init": 1, "epoch": 1}
     assert len(progs.executables) == 1 and info2.compile_seconds == 0.0
@@ -142,7 +141,7 @@ def test_programs_are_keyed_on_structure_not_on_an_optimizers_numbers(blobs):
     kw = dict(epochs=2, batch_size=50)
 
     def setup(opt):
-        return train.prepare(model, opt, blobs.train, **kw)[0]
+        return train.prepare(jaxdl.RunConfig.of(model, opt, **kw), blobs.train)[0]
 
     adam = setup(jaxdl.make_optimizer("adam", learning_rate=1e-3))
     other_numbers = setup(jaxdl.make_optimizer("adam", learning_rate=3e-2, b1=0.8, eps=1e-6))
@@ -299,7 +298,7 @@ def test_cnn_trains_on_small_images():
 def test_frozen_layer_keeps_initial_weights(blobs):
     model = _mlp(hidden=(16,))
     opt = jaxdl.make_optimizer("adam", learning_rate=1e-2, freeze=["layer_0"])
-    setup, hp = train.prepare(model, opt, blobs.train, epochs=2, batch_size=64)
+    setup, hp = train.prepare(jaxdl.RunConfig.of(model, opt, epochs=2, batch_size=64), blobs.train)
     start = step.init_state(setup, jax.random.key(0), hp)
     state, _ = jaxdl.fit(model, opt, blobs.train, epochs=2, batch_size=64, key=0)
     np.testing.assert_array_equal(
@@ -329,7 +328,9 @@ def test_hparams_are_vmappable_members_equal_standalone_runs(blobs):
     """The design's promise: init and epochs vmap over (key, hparams)."""
     model = _mlp(hidden=(16,))
     opt = jaxdl.make_optimizer("sgd", learning_rate=0.1)
-    setup, hp = train.prepare(model, opt, blobs.train, epochs=2, batch_size=64, dropout=0.1)
+    setup, hp = train.prepare(
+        jaxdl.RunConfig.of(model, opt, epochs=2, batch_size=64, dropout=0.1), blobs.train
+    )
     lrs = jnp.array([0.05, 0.2], jnp.float32)
     hps = jax.tree_util.tree_map(lambda v: jnp.stack([v, v]), hp)
     hps = hps._replace(opt={**hps.opt, "learning_rate": lrs})
@@ -351,7 +352,7 @@ def test_hparams_are_vmappable_members_equal_standalone_runs(blobs):
 def test_gradient_clipping_bounds_the_update(blobs):
     opt = jaxdl.make_optimizer("sgd", learning_rate=1.0, clip_norm=1e-3)
     model = _mlp(hidden=(8,))
-    setup, hp = train.prepare(model, opt, blobs.train, epochs=1, batch_size=64)
+    setup, hp = train.prepare(jaxdl.RunConfig.of(model, opt, epochs=1, batch_size=64), blobs.train)
     state = step.init_state(setup, jax.random.key(0), hp)
     batch = step.Batch(jnp.asarray(blobs.train.x[:64]), jnp.asarray(blobs.train.y[:64]))
     new, _ = step.train_step(setup, state, batch, hp)

@@ -12,11 +12,12 @@ import sys
 import threading
 from collections.abc import Sequence
 
-# Names, not modules, from jaxdl.train and the like: this package's submodules
-# (jaxdl.cli.train, .sweep, ...) become its attributes and would shadow them.
-from jaxdl import config as run_config
 from jaxdl import tracking
 from jaxdl.checkpoint import Interrupted
+
+# Names, not modules, from jaxdl.train and the like: this package's submodules
+# (jaxdl.cli.train, .sweep, ...) become its attributes and would shadow them.
+from jaxdl.cli import config_file as run_config
 from jaxdl.cli.ensemble import cmd_ensemble
 from jaxdl.cli.parser import build_parser
 from jaxdl.cli.resume import _resumed

@@ -1,19 +1,17 @@
-"""From parsed flags to the library's objects: model, optimizer, early stopping and data."""
+"""From parsed flags to a ``RunConfig`` and its data, and back to what ``config.json``
+holds (the run's config, plus the flags that only say how it is shown)."""
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
+from typing import Any
 
 import numpy as np
 
-from jaxdl import (
-    data,
-    models,
-    optim,
-    stopping,
-    validate,
-)
-from jaxdl.cli.flags import _OPT_FLAGS
+from jaxdl import data, optim, validate
+from jaxdl.cli import config_file
+from jaxdl.config import OPTIMIZER_FLAGS, RUN_FLAGS, RunConfig
 from jaxdl.validate import InputError
 
 
@@ -27,44 +25,36 @@ def num_classes(a: argparse.Namespace, splits: data.Splits) -> int:
     return max(2, 1 + max(int(y.max()) for y in ys))
 
 
-def make_model(a: argparse.Namespace, classes: int = 10) -> models.Model:
-    common = dict(
-        num_classes=classes, activation=a.activation, maxout_pieces=a.maxout_pieces,
-        weight_init=a.init, batch_norm=a.batch_norm, dropout_convention=a.dropout_convention,
-    )  # fmt: skip
-    if a.model == "cnn":
-        return models.CNN(
-            features=a.conv_features, kernel_size=a.conv_kernel, dense=a.conv_dense, **common
-        )
-    return models.MLP(hidden=a.hidden, **common)
-
-
-def make_opt(a: argparse.Namespace) -> optim.Optimizer:
-    given = {k: getattr(a, k) for k in _OPT_FLAGS if getattr(a, k) is not None}
-    if a.lr is not None:
-        given["learning_rate"] = a.lr
+def run_config(a: argparse.Namespace) -> RunConfig:
+    """The run the training flags describe; the model and optimizer are built once here
+    so that a bad flag fails before any data is loaded."""
+    validate.positive_int("--early-stopping", a.early_stopping, allow_zero=True)
     known = optim.defaults(validate.choice("--optimizer", a.optimizer, optim.FAMILIES))
-    for k in given:
-        if k not in known:
+    for k in OPTIMIZER_FLAGS:
+        if getattr(a, k) is not None and k not in known:
             raise InputError(f"--{k.replace('_', '-')}: not a hyperparameter of {a.optimizer}; "
                              f"it takes {', '.join(sorted(known))}")  # fmt: skip
-    return optim.make_optimizer(
-        a.optimizer, schedule=a.schedule, freeze=a.freeze, layer_lr=a.layer_lr, **given
-    )
+    config = RunConfig.from_flags(vars(a))
+    config.model.build(10)
+    config.optimizer.build()
+    return config
 
 
-def _common(a: argparse.Namespace):
-    """Model, optimizer, early stopping and data from the flags shared by train and sweep."""
-    model = models.check_model(make_model(a))  # fail fast, before loading data
-    optimizer = make_opt(a)
-    validate.positive_int("--early-stopping", a.early_stopping, allow_zero=True)
-    patience = a.early_stopping or None  # 0: never stop, but still select the best epoch
-    es = stopping.EarlyStopping(a.monitor, patience, a.min_delta, not a.no_restore_best)
-    splits = data.standardize(data.load(a.data, directory=a.data_dir), a.preprocess)
-    model = models.check_model(model.clone(num_classes=num_classes(a, splits)))
-    tr = splits.train if a.train_size is None else data.subset(splits.train, a.train_size)
-    return model, optimizer, es, splits, tr
+def load_data(a: argparse.Namespace, config: RunConfig):
+    """``(config, splits, train)``: the data the config names (from ``--data-dir``), the
+    model's class count set from it, and the training split cut to ``--train-size``."""
+    d = config.data
+    splits = data.standardize(data.load(d.source, directory=a.data_dir), d.preprocess)
+    args = {**config.model.args, "num_classes": num_classes(a, splits)}
+    config = dataclasses.replace(config, model=dataclasses.replace(config.model, args=args))
+    tr = splits.train if d.train_size is None else data.subset(splits.train, d.train_size)
+    return config, splits, tr
 
 
-def _dropout(model: models.Model, feature_shape, inp: float, hidden: float) -> list[float]:
-    return [inp] + [hidden] * (len(models.masked_widths(model, feature_shape)) - 1)
+def saved_config(a: argparse.Namespace, config: RunConfig, **extra: Any) -> dict[str, Any]:
+    """What ``config.json`` holds: the command, the run's config under ``"run"``, and the
+    command's other flags (display, output, sweep and ensemble settings) under
+    ``"options"``; ``extra`` keys (``space``, ``run_dir``, ``resolved``) as given."""
+    options = {k: v for k, v in config_file.settings(a).items()
+               if k not in RUN_FLAGS and k not in extra.get("space", {}) and k != "command"}  # fmt: skip
+    return {"command": a.command, "run": config.to_dict(), "options": options, **extra}

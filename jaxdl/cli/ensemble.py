@@ -21,11 +21,9 @@ from jaxdl import (
     train,
     validate,
 )
-from jaxdl import config as run_config
-from jaxdl.cli.build import _common, _dropout
+from jaxdl.cli.build import load_data, run_config, saved_config
 from jaxdl.cli.parser import build_parser
 from jaxdl.cli.resume import _checkpointer, _given_flags, _run_config, _with_settings
-from jaxdl.cli.train import _prepare
 from jaxdl.validate import InputError
 
 
@@ -39,8 +37,10 @@ def cmd_ensemble(a: argparse.Namespace, argv: Sequence[str] = ()) -> dict:
         raise InputError("--tensorboard: not available for ensemble (use jaxdl train)")
     # t: the settings of the net (this command's train flags, or the --from run's)
     t = a if a.from_run is None else _trained_settings(a, argv)
-    model, optimizer, es, splits, tr = _common(t)
-    rates = _dropout(model, tr.x.shape[1:], t.dropout_input, t.dropout_hidden)
+    config, splits, tr = load_data(t, run_config(t))
+    config = config.replace(kernels=a.kernels)
+    setup, hp = train.prepare(config, tr, splits.valid)
+    model, rates = setup.model, [float(r) for r in hp.dropout]
     if max(rates) <= 0:
         flag = "--from" if a.from_run is not None else "--dropout-input/--dropout-hidden"
         raise InputError(f"{flag}: the ensemble view needs dropout; expected a rate above 0, "
@@ -50,13 +50,13 @@ def cmd_ensemble(a: argparse.Namespace, argv: Sequence[str] = ()) -> dict:
     if a.exact == "on" and units > a.max_units:
         raise InputError(f"--exact on: {units} masked units are more than --max-units "
                          f"{a.max_units}; mask fewer units or use --exact auto")  # fmt: skip
-    setup, hp = _prepare(t, model, optimizer, es, splits, tr, rates)
     test = splits.test if a.test_size is None else data.subset(splits.test, a.test_size)
-    state = compiled.programs(setup).init(train.as_key(t.seed), hp)
+    seed = config.training.seed
+    state = compiled.programs(setup).init(train.as_key(seed), hp)
     if a.from_run is not None:  # before a run directory exists: a bad run writes nothing
-        state = _trained_state(t, setup, hp, tr, state)
+        state = _trained_state(t.from_run, config, setup, hp, tr, state)
     run_dir = report.make_run_dir(a.runs_dir, a.name, prefix="ensemble")
-    report.write_json(run_dir / "config.json", {**run_config.settings(a), "run_dir": str(run_dir)})
+    report.write_json(run_dir / "config.json", saved_config(a, config, run_dir=str(run_dir)))
     if a.from_run is None:
         with report.Progress(a.epochs, enabled=not a.no_progress, stream=sys.stderr) as prog:
             state, history = train.fit_state(
@@ -64,7 +64,7 @@ def cmd_ensemble(a: argparse.Namespace, argv: Sequence[str] = ()) -> dict:
             )
             prog.finish(best_epoch=train.best_epoch(state) or None)
         report.save_history(run_dir, history)
-    key = jax.random.fold_in(train.as_key(t.seed), 7)
+    key = jax.random.fold_in(train.as_key(seed), 7)
     exact = {"auto": None, "on": True, "off": False}[a.exact]
     result = ensemble.analyse(
         model, ensemble.variables_of(state), rates, test, key=key, k=a.k, repeats=a.repeats,
@@ -73,12 +73,9 @@ def cmd_ensemble(a: argparse.Namespace, argv: Sequence[str] = ()) -> dict:
     )  # fmt: skip
     explicit = {}
     if a.explicit:
-        shared = {"l1": t.l1, "l2": t.l2, "input_noise": t.input_noise, "init_scale": t.init_scale}
         trained = ensemble.train_explicit(
-            model, optimizer, tr, n=a.explicit, rates=rates, key=jax.random.fold_in(key, 1),
-            epochs=t.epochs, seed=t.seed + 1, batch_size=t.batch_size, validation=splits.valid,
-            early_stopping=es, loss=t.loss, kernels=a.kernels,
-            config={k: v for k, v in shared.items() if v is not None},
+            config.replace(seed=seed + 1), tr, n=a.explicit, rates=rates,
+            key=jax.random.fold_in(key, 1), validation=splits.valid,
         )  # fmt: skip
         for name in ("independent", "bagging"):
             masks = trained["masks"] if name == "bagging" else None
@@ -124,11 +121,11 @@ def _trained_settings(a: argparse.Namespace, argv: Sequence[str]) -> argparse.Na
     return argparse.Namespace(**t)
 
 
-def _trained_state(t: argparse.Namespace, setup, hp, tr, like) -> step.TrainState:
-    """The final state of the train run ``t.from_run``, read from its last checkpoint and
+def _trained_state(run_dir: Path, config, setup, hp, tr, like) -> step.TrainState:
+    """The final state of the train run in ``run_dir``, read from its last checkpoint and
     checked against the ``params_digest`` its results.json reports."""
-    run_dir = t.from_run
-    ckpt = _checkpointer(t, run_dir, checkpoint.describe(setup, hp, tr.x, tr.y))
+    desc = checkpoint.describe(setup, hp, tr.x, tr.y)
+    ckpt = _checkpointer(config.checkpointing, run_dir, desc)
     saved = None if ckpt is None else ckpt.restore(like)
     if saved is None:
         raise InputError(f"--from: {str(run_dir)!r} kept no checkpoint (it was run with "

@@ -264,8 +264,3 @@ def _add_checkpoint_flags(p: argparse.ArgumentParser, *, skip: bool = True) -> N
             help="skip optimizer steps whose loss or gradient is NaN/Inf (default: stop the "
             "run at the first one, exit status 3)",
         )
-
-
-_OPT_FLAGS = ("momentum", "b1", "b2", "eps", "decay", "weight_decay", "decay_start_epoch",
-              "clip_norm", "max_norm", "lr_decay", "lr_decay_every", "lr_patience", "warmup_epochs",
-              "lr_min_ratio")  # fmt: skip

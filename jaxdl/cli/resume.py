@@ -17,6 +17,7 @@ from jaxdl import (
     validate,
 )
 from jaxdl.cli.parser import build_parser
+from jaxdl.config import Checkpointing, saved_flags
 from jaxdl.validate import InputError
 
 
@@ -28,11 +29,11 @@ def _check_checkpoint_flags(a: argparse.Namespace) -> None:
                          "it has no checkpoints to resume from")  # fmt: skip
 
 
-def _checkpointer(a: argparse.Namespace, run_dir: Path, config) -> checkpoint.Checkpointer | None:
-    if not a.checkpoint_every:
+def _checkpointer(c: Checkpointing, run_dir: Path, config) -> checkpoint.Checkpointer | None:
+    if not c.every:
         return None
     return checkpoint.Checkpointer(
-        run_dir / "checkpoints", config, every=a.checkpoint_every, max_to_keep=a.keep_checkpoints
+        run_dir / "checkpoints", config, every=c.every, max_to_keep=c.keep
     )
 
 
@@ -75,7 +76,8 @@ def _given_flags(argv: Sequence[str]) -> dict:
 
 
 def _run_config(flag: str, run_dir: Path, command: str) -> dict:
-    """The config.json of the ``command`` run in ``run_dir`` (for ``flag``'s message)."""
+    """The config.json of the ``command`` run in ``run_dir`` (for ``flag``'s message), as
+    flag-named settings (``jaxdl.config.saved_flags``)."""
     path = run_dir / "config.json"
     try:
         config = json.loads(path.read_text())
@@ -86,7 +88,7 @@ def _run_config(flag: str, run_dir: Path, command: str) -> dict:
         raise InputError(f"{flag}: {str(path)!r} is not valid JSON ({e})") from None
     if not isinstance(config, dict) or config.get("command") != command:
         raise InputError(f"{flag}: {str(run_dir)!r} is not a {command} run")
-    return config
+    return saved_flags(config)
 
 
 def _with_settings(a: argparse.Namespace, config: Mapping, keep: Sequence[str]) -> dict:

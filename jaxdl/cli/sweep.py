@@ -16,14 +16,13 @@ from jaxdl import (
     tracking,
     validate,
 )
-from jaxdl import config as run_config
-from jaxdl.cli.build import _common, _dropout
-from jaxdl.cli.flags import _OPT_FLAGS
+from jaxdl.cli.build import load_data, run_config, saved_config
 from jaxdl.cli.resume import _check_checkpoint_flags, _checkpointer, _faults
+from jaxdl.config import OPTIMIZER_FLAGS
 from jaxdl.validate import InputError
 
 # Sweepable flags (dest) and the setting each sets.
-_SWEEPABLE = {"lr": "learning_rate", **{k: k for k in _OPT_FLAGS},
+_SWEEPABLE = {"lr": "learning_rate", **{k: k for k in OPTIMIZER_FLAGS},
               **{k: k for k in ("l1", "l2", "input_noise", "init_scale", "dropout_input", "dropout_hidden")}}  # fmt: skip
 
 
@@ -35,49 +34,36 @@ def cmd_sweep(a: argparse.Namespace) -> dict:
     validate.positive_int("--seeds", a.seeds)
     lists = {d: getattr(a, d) for d in _SWEEPABLE if isinstance(getattr(a, d), list)}
     first = argparse.Namespace(**{**vars(a), **{d: v[0] for d, v in lists.items()}})
-    model, optimizer, es, splits, tr = _common(first)
+    config, splits, tr = load_data(first, run_config(first))
     axes = {_SWEEPABLE[d]: v for d, v in lists.items()}
-    drop_in = axes.pop("dropout_input", [a.dropout_input])
-    drop_hid = axes.pop("dropout_hidden", [a.dropout_hidden])
-    configs = []
-    for cfg in sweep.grid(**axes, dropout_input=drop_in, dropout_hidden=drop_hid):
-        d_in, d_hid = cfg.pop("dropout_input"), cfg.pop("dropout_hidden")
-        cfg["dropout"] = _dropout(model, tr.x.shape[1:], d_in, d_hid)
-        configs.append((cfg, d_in, d_hid))
-    base = {k: getattr(a, k) for k in ("l1", "l2", "input_noise", "init_scale") if k not in axes}
-    member_configs = [c for c, _, _ in configs]
-    settings = dict(
-        seeds=a.seeds, epochs=a.epochs, batch_size=a.batch_size, validation=splits.valid,
-        early_stopping=es, loss=a.loss, kernels=a.kernels, **base,
-    )  # fmt: skip
-    setup, hp, _, members = sweep.prepare_sweep(
-        model, optimizer, tr, member_configs, **settings
-    )  # check all, write nothing
+    drop_in = axes.pop("dropout_input", [config.regularisation.dropout_input])
+    drop_hid = axes.pop("dropout_hidden", [config.regularisation.dropout])
+    configs = sweep.grid(**axes, dropout_input=drop_in, dropout=drop_hid)
+    options = dict(seeds=a.seeds, validation=splits.valid)
+    setup, hp, _, members = sweep.prepare_sweep(config, tr, configs, **options)  # check all
     _check_checkpoint_flags(a)
     if a.resume is None:
         run_dir = report.make_run_dir(a.runs_dir, a.name, prefix="sweep")
-        config = {**run_config.settings(a), "run_dir": str(run_dir)}
-        report.write_json(run_dir / "config.json", config)
+        space = {d: getattr(a, d) for d in _SWEEPABLE}
+        report.write_json(run_dir / "config.json",
+                          saved_config(a, config, space=space, run_dir=str(run_dir)))  # fmt: skip
     else:
         run_dir = a.resume
-    ckpt = _checkpointer(a, run_dir, checkpoint.describe(setup, hp, tr.x, tr.y, members=members))
+    desc = checkpoint.describe(setup, hp, tr.x, tr.y, members=members)
+    ckpt = _checkpointer(config.checkpointing, run_dir, desc)
     n = len(configs) * a.seeds
     with report.Progress(a.epochs, enabled=not a.no_progress, stream=sys.stderr) as prog:
         with _faults(ckpt, run_dir):
-            res = sweep.sweep(
-                model, optimizer, tr, member_configs, test=splits.test,
-                on_epoch=lambda e, m: prog.update(e, _median(m)), checkpointer=ckpt,
-                data_order=a.data_order, **settings,
+            res = sweep.run(
+                config, tr, configs, test=splits.test, checkpointer=ckpt,
+                on_epoch=lambda e, m: prog.update(e, _median(m)), data_order=a.data_order,
+                **options,
             )  # fmt: skip
         prog.finish()
     rows = []
-    for row, (_, d_in, d_hid) in zip(
-        res.rows, [c for c in configs for _ in range(a.seeds)], strict=True
-    ):
-        row = {k: v for k, v in row.items() if k != "dropout"}
-        given = {"dropout_input": d_in, "dropout_hidden": d_hid}
-        row = {**{k: v for k, v in given.items() if k in lists}, **row}
-        rows.append(row)
+    for row in res.rows:  # the dropout rates under their flags' names, where swept
+        given = {"dropout_input": row.pop("dropout_input"), "dropout_hidden": row.pop("dropout")}
+        rows.append({**{k: v for k, v in given.items() if k in lists}, **row})
     swept = [k for k in rows[0] if k in lists or k in axes]
     swept = [k for k in swept if len({r[k] for r in rows}) > 1]  # axes that vary
     report.write_csv(run_dir / "results.csv", rows)

@@ -12,44 +12,33 @@ from jaxdl import (
     tracking,
     train,
 )
-from jaxdl import config as run_config
-from jaxdl.cli.build import _common, _dropout
+from jaxdl.cli import config_file
+from jaxdl.cli.build import load_data, run_config, saved_config
 from jaxdl.cli.resume import _check_checkpoint_flags, _checkpointer, _faults
 
 
-def _prepare(a: argparse.Namespace, model, optimizer, es, splits, tr, dropout):
-    """``train.prepare`` with the settings of the train flags."""
-    return train.prepare(
-        model, optimizer, tr, epochs=a.epochs, batch_size=a.batch_size, validation=splits.valid,
-        early_stopping=es, loss=a.loss, l1=a.l1, l2=a.l2, dropout=dropout,
-        input_noise=a.input_noise, init_scale=a.init_scale,
-        skip_nonfinite=getattr(a, "skip_nonfinite", False), kernels=a.kernels,
-    )  # fmt: skip
-
-
 def cmd_train(a: argparse.Namespace) -> dict:
-    model, optimizer, es, splits, tr = _common(a)
-    dropout = _dropout(model, tr.x.shape[1:], a.dropout_input, a.dropout_hidden)
-    setup, hp = _prepare(a, model, optimizer, es, splits, tr, dropout)
+    config, splits, tr = load_data(a, run_config(a))
+    setup, hp = train.prepare(config, tr, splits.valid)
     _check_checkpoint_flags(a)
     if a.resume is None:
         run_dir = report.make_run_dir(a.runs_dir, a.name)
-        config = {**run_config.settings(a), "run_dir": str(run_dir)}
-        config["resolved"] = {"hyperparams": {k: float(v) for k, v in hp.opt.items()},
-                              "dropout": [float(r) for r in hp.dropout], "init_scale": float(hp.init_scale),
-                              "kernels": setup.lowering.kernels}  # fmt: skip
-        report.write_json(run_dir / "config.json", config)
+        resolved = {"hyperparams": {k: float(v) for k, v in hp.opt.items()},
+                    "dropout": [float(r) for r in hp.dropout], "init_scale": float(hp.init_scale),
+                    "kernels": setup.lowering.kernels}  # fmt: skip
+        record = saved_config(a, config, resolved=resolved, run_dir=str(run_dir))
+        report.write_json(run_dir / "config.json", record)
     else:
         run_dir = a.resume
     info = train.FitInfo()
-    state = compiled.programs(setup).init(train.as_key(a.seed), hp)
-    ckpt = _checkpointer(a, run_dir, checkpoint.describe(setup, hp, tr.x, tr.y))
+    state = compiled.programs(setup).init(train.as_key(config.training.seed), hp)
+    ckpt = _checkpointer(config.checkpointing, run_dir, checkpoint.describe(setup, hp, tr.x, tr.y))
     history = saved = None
     if ckpt is not None and a.resume is not None and (saved := ckpt.restore(state)) is not None:
         state, history = saved.state, saved.host
     tb = None
     if a.tensorboard:
-        tb = tracking.RunWriter(run_dir, model, tr.x[: setup.probe_size], run_config.settings(a),
+        tb = tracking.RunWriter(run_dir, setup.model, tr.x[: setup.probe_size], config_file.settings(a),
                                 resumed_from=None if a.resume is None else getattr(saved, "epoch", 0))  # fmt: skip
     with report.Progress(a.epochs, enabled=not a.no_progress, stream=sys.stderr) as prog:
         with _faults(ckpt, run_dir):
@@ -60,7 +49,7 @@ def cmd_train(a: argparse.Namespace) -> dict:
             )  # fmt: skip
         best = train.best_epoch(state) or None  # 0: no epoch improved (all NaN)
         prog.finish(stopped_early=len(history["train_loss"]) < a.epochs, best_epoch=best)
-    test = train.evaluate(model, state, splits.test, loss=a.loss)
+    test = train.evaluate(setup.model, state, splits.test, loss=setup.loss)
     report.save_history(run_dir, history)
     if not a.no_plots:
         report.plot_curves(history, run_dir / "curves.png", best_epoch=best)
