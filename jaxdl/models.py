@@ -72,7 +72,33 @@ def _dropout_at(masks: Masks | None, rates: jax.Array | None, i: int):
     return (None if masks is None else masks[i]), (None if rates is None else rates[i])
 
 
-class MLP(nn.Module):
+class Net(nn.Module):
+    """The call both of jaxdl's networks answer (``logits`` does the work)."""
+
+    def __call__(
+        self,
+        x: jax.Array,
+        *,
+        train: bool = False,
+        masks: Masks | None = None,
+        rates: jax.Array | None = None,
+        example_mask: jax.Array | None = None,
+        start: int | None = None,
+        stop: int | None = None,
+    ) -> jax.Array:
+        """Logits (B, num_classes). ``masks``: one (B, width) 0/1 array per masked layer
+        (or None: sampled from the ``dropout`` rng stream with ``rates`` when training);
+        ``rates``: (masked layers,) dropout rates or None; ``example_mask``: (B,) bool
+        marking real (not padding) examples, used by batch-norm statistics.
+
+        ``stop=i`` returns the input of masked layer ``i`` (before its dropout) instead of
+        the logits; ``start=i`` takes ``x`` to be that input and runs the rest (None: ``x``
+        is the network's input). Together they split the network so the part before a
+        masked layer is computed once."""
+        return self.logits(x, train, masks, rates, example_mask, start, stop)
+
+
+class MLP(Net):
     """Fully-connected classifier returning logits (B, num_classes).
 
     Inputs (B, *feature_shape) are flattened. Hidden layers are ``layer_{i}`` (with
@@ -88,31 +114,15 @@ class MLP(nn.Module):
     dropout_convention: str = "inverted"
 
     @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        *,
-        train: bool = False,
-        masks: Masks | None = None,
-        rates: jax.Array | None = None,
-        example_mask: jax.Array | None = None,
-        start: int | None = None,
-        stop: int | None = None,
-    ) -> jax.Array:
-        """``rates``: (len(hidden)+1,) dropout rates or None; ``example_mask``: (B,) bool
-        marking real (not padding) examples, used by batch-norm statistics.
-
-        ``stop=i`` returns the input of masked layer ``i`` (before its dropout) instead of
-        the logits; ``start=i`` takes ``x`` to be that input and runs the rest (None: ``x``
-        is the network's input). Together they split the network so the part before a
-        masked layer is computed once."""
+    def logits(self, x, train, masks, rates, example_mask, start, stop) -> jax.Array:
+        """``Net.__call__``'s work (its arguments, in order)."""
         h = x.reshape((x.shape[0], -1)) if not start else x
         return _dense_head(
             self, h, self.hidden, train, masks, rates, example_mask, start or 0, stop
         )
 
 
-class CNN(nn.Module):
+class CNN(Net):
     """conv → activation → pool blocks, then dense layers; returns logits (B, num_classes).
 
     Inputs are (B, H, W, C) or flattened (B, H·W·C), reshaped to ``image_shape``.
@@ -133,19 +143,9 @@ class CNN(nn.Module):
     conv_impl: str = "auto"  # see ``Conv``
 
     @nn.compact
-    def __call__(
-        self,
-        x: jax.Array,
-        *,
-        train: bool = False,
-        masks: Masks | None = None,
-        rates: jax.Array | None = None,
-        example_mask: jax.Array | None = None,
-        start: int | None = None,
-        stop: int | None = None,
-    ) -> jax.Array:
-        """As ``MLP.__call__``; masked layer 0 is the flattened conv output, so ``start=0``
-        takes ``x`` to be those features and skips the convolutions."""
+    def logits(self, x, train, masks, rates, example_mask, start, stop) -> jax.Array:
+        """``Net.__call__``'s work; masked layer 0 is the flattened conv output, so
+        ``start=0`` takes ``x`` to be those features and skips the convolutions."""
         if start is not None:
             return _dense_head(self, x, self.dense, train, masks, rates, example_mask, start, stop)
         kernel_init = inits.unit_initializer(self.weight_init)
