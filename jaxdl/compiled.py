@@ -8,6 +8,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 import functools
+import logging
 import time
 from collections.abc import Callable
 from typing import NamedTuple
@@ -16,6 +17,8 @@ import jax
 
 from jaxdl import devices, optim
 from jaxdl.step import Setup, init_state, run_epoch
+
+log = logging.getLogger("jaxdl")
 
 
 class Programs(NamedTuple):
@@ -82,6 +85,7 @@ def executable(progs: Programs, *args) -> tuple[Callable, float]:
     )
     if sig in progs.executables:
         return progs.executables[sig], 0.0
+    log.info("compiling the epoch program (once per structure and data shape)")
     t0 = time.perf_counter()
     exe = progs.epoch.lower(*args).compile()
     progs.executables[sig] = exe

@@ -144,11 +144,19 @@ def load_file(path: str | os.PathLike) -> Splits:
             f"data file {path}: not found; expected an .npz with x_train, y_train, ..."
         )
     try:
-        with np.load(path) as z:
+        z = np.load(path)
+        if not hasattr(z, "files"):  # one array (an .npy file), not an .npz archive
+            raise ValueError("not an .npz archive")
+        with z:
             arrays = {k: z[k] for k in z.files}
     except (OSError, EOFError, ValueError, zipfile.BadZipFile, zlib.error, NotImplementedError, RuntimeError) as e:  # fmt: skip
-        # A damaged zip header can read as an unknown compression method or encryption.
-        raise InputError(f"data file {path}: unreadable ({e})") from e
+        # A damaged zip header can read as an unknown compression method or encryption;
+        # numpy says a file it cannot parse may be a pickle, which an .npz never needs.
+        why = "not an .npz archive" if "pickle" in str(e) else str(e)
+        raise InputError(
+            f"data file {path}: unreadable ({why}); expected an .npz written by numpy.savez "
+            "with x_train, y_train, x_valid, y_valid, x_test, y_test"
+        ) from e
     sets = []
     for split in ("train", "valid", "test"):
         missing = [k for k in (f"x_{split}", f"y_{split}") if k not in arrays]

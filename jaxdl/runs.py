@@ -107,7 +107,8 @@ def find_runs(root: str | Path) -> list[Run]:
     return sorted(runs, key=lambda r: (r.created, r.name), reverse=True)
 
 
-def _describe(cfg: Mapping[str, Any]) -> str:
+def describe_model(cfg: Mapping[str, Any]) -> str:
+    """``mlp 500-500 relu`` from flag-named settings."""
     if cfg.get("model") == "cnn":
         widths = "-".join(map(str, cfg.get("conv_features") or ()))
         return f"cnn {widths} {cfg.get('activation', '')}".strip()
@@ -129,7 +130,7 @@ def summary_row(run: Run) -> dict[str, Any]:
         "run": run.name,
         "kind": run.kind,
         "created": time.strftime("%Y-%m-%d %H:%M", time.localtime(run.created)),
-        "model": _describe(cfg),
+        "model": describe_model(cfg),
         "optimizer": f"{cfg['optimizer']} lr={_lr(cfg.get('lr'))}" if "optimizer" in cfg else "",
     }
     if run.kind == "train":

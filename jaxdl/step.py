@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import optax
 from flax import struct
 
-from jaxdl import inits, losses, models, optim, stopping
+from jaxdl import inits, losses, models, optim, stopping, ticks
 from jaxdl.lowering import XLA, Lowering
 from jaxdl.models import Model
 from jaxdl.optim import Optimizer
@@ -76,6 +76,9 @@ class Setup:
     # It decides the compiled program, so equality and caches see it, but not what the
     # program computes: it stays out of repr, which is a checkpoint's identity.
     lowering: Lowering = dataclasses.field(default=XLA, repr=False)
+    # How many times an epoch reports its progress to the host (``jaxdl.ticks``; 0: never).
+    # Like the lowering: part of the program, not of what it computes.
+    ticks: int = dataclasses.field(default=0, repr=False)
 
     @property
     def steps_per_epoch(self) -> int:
@@ -227,13 +230,23 @@ def train_epoch(setup: Setup, state: TrainState, train: Batch, hp: HParams):
     parameters ended non-finite, else 0; ``skipped_steps`` (with
     ``setup.skip_nonfinite``) counts the steps skipped."""
     idx, weights = epoch_order(setup, state.key, state.epoch)
+    steps = idx.shape[0]
+    every = max(1, steps // setup.ticks) if setup.ticks else 0
 
     def body(st, xs):
-        i, w = xs
+        i, w, k = xs
         x = setup.lowering.take_rows(train.x, i)
-        return train_step(setup, st, Batch(x, train.y[i], w), hp)
+        out = train_step(setup, st, Batch(x, train.y[i], w), hp)
+        if every:  # after this step's update (the callback takes its loss), every few steps
+            done = k + 1
+            jax.lax.cond(
+                (done % every == 0) & (done < steps),
+                lambda: jax.debug.callback(ticks.tick, done, steps, out[1]["loss"]),
+                lambda: None,
+            )
+        return out
 
-    state, m = jax.lax.scan(body, state, (idx, weights))
+    state, m = jax.lax.scan(body, state, (idx, weights, jnp.arange(steps)))
     return state, epoch_metrics(setup, state, m)
 
 

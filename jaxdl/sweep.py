@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import dataclasses
 import inspect
+import logging
 import math
 import time
 from collections.abc import Mapping, Sequence
@@ -35,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxdl import compiled, models, optim, step, train, validate
+from jaxdl import compiled, models, optim, report, step, train, validate
 from jaxdl.config import OptimizerConfig, RunConfig
 from jaxdl.data import Dataset
 from jaxdl.devices import for_members
@@ -59,35 +60,9 @@ from jaxdl.space import MEMBER_KEYS
 from jaxdl.space import grid as grid  # the search spaces, as sweep.grid too
 from jaxdl.space import parse_values as parse_values
 from jaxdl.space import random_configs as random_configs
+from jaxdl.sweep_results import SweepResult, result_rows
 
-
-@dataclasses.dataclass
-class SweepResult:
-    """What a sweep returns (host side).
-
-    ``rows``: one dict per member (its settings, seed, best validation accuracy and
-    epoch, test accuracy, epochs run, diverged, stopped). ``history[metric]``: float64
-    (members, epochs_run) arrays, NaN where a member was frozen. ``states``: the final
-    ``TrainState`` of every member stacked on a leading axis (best parameters restored
-    where early stopping asks for it). ``compiles``: programs traced by this call (0 when
-    an earlier sweep of the same structure and shapes compiled it).
-    """
-
-    rows: list[dict[str, Any]]
-    history: dict[str, np.ndarray]
-    states: step.TrainState
-    compiles: int
-    seconds: float
-    compile_seconds: float
-    samples_per_second: float  # training examples per second summed over members
-    chunks: int = 1  # how many groups of members ran one after another (memory)
-    devices: int = 1  # how many devices the member axis was sharded over
-    kernels: str = "off"  # whether the CPU kernels lowered the program ("on"/"off")
-
-    def best(self, metric: str = "best_val_accuracy") -> dict[str, Any]:
-        """The row of the member with the highest ``metric`` among those not diverged."""
-        ok = [r for r in self.rows if not r["diverged"] and math.isfinite(r.get(metric, math.nan))]
-        return max(ok or self.rows, key=lambda r: r.get(metric, -math.inf))
+log = logging.getLogger("jaxdl")
 
 
 def _member_hparams(setup: step.Setup, base: Mapping[str, Any], cfg: Mapping[str, Any]):
@@ -190,6 +165,7 @@ def run(
     masks: models.Masks | None = None,
     checkpointer: Checkpointer | None = None,
     data_order: str = "auto",
+    verbose: bool | None = None,
 ) -> SweepResult:
     """Trains ``len(configs) × seeds`` members of ``config``'s structure as one program.
 
@@ -202,7 +178,8 @@ def run(
         (one rate or one per masked layer), ``input_noise``, ``init_scale``. See
         ``grid`` and ``random_configs``.
       seeds: a count (seeds 0…n-1) or explicit seeds; every configuration runs with each.
-      on_epoch: ``on_epoch(epoch, metrics)`` with (members,) arrays, after each epoch.
+      on_epoch: ``on_epoch(epoch, metrics)`` with (members,) arrays, after each epoch:
+        the history's metrics (NaN for a member no longer training) and ``diverged``.
       devices: where to run (default: all of ``jax.devices()``, at most one per member;
         on a CPU host ``jaxdl.use_cpu_cores()`` makes each core a device). With more
         than one, the member axis is sharded over a ``members`` mesh axis
@@ -217,6 +194,8 @@ def run(
         every step instead of sampled dropout masks ("dropout bagging").
       checkpointer: saves every member (frozen and diverged ones too) as the sweep goes,
         one checkpoint directory per chunk, and resumes each chunk from its latest one.
+      verbose: a line per epoch on stderr saying how the members do (a live bar on a
+        terminal); None (default): on a terminal or in Jupyter only.
       data_order: ``"own"``: each member draws its own data order from its seed and
         gathers its own minibatches. ``"shared"``: every member trains on the first
         member's order, so each step's minibatch is gathered once and a narrow first
@@ -244,20 +223,29 @@ def run(
         setup, mesh, batch_form(setup, shared, one_seed, devices[0].platform, mesh is not None)
     )
     traced_before = progs.traces["epoch"]
-    chunks = [
-        _run_chunk(
-            progs,
-            keys[i : i + size],
-            member_slice(hp, i, i + size),
-            size,
-            data,
-            valid,
-            epochs,
-            on_epoch,
-            None if checkpointer is None else checkpointer.sub(f"chunk-{i // size}", size=size),
-        )
-        for i in range(0, n, size)
-    ]
+    show = report.interactive() if verbose is None else bool(verbose)
+    with report.Progress(setup.epochs, enabled=show) as prog:
+
+        def each(epoch, metrics):
+            prog.update(epoch, metrics, text=report.sweep_text(metrics))
+            if on_epoch is not None:
+                on_epoch(epoch, metrics)
+
+        chunks = [
+            _run_chunk(
+                progs,
+                keys[i : i + size],
+                member_slice(hp, i, i + size),
+                size,
+                data,
+                valid,
+                epochs,
+                each,
+                None if checkpointer is None else checkpointer.sub(f"chunk-{i // size}", size=size),
+            )
+            for i in range(0, n, size)
+        ]
+        prog.finish()
     states = jax.tree_util.tree_map(lambda *v: jnp.concatenate(v), *[c.states for c in chunks])
     if early_stopping is not None and early_stopping.restore_best:
         has_best = states.stopping.tracker.best_epoch > 0
@@ -270,7 +258,7 @@ def run(
     diverged = np.concatenate([c.diverged for c in chunks])
     epochs_run = np.concatenate([c.epochs_run for c in chunks])
     seconds = sum(c.seconds for c in chunks)
-    rows = _rows(members, hist, diverged, epochs_run, states, setup, test, hp)
+    rows = result_rows(members, hist, diverged, epochs_run, states, setup, test, hp)
     return SweepResult(
         rows=rows,
         history=hist,
@@ -315,6 +303,7 @@ def _run_chunk(progs, keys, hp, size, data, valid, epochs, on_epoch, ckpt=None) 
         diverged = np.asarray(saved.host["diverged"], bool)
         epochs_run = np.asarray(saved.host["epochs_run"], int)
         history = {k: np.asarray(v, np.float64) for k, v in saved.host["history"].items()}
+        log.info("resuming %d members after epoch %d (their latest checkpoint)", n, epoch)
     t0 = time.perf_counter()
     while epoch < epochs and bool(jnp.any(active)):
         epoch += 1
@@ -327,8 +316,8 @@ def _run_chunk(progs, keys, hp, size, data, valid, epochs, on_epoch, ckpt=None) 
         epochs_run += was_active & ~np.asarray(diverged_now)
         for k, v in metrics.items():
             history.setdefault(k, np.full((n, epochs), np.nan))[:, epoch - 1] = v
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
+        if on_epoch is not None:  # with which members have diverged (so far)
+            on_epoch(epoch, {**metrics, "diverged": diverged[:n].copy()})
         if ckpt is not None:
             host = {
                 "history": {k: v.tolist() for k, v in history.items()},
@@ -340,37 +329,6 @@ def _run_chunk(progs, keys, hp, size, data, valid, epochs, on_epoch, ckpt=None) 
     seconds = time.perf_counter() - t0
     states = jax.tree_util.tree_map(lambda v: v[:n], states)
     return _Chunk(states, history, diverged[:n], epochs_run[:n], epoch, seconds, compile_seconds)
-
-
-def _rows(members, hist, diverged, epochs_run, states, setup, test, hp) -> list[dict[str, Any]]:
-    acc = hist.get("val_accuracy", hist["train_accuracy"])
-    if test is not None:
-        test = train.to_device(train.check_data(test, "test", setup.model.num_classes))
-        ev = jax.jit(
-            jax.vmap(lambda p, b, r, m: step.evaluate_arrays(setup, p, b, r, test.x, test.y, m))
-        )
-        rates = states.rates if hp.masks is None else hp.dropout
-        test_metrics = jax.device_get(ev(states.params, states.batch_stats, rates, hp.masks))
-    rows = []
-    tracked = None if states.stopping is None else np.asarray(states.stopping.tracker.best_epoch)
-    for i, (cfg, seed) in enumerate(members):
-        a = np.where(np.isnan(acc[i]), -np.inf, acc[i])
-        best = int(np.argmax(a)) if np.isfinite(a).any() else -1
-        if tracked is not None:  # the epoch early stopping kept (and restored)
-            best = int(tracked[i]) - 1
-        row = {**cfg, "seed": seed}
-        row["best_val_accuracy" if "val_accuracy" in hist else "best_train_accuracy"] = (
-            float(acc[i, best]) if best >= 0 else math.nan
-        )
-        row["best_epoch"] = best + 1 if best >= 0 else 0
-        if test is not None:
-            row["test_accuracy"] = float(test_metrics["accuracy"][i])
-            row["test_loss"] = float(test_metrics["loss"][i])
-        row["epochs_run"] = int(epochs_run[i])
-        row["diverged"] = bool(diverged[i])
-        row["stopped"] = bool(states.stopping.stopped[i]) if states.stopping is not None else False
-        rows.append(row)
-    return rows
 
 
 def sweep_structures(

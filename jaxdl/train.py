@@ -21,7 +21,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdl import inits, losses, lowering, models, optim, stopping, validate
+from jaxdl import inits, losses, lowering, models, optim, report, stopping, ticks, validate
 from jaxdl.compiled import compile_epoch, programs
 from jaxdl.config import RunConfig
 from jaxdl.data import Dataset
@@ -126,6 +126,7 @@ def fit(
     on_epoch: Callable[[int, Mapping[str, float]], None] | None = None,
     info: FitInfo | None = None,
     checkpointer: Checkpointer | None = None,
+    verbose: bool | None = None,
     **settings,
 ) -> tuple[TrainState, dict[str, list[float]]]:
     """Trains ``model`` and returns ``(state, history)``.
@@ -142,15 +143,30 @@ def fit(
     skips such steps. With a ``checkpointer`` (``jaxdl.checkpoint``) the run is saved as
     it goes; see ``fit_state``. ``kernels`` (``"auto"``, ``"on"``, ``"off"``): whether the
     CPU kernels lower the compiled epoch (``jaxdl.lowering``); the trained values do not
-    depend on it beyond float rounding.
+    depend on it beyond float rounding. ``verbose``: a line per epoch on stderr (a live
+    bar on a terminal); None (default): on a terminal or in Jupyter only.
     """
     seed = {"seed": int(key)} if isinstance(key, int | np.integer) else {}
     config = RunConfig.of(model, optimizer, epochs=epochs, **seed, **settings)
     setup, hp = prepare(config, train, validation)
     state = programs(setup).init(as_key(key), hp)
-    return fit_state(
-        setup, state, hp, train, validation, on_epoch=on_epoch, info=info, checkpointer=checkpointer
-    )
+    show = report.interactive() if verbose is None else bool(verbose)
+    with report.Progress(epochs, enabled=show) as prog, ticks.listen(prog.tick):
+        setup = dataclasses.replace(setup, ticks=prog.ticks)  # a live bar moves within epochs
+        state, history = fit_state(
+            setup, state, hp, train, validation, info=info, checkpointer=checkpointer,
+            on_epoch=prog.update if on_epoch is None else _both(prog.update, on_epoch),
+        )  # fmt: skip
+        prog.finish(len(history["train_loss"]) < epochs, best_epoch(state) or None)
+    return state, history
+
+
+def _both(first: Callable, second: Callable) -> Callable:
+    def call(*args) -> None:
+        first(*args)
+        second(*args)
+
+    return call
 
 
 def num_classes(*datasets: Dataset | None) -> int:

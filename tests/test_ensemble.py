@@ -301,6 +301,9 @@ def test_cli_ensemble_writes_summary_plots_and_json(tmp_path, small_npz, capsys)
     for key in ("weight_scaling_accuracy", "geometric_accuracy", "run_dir"):
         assert key in res
     assert set(res["independent_accuracy"]) == {"1", "2"}
+    line = out.out.strip().splitlines()[-2]  # the summary names the explicit ensembles too
+    for name in ("independent", "bagging"):
+        assert f"; {name} ensemble of 2: {res[f'{name}_accuracy']['2']:.4f}" in line
     run = Path(res["run_dir"])
     assert run == tmp_path / "e"
     for f in ("config.json", "summary.json", "ensemble.json", "history.json", "k_curve.png",

@@ -8,6 +8,7 @@ import json
 import math
 import os
 import re
+from pathlib import Path
 
 import jax.numpy as jnp
 import numpy as np
@@ -405,3 +406,64 @@ def test_no_tmp_files_left_after_plots(tmp_path):
     report.plot_curves(_history(3), tmp_path / "c.png")
     report.plot_layer_stats(_history(3), tmp_path / "l.png")
     assert sorted(os.listdir(tmp_path)) == ["c.png", "l.png"]
+
+
+def _figures(monkeypatch) -> list:
+    """The matplotlib figures the plot functions make, captured instead of written."""
+    from jaxdl.report import plots
+
+    made = []
+    monkeypatch.setattr(plots, "save_figure", lambda fig, path: made.append(fig) or Path(path))
+    return made
+
+
+def test_curves_show_the_learning_rate_a_log_loss_and_the_run(monkeypatch, tmp_path):
+    made = _figures(monkeypatch)
+    h = {"train_loss": [2.3, 0.5, 0.05], "val_loss": [2.0, 0.6, 0.2],
+         "train_accuracy": [0.2, 0.8, 0.99], "learning_rate": [1e-3, 5e-4, 0.0]}  # fmt: skip
+    report.plot_curves(h, tmp_path / "c.png", title="r1: mlp 500-500 relu, adam lr 0.001")
+    (fig,) = made
+    loss, acc, lr = fig.axes
+    assert loss.get_yscale() == "log" and acc.get_yscale() == "linear"  # 2.3 → 0.05: decades
+    assert lr.get_title() == "Learning rate per epoch"
+    assert fig._suptitle.get_text() == "r1: mlp 500-500 relu, adam lr 0.001"
+    report.plot_curves({"train_loss": [0.5, 0.4]}, tmp_path / "d.png")
+    assert made[1].axes[0].get_yscale() == "linear" and made[1]._suptitle is None
+
+
+def test_three_layer_panels_sit_in_one_row(monkeypatch, tmp_path):
+    made = _figures(monkeypatch)
+    h = {f"{s}/layer_0": [0.1, 0.2] for s in ("grad_norm", "dead_fraction", "act_std")}
+    report.plot_layer_stats(h, tmp_path / "l.png")
+    axes = [ax for ax in made[0].axes if ax.get_visible()]
+    assert len(made[0].axes) == 3 and len(axes) == 3  # no empty fourth panel
+    assert len({round(ax.get_position().y0, 3) for ax in axes}) == 1
+
+
+def test_sweep_curves_say_which_member_is_which(monkeypatch, tmp_path):
+    made = _figures(monkeypatch)
+    rows = [{"learning_rate": lr, "seed": s, "best_val_accuracy": 0.5}
+            for lr in (1e-3, 1e-2) for s in (0, 1)]  # fmt: skip
+    hist = {"val_accuracy": np.linspace(0.1, 0.9, 8).reshape(4, 2)}
+    report.plot_sweep(rows, ["learning_rate"], hist, tmp_path)
+    labels = [t.get_text() for t in made[-1].axes[0].get_legend().get_texts()]
+    assert labels == ["learning_rate=0.001, seed=0", "learning_rate=0.001, seed=1",
+                      "learning_rate=0.01, seed=0", "learning_rate=0.01, seed=1"]  # fmt: skip
+    many = [{"learning_rate": lr, "seed": s, "best_val_accuracy": 0.5}
+            for lr in (1e-3, 1e-2, 1e-1) for s in range(5)]  # fmt: skip
+    report.plot_sweep(many, ["learning_rate"], {"val_accuracy": np.ones((15, 2))}, tmp_path)
+    labels = [t.get_text() for t in made[-1].axes[0].get_legend().get_texts()]
+    assert labels == ["learning_rate=0.001", "learning_rate=0.01", "learning_rate=0.1"]
+
+
+def test_the_sweep_line_counts_members_training_stopped_and_diverged():
+    m = {"val_accuracy": np.array([0.9, np.nan, 0.7, np.nan, 0.8]),
+         "diverged": np.array([False, True, False, False, False])}  # fmt: skip
+    assert report.sweep_text(m) == "val_acc best 0.9000 med 0.8000; 3/5 on, 1 stopped, 1 diverged"
+    m["diverged"][1] = False
+    text = report.sweep_text(m)
+    assert text == "val_acc best 0.9000 med 0.8000; 3/5 on, 2 stopped"
+    assert len(f"epoch 12/20 ━━━━━ 0:01:02 {text}") <= 80  # the bar's line at 80 columns
+    assert (
+        report.sweep_text({"train_accuracy": np.array([np.nan])}) == "acc: none training, 1 stopped"
+    )

@@ -351,3 +351,13 @@ def test_structures_are_swept_one_program_each(blobs):
     assert all("momentum" not in r for r in out["tanh-adam"].rows)
     assert out["tanh-adam"].states.params["layer_1"]["kernel"].shape == (2, 8, 8)
     assert all(r.compiles <= 1 for r in out.values())
+
+
+def test_a_sweep_shows_how_its_members_do_when_asked(blobs, capsys):
+    configs = sweep.grid(learning_rate=[1e-3, 1e-1])
+    kw = dict(epochs=2, batch_size=64, validation=blobs.valid)
+    sweep.sweep(MODEL, jaxdl.make_optimizer("adam"), blobs.train, configs, verbose=True, **kw)
+    err = capsys.readouterr().err
+    assert "epoch 2/2  val_acc best" in err and "2/2 on" in err
+    sweep.sweep(MODEL, jaxdl.make_optimizer("adam"), blobs.train, configs, **kw)
+    assert capsys.readouterr().err == ""

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -373,3 +375,50 @@ def test_sanity_check_on_100_real_mnist_images():
     )
     assert jaxdl.evaluate(model, state, small)["accuracy"] == 1.0
     assert hist["train_loss"][-1] < 0.01
+
+
+def test_fit_shows_progress_when_asked_and_is_quiet_otherwise(blobs, capsys):
+    model, opt = _mlp(hidden=(8,)), jaxdl.make_optimizer("adam")
+    kw = dict(epochs=2, batch_size=64, validation=blobs.valid)
+    jaxdl.fit(model, opt, blobs.train, verbose=True, **kw)
+    err = capsys.readouterr().err.splitlines()
+    assert [line.split("  ")[0] for line in err[:2]] == ["epoch 1/2", "epoch 2/2"]
+    assert "val_accuracy" in err[0] and err[-1].startswith("done: 2/2 epochs in")
+    jaxdl.fit(model, opt, blobs.train, **kw)  # default: only on a terminal or in Jupyter
+    jaxdl.fit(model, opt, blobs.train, verbose=False, **kw)
+    assert capsys.readouterr().err == ""
+
+
+def test_ticks_report_inside_an_epoch_and_change_nothing(blobs):
+    """``Setup.ticks``: the compiled epoch tells the host how far it is, every few steps
+    (``jaxdl.ticks``), without changing a bit of what it computes or the run's identity."""
+    from jaxdl import ticks
+
+    model = _mlp(hidden=(16,))
+    config = jaxdl.RunConfig.of(model, jaxdl.make_optimizer("adam"), epochs=2, batch_size=32)
+    plain, hp = train.prepare(config, blobs.train, blobs.valid)
+    ticking = dataclasses.replace(plain, ticks=4)
+    heard, digests = [], {}
+    for s in (plain, ticking):
+        state = compiled.programs(s).init(jax.random.key(0), hp)
+        with ticks.listen(lambda done, total: heard.append((done, total))):
+            state, _ = train.fit_state(s, state, hp, blobs.train, blobs.valid)
+        digests[s.ticks] = jaxdl.params_digest(state.params)
+    steps = plain.steps_per_epoch  # 16: ticks after steps 4, 8 and 12 (16 ends the epoch)
+    assert heard == [(4, steps), (8, steps), (12, steps)] * 2
+    assert digests[0] == digests[4] and repr(plain) == repr(ticking)
+
+
+def test_a_live_bar_moves_within_an_epoch():
+    import io
+
+    class Terminal(io.StringIO):
+        def isatty(self) -> bool:
+            return True
+
+    with report.Progress(3, stream=Terminal()) as p:
+        assert p.ticks == report.progress.TICKS
+        p.update(1, {"train_loss": 0.5})
+        p.tick(10, 20)
+        assert p._bar.tasks[0].completed == 1.5
+    assert report.Progress(3, stream=io.StringIO()).ticks == 0  # no bar: no ticks

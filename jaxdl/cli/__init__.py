@@ -6,7 +6,9 @@ and one line naming the flag and what was expected, never a traceback.
 
 from __future__ import annotations
 
+import contextlib
 import json
+import logging
 import signal
 import sys
 import threading
@@ -18,10 +20,11 @@ from jaxdl.checkpoint import Interrupted
 # Names, not modules, from jaxdl.train and the like: this package's submodules
 # (jaxdl.cli.train, .sweep, ...) become its attributes and would shadow them.
 from jaxdl.cli import config_file as run_config
+from jaxdl.cli.build import check_paths
 from jaxdl.cli.ensemble import cmd_ensemble
 from jaxdl.cli.parser import build_parser
 from jaxdl.cli.resume import _resumed
-from jaxdl.cli.sweep import _ROW_RESULTS, _use_cpu_devices, cmd_sweep
+from jaxdl.cli.sweep import _use_cpu_devices, cmd_sweep
 from jaxdl.cli.train import cmd_train
 from jaxdl.cli.views import _VIEWS, cmd_fetch
 from jaxdl.report import to_jsonable
@@ -34,7 +37,11 @@ def main(argv: Sequence[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     a = parser.parse_args(argv)
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
+    chatty = not getattr(a, "no_progress", True)  # what the slow first steps are doing
+    talk = _Talk() if chatty else contextlib.nullcontext()
     try:
+        talk.__enter__()
+        check_paths(a)
         if getattr(a, "config", None) is not None:
             a = run_config.reparse(parser, parser.commands[a.command], argv, a)
         if getattr(a, "tensorboard", False):
@@ -43,13 +50,7 @@ def main(argv: Sequence[str] | None = None) -> int:
             a = _resumed(a, argv)
         if a.command == "sweep":
             _use_cpu_devices(a.cpu_devices)
-            results = cmd_sweep(a)
-            b = results["best"]
-            summary = (f"{results['members']} members, {results['compiles']} compile(s), "
-                       f"{results['diverged']} diverged; best val accuracy "
-                       f"{b['best_val_accuracy']:.4f} (test {b['test_accuracy']:.4f}) with "
-                       f"{ {k: v for k, v in b.items() if k not in _ROW_RESULTS} }; "
-                       f"results {results['results_path']}")  # fmt: skip
+            results, summary = cmd_sweep(a)
         elif a.command == "train":
             results = cmd_train(a)
             summary = (f"test accuracy {results['test_accuracy']:.4f}  test loss {results['test_loss']:.4f}  "
@@ -60,6 +61,9 @@ def main(argv: Sequence[str] | None = None) -> int:
             summary = (f"weight scaling {results['weight_scaling_accuracy']:.4f}; MC "
                        + ", ".join(f"k={k}: {v:.4f}" for k, v in results["mc_accuracy"].items())
                        + (f"; exact {results['exact_accuracy']:.4f}" if "exact_accuracy" in results else "")
+                       + "".join(f"; {name} ensemble of {max(acc, key=int)}: {acc[max(acc, key=int)]:.4f}"
+                                 for name in ("independent", "bagging")
+                                 if (acc := results.get(f"{name}_accuracy")))
                        + f"; run {results['run_dir']}")  # fmt: skip
         elif a.command in _VIEWS:
             results, summary = _VIEWS[a.command](a)
@@ -82,6 +86,7 @@ def main(argv: Sequence[str] | None = None) -> int:
               file=sys.stderr)  # fmt: skip
         return 130
     finally:
+        talk.__exit__(None, None, None)
         if threading.current_thread() is threading.main_thread():
             for s, h in handlers.items():  # as they were: the command may have caught them
                 signal.signal(s, h)
@@ -89,6 +94,26 @@ def main(argv: Sequence[str] | None = None) -> int:
     if getattr(a, "json", False):
         print(json.dumps(to_jsonable(results)))
     return 0
+
+
+class _Talk(contextlib.AbstractContextManager):
+    """While a command runs: jaxdl's log messages (fetching data, building kernels,
+    compiling) as ``jaxdl: ...`` lines on stderr."""
+
+    def __enter__(self):
+        self.handler = logging.StreamHandler(sys.stderr)
+        self.handler.setFormatter(logging.Formatter("jaxdl: %(message)s"))
+        self.log = logging.getLogger("jaxdl")
+        self.level, self.propagate = self.log.level, self.log.propagate
+        self.log.addHandler(self.handler)
+        self.log.setLevel(logging.INFO)
+        self.log.propagate = False  # once, not again through a root handler
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.log.removeHandler(self.handler)
+        self.log.setLevel(self.level)
+        self.log.propagate = self.propagate
 
 
 __all__ = ["build_parser", "main"]

@@ -25,9 +25,42 @@ def num_classes(a: argparse.Namespace, splits: data.Splits) -> int:
     return max(2, 1 + max(int(y.max()) for y in ys))
 
 
+def check_paths(a: argparse.Namespace) -> None:
+    """``--runs-dir`` and ``--data-dir`` must be directories (or not exist yet)."""
+    for dest in ("runs_dir", "data_dir"):
+        path = getattr(a, dest, None)
+        if path is not None and path.exists() and not path.is_dir():
+            flag = "--" + dest.replace("_", "-")
+            raise InputError(f"{flag}: {str(path)!r} is a file; expected a directory")
+
+
+def _each(value) -> list:
+    return list(value) if isinstance(value, list | tuple) else [value]
+
+
+def check_numbers(a: argparse.Namespace) -> None:
+    """The numbers a user types most, checked under their flags' names (a sweep's lists
+    value by value); ``prepare`` checks the rest."""
+    for dest in ("dropout_input", "dropout_hidden"):
+        for v in _each(getattr(a, dest)):
+            validate.in_range("--" + dest.replace("_", "-"), v, 0.0, 1.0)
+    for dest in ("l1", "l2", "input_noise", "init_scale"):
+        for v in _each(getattr(a, dest)):
+            if v is not None:
+                validate.positive("--" + dest.replace("_", "-"), v, allow_zero=True)
+    for v in _each(a.lr):
+        if v is not None:
+            validate.positive("--lr", v)
+    for dest in ("epochs", "batch_size"):
+        validate.positive_int("--" + dest.replace("_", "-"), getattr(a, dest))
+    if a.train_size is not None:
+        validate.positive_int("--train-size", a.train_size)
+
+
 def run_config(a: argparse.Namespace) -> RunConfig:
     """The run the training flags describe; the model and optimizer are built once here
     so that a bad flag fails before any data is loaded."""
+    check_numbers(a)
     validate.positive_int("--early-stopping", a.early_stopping, allow_zero=True)
     known = optim.defaults(validate.choice("--optimizer", a.optimizer, optim.FAMILIES))
     for k in OPTIMIZER_FLAGS:
@@ -47,6 +80,9 @@ def load_data(a: argparse.Namespace, config: RunConfig):
     splits = data.standardize(data.load(d.source, directory=a.data_dir), d.preprocess)
     args = {**config.model.args, "num_classes": num_classes(a, splits)}
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, args=args))
+    n = len(splits.train.x)
+    if d.train_size is not None and d.train_size > n:
+        validate.fail("--train-size", f"at most the {n} training examples", d.train_size)
     tr = splits.train if d.train_size is None else data.subset(splits.train, d.train_size)
     return config, splits, tr
 

@@ -30,7 +30,7 @@ from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
-from jaxdl.config import RECORD_KEYS, saved_flags
+from jaxdl.config import MODEL_FLAGS, RECORD_KEYS, saved_flags
 from jaxdl.validate import InputError
 
 if sys.version_info >= (3, 11):
@@ -40,6 +40,11 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 # Not settings of the run: where its settings came from, and its directory's name.
 NOT_SAVED = ("config", "name")
+
+
+# Names a Python user knows (RunConfig's, the modules' fields) and the flag for each.
+_PYTHON_NAMES = {"learning_rate": "lr", "dropout": "dropout_hidden", "patience": "early_stopping",
+                 **{field: flag for flag, field in MODEL_FLAGS.items() if field != flag}}  # fmt: skip
 
 
 def settings(a: argparse.Namespace) -> dict[str, Any]:
@@ -160,7 +165,8 @@ def defaults(
         action = actions.get(dest)
         if action is None:
             valid = sorted(actions) + ["name"]
-            near = difflib.get_close_matches(dest, valid, n=1, cutoff=0.5)
+            near = [_PYTHON_NAMES[dest]] if dest in _PYTHON_NAMES else []
+            near = near or difflib.get_close_matches(dest, valid, n=1, cutoff=0.6)
             hint = f" (did you mean {near[0]!r}?)" if near else ""
             raise InputError(f"--config {source}: unknown key {key!r} for jaxdl {command}{hint}")
         if dest in out:

@@ -17,6 +17,7 @@ from jaxdl import (
     ensemble,
     models,
     report,
+    runs,
     step,
     train,
     validate,
@@ -75,7 +76,7 @@ def cmd_ensemble(a: argparse.Namespace, argv: Sequence[str] = ()) -> dict:
     if a.explicit:
         trained = ensemble.train_explicit(
             config.replace(seed=seed + 1), tr, n=a.explicit, rates=rates,
-            key=jax.random.fold_in(key, 1), validation=splits.valid,
+            key=jax.random.fold_in(key, 1), validation=splits.valid, verbose=not a.no_progress,
         )  # fmt: skip
         for name in ("independent", "bagging"):
             masks = trained["masks"] if name == "bagging" else None
@@ -92,7 +93,9 @@ def cmd_ensemble(a: argparse.Namespace, argv: Sequence[str] = ()) -> dict:
     report.write_json(run_dir / "ensemble.json", {**result, "explicit": explicit})
     report.write_json(run_dir / "summary.json", summary)
     if not a.no_plots:
-        report.plot_ensemble(result, run_dir, explicit=explicit)
+        rates_text = "/".join(f"{r:g}" for r in rates)
+        title = f"{run_dir.name}: {runs.describe_model(config.as_flags())}, dropout {rates_text}"
+        report.plot_ensemble(result, run_dir, explicit=explicit, title=title)
     return summary
 
 

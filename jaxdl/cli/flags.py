@@ -5,6 +5,8 @@ early stopping, checkpoints) and the argparse types that read their values.
 from __future__ import annotations
 
 import argparse
+import difflib
+import textwrap
 from pathlib import Path
 
 from jaxdl import (
@@ -20,10 +22,87 @@ from jaxdl.validate import InputError
 
 
 class _Parser(argparse.ArgumentParser):
-    """argparse that reports errors on one line and exits 2 (never prints usage)."""
+    """argparse that reports errors on one line and exits 2 (never prints usage), takes
+    no abbreviations (``--epoch`` is not ``--epochs``) and names the nearest flag to an
+    unknown one."""
+
+    def __init__(self, *args, **kwargs):
+        kwargs.setdefault("allow_abbrev", False)
+        kwargs.setdefault("formatter_class", _Help)
+        super().__init__(*args, **kwargs)
 
     def error(self, message: str):
         self.exit(2, f"{self.prog}: error: {message}\n")
+
+    def parse_args(self, args=None, namespace=None):
+        a, extras = self.parse_known_args(args, namespace)
+        if extras:
+            command = self._command_parser(a)
+            flags = [o for act in command._actions for o in act.option_strings]
+            first = extras[0]
+            name = first.partition("=")[0]
+            if name.startswith("-"):
+                near = difflib.get_close_matches(name, flags, n=1, cutoff=0.7)
+                hint = f" (did you mean {near[0]}?)" if near else ""
+                command.error(f"unknown flag {name}{hint}; see {command.prog} --help")
+            command.error(f"unexpected argument {first!r}; see {command.prog} --help")
+        return a
+
+    def _command_parser(self, a: argparse.Namespace) -> argparse.ArgumentParser:
+        """The (sub)command's parser that ``a`` was parsed by (``self`` if none)."""
+        for act in self._actions:
+            if isinstance(act, argparse._SubParsersAction):
+                chosen = act.choices.get(getattr(a, act.dest, None))
+                if chosen is not None:
+                    return chosen._command_parser(a) if isinstance(chosen, _Parser) else chosen
+        return self
+
+
+def shown(value) -> str:
+    """A default as it is typed on the command line: ``500,500``, ``a=1,b=2``."""
+    if isinstance(value, tuple | list):
+        return ",".join(map(shown, value))
+    if isinstance(value, dict):
+        return ",".join(f"{k}={shown(v)}" for k, v in value.items())
+    return str(value)
+
+
+class _Help(argparse.HelpFormatter):
+    """Help that shows each real default once, as it would be typed (a flag whose help
+    already says its default, or whose default is "not given", shows none), and keeps the
+    lines of an ``examples:`` block as they are."""
+
+    def _split_lines(self, text, width):  # never split a flag such as --lr-decay at its "-"
+        return textwrap.wrap(" ".join(text.split()), width, break_on_hyphens=False)
+
+    def _fill_text(self, text, width, indent):
+        body, sep, examples = text.partition("examples:\n")
+        out = "\n".join(indent + line for line in self._split_lines(body, width - len(indent)))
+        if sep:
+            lines = [indent + line for line in examples.splitlines()]
+            out = (out + "\n\n" if out else "") + indent + "examples:\n" + "\n".join(lines)
+        return out
+
+    def _get_help_string(self, action):
+        text = action.help or ""
+        d = action.default
+        empty = d is None or d is False or d is argparse.SUPPRESS or d in ((), {}, [])
+        if "default" in text or empty or not (action.option_strings or action.nargs == "?"):
+            return text
+        return f"{text} (default: {shown(action.default)})"
+
+
+def _family_defaults(name: str) -> str:
+    """``(default: adam 0.9, …)``: an optimizer number's default in each family that has it."""
+    by_value: dict[float, list[str]] = {}
+    for family in optim.FAMILIES:
+        values = optim.defaults(family)
+        if name in values:
+            by_value.setdefault(values[name], []).append(family)
+    if len(by_value) == 1:
+        return f"(default: {shown(next(iter(by_value)))})"
+    parts = [f"{v:g} for {', '.join(fams)}" for v, fams in by_value.items()]
+    return f"(default: {'; '.join(parts)})"
 
 
 def _ints(text: str) -> tuple[int, ...]:
@@ -133,7 +212,9 @@ def _add_train_flags(p: argparse.ArgumentParser, number=float) -> None:
         "--monitor",
         choices=tuple(stopping.MONITORS),
         default="val_accuracy",
-        help="validation metric that picks the best epoch (and stops early)",
+        metavar="METRIC",
+        help="the metric that picks the best epoch (and stops early): one of "
+        + ", ".join(stopping.MONITORS),
     )
     g.add_argument(
         "--min-delta", type=float, default=0.0, help="smallest change that counts as an improvement"
@@ -146,7 +227,7 @@ def _add_train_flags(p: argparse.ArgumentParser, number=float) -> None:
     g = p.add_argument_group("optimizer")
     g.add_argument("--optimizer", default="adam", help=f"one of {', '.join(optim.FAMILIES)}")
     g.add_argument(
-        "--lr", type=number, default=None, help="learning rate (default: the optimizer's)"
+        "--lr", type=number, default=None, help=f"learning rate {_family_defaults('learning_rate')}"
     )
     for name, text in (
         ("momentum", "momentum μ (momentum, momentum_ema, nesterov)"),
@@ -159,7 +240,8 @@ def _add_train_flags(p: argparse.ArgumentParser, number=float) -> None:
         ("lr-patience", "plateau patience (epochs)"), ("warmup-epochs", "warm-up length (epochs)"),
         ("lr-min-ratio", "cosine floor as a fraction of the learning rate"),
     ):  # fmt: skip
-        g.add_argument(f"--{name}", type=number, default=None, help=text)
+        help = f"{text} {_family_defaults(name.replace('-', '_'))}"
+        g.add_argument(f"--{name}", type=number, default=None, help=help)
     g.add_argument(
         "--schedule",
         choices=optim.SCHEDULES,
@@ -190,7 +272,7 @@ def _add_train_flags(p: argparse.ArgumentParser, number=float) -> None:
         "--data-dir",
         type=Path,
         default=None,
-        help="data cache (default $JAXDL_DATA_DIR or ~/.cache/jaxdl)",
+        help="data cache (default: $JAXDL_DATA_DIR or ~/.cache/jaxdl)",
     )
     g.add_argument(
         "--preprocess",
@@ -202,7 +284,10 @@ def _add_train_flags(p: argparse.ArgumentParser, number=float) -> None:
         "--train-size", type=int, default=None, help="use only the first N training examples"
     )
     g.add_argument("--runs-dir", type=Path, default=Path("runs"), help="where run directories go")
-    g.add_argument("--name", default=None, help="run directory name (default: train-<timestamp>)")
+    command = p.prog.split()[-1]
+    g.add_argument(
+        "--name", default=None, help=f"run directory name (default: {command}-<timestamp>)"
+    )
     g.add_argument(
         "--json", action="store_true", help="print a JSON summary as the last line of stdout"
     )

@@ -6,26 +6,63 @@ import argparse
 from pathlib import Path
 
 from jaxdl import member_programs
-from jaxdl.cli.flags import _add_checkpoint_flags, _add_train_flags, _cpu_devices, _Parser, _values
+from jaxdl.cli.flags import (
+    _add_checkpoint_flags,
+    _add_train_flags,
+    _cpu_devices,
+    _Parser,
+    _values,
+)
+from jaxdl.config import OPTIMIZER_FLAGS
+
+# Sweepable flags (dest) and the setting each sets.
+SWEEPABLE = {"lr": "learning_rate", **{k: k for k in OPTIMIZER_FLAGS},
+             **{k: k for k in ("l1", "l2", "input_noise", "init_scale", "dropout_input",
+                               "dropout_hidden")}}  # fmt: skip
+
+
+def _examples(*lines: str) -> str:
+    return "examples:\n" + "\n".join("  " + line for line in lines)
+
+
+def _command(sub, name: str, summary: str, description: str, *examples: str) -> _Parser:
+    """A subcommand: ``summary`` in ``jaxdl --help``; ``description`` and ``examples`` in
+    its own ``--help`` (formatted by ``_Help``, the parser class's default)."""
+    return sub.add_parser(name, help=summary, description=description, epilog=_examples(*examples))
 
 
 def build_parser() -> argparse.ArgumentParser:
-    fmt = argparse.ArgumentDefaultsHelpFormatter
-    p = _Parser(prog="jaxdl", description="Compiled JAX training for studying deep networks.")
+    p = _Parser(
+        prog="jaxdl",
+        description="Compiled JAX training for studying deep networks.",
+        epilog=_examples("jaxdl train", "jaxdl sweep --lr 1e-4,1e-3,1e-2 --seeds 3",
+                         "jaxdl train --help"),
+    )  # fmt: skip
     sub = p.add_subparsers(dest="command", required=True, parser_class=_Parser)
-    t = sub.add_parser("train", help="train one model", formatter_class=fmt,
-                       description="Train one model. With no flags: the course's Keras example "
-                       "(784-500-500-10 ReLU, cross-entropy, Adam 1e-3, batch 100, 20 epochs) on MNIST.")  # fmt: skip
+    t = _command(
+        sub, "train", "train one model",
+        "Train one model. With no flags: the course's Keras example (784-500-500-10 ReLU, "
+        "cross-entropy, Adam 1e-3, batch 100, 20 epochs) on MNIST.",
+        "jaxdl train                      # the default MLP on MNIST",
+        "jaxdl train --hidden 1024,1024 --dropout-hidden 0.5 --epochs 50",
+        "jaxdl train --model cnn --epochs 5 --dropout-hidden 0.5",
+        "jaxdl train --optimizer momentum --lr 0.05 --momentum 0.9",
+        "jaxdl train --config runs/NAME/config.json   # rerun a run",
+        "jaxdl train --resume runs/NAME   # continue from its checkpoint",
+    )  # fmt: skip
     _add_train_flags(t)
     _add_checkpoint_flags(t)
-    w = sub.add_parser(
-        "sweep",
-        help="train many models at once (one compiled program per structure)",
-        formatter_class=fmt,
-        description="Train every combination of the given values × seeds as one vmapped "
-        "program. Sweepable flags take lists: --lr 1e-4,3e-4,1e-3 or logspace:1e-4:1e-1:16 "
-        "or linspace:0:0.5:6.",
-    )
+    w = _command(
+        sub, "sweep", "train many models at once (one compiled program per structure)",
+        "Train every combination of the given values × seeds as one vmapped program. "
+        "Sweepable flags take lists: --lr 1e-4,3e-4,1e-3 or logspace:1e-4:1e-1:16 or "
+        "linspace:0:0.5:6. The sweepable flags: "
+        + ", ".join("--" + f.replace("_", "-") for f in SWEEPABLE)
+        + "; the others (model, optimizer family, epochs, batch size) are one value.",
+        "jaxdl sweep --lr logspace:1e-4:1e-2:8 --epochs 10",
+        "jaxdl sweep --lr 1e-3,1e-2 --dropout-hidden 0,0.5 --seeds 3 --hidden 256",
+        "jaxdl sweep --resume runs/NAME",
+    )  # fmt: skip
     _add_train_flags(w, number=_values)
     _add_checkpoint_flags(w, skip=False)
     w.add_argument("--seeds", type=int, default=1, help="seeds per configuration (0..N-1)")
@@ -39,30 +76,33 @@ def build_parser() -> argparse.ArgumentParser:
         help="on a CPU, run the members on N devices of the host's cores (auto: one per "
         "core, unless XLA_FLAGS or JAX_NUM_CPU_DEVICES set a count); GPUs are unaffected",
     )  # fmt: skip
-    _add_view_commands(sub, fmt)
-    e = _add_ensemble_command(sub, fmt)
+    _add_view_commands(sub)
+    e = _add_ensemble_command(sub)
     p.commands = {"train": t, "sweep": w, "ensemble": e}  # for --config: set a command's defaults
-    d = sub.add_parser("data", help="data sets", formatter_class=fmt)
+    d = _command(
+        sub, "data", "data sets",
+        "Fetch a data set into the cache ahead of a run (a run fetches what it needs by itself).",
+        "jaxdl data fetch mnist", "jaxdl data fetch mnist --data-dir /tmp/d",
+    )  # fmt: skip
     dsub = d.add_subparsers(dest="data_command", required=True, parser_class=_Parser)
-    f = dsub.add_parser(
-        "fetch", help="download and verify a data set into the cache", formatter_class=fmt
-    )
+    f = dsub.add_parser("fetch", help="download and verify a data set into the cache")
     f.add_argument("name", choices=("mnist",), help="data set")
     f.add_argument("--data-dir", type=Path, default=None, help="cache directory")
     f.add_argument("--force", action="store_true", help="fetch again even if cached")
     return p
 
 
-def _add_ensemble_command(sub, fmt) -> argparse.ArgumentParser:
-    e = sub.add_parser(
-        "ensemble",
-        help="train a dropout net and measure it as an ensemble of subnetworks",
-        formatter_class=fmt,
-        description="Train a dropout net (the train flags; dropout 0.2 on the input and 0.5 "
-        "on hidden layers by default), then compare weight scaling with Monte-Carlo "
-        "averages of k sampled subnetworks (arithmetic and geometric), the exact ensemble "
-        "of all subnetworks when they are few, and optionally explicit ensembles.",
-    )
+def _add_ensemble_command(sub) -> argparse.ArgumentParser:
+    e = _command(
+        sub, "ensemble", "train a dropout net and measure it as an ensemble of subnetworks",
+        "Train a dropout net (the train flags; dropout 0.2 on the input and 0.5 on hidden "
+        "layers by default), then compare weight scaling with Monte-Carlo averages of k "
+        "sampled subnetworks (arithmetic and geometric), the exact ensemble of all "
+        "subnetworks when they are few, and optionally explicit ensembles.",
+        "jaxdl ensemble --hidden 100 --epochs 5     # MC against weight scaling",
+        "jaxdl ensemble --hidden 12 --dropout-input 0 --epochs 5   # exact too",
+        "jaxdl ensemble --from runs/NAME            # a finished train run's net",
+    )  # fmt: skip
     _add_train_flags(e)
     e.set_defaults(dropout_input=0.2, dropout_hidden=0.5)
     g = e.add_argument_group("ensemble")
@@ -99,22 +139,34 @@ def _add_ensemble_command(sub, fmt) -> argparse.ArgumentParser:
     return e
 
 
-def _add_view_commands(sub, fmt) -> None:
+def _add_view_commands(sub) -> None:
     """``runs``, ``compare`` and ``report``: read run directories, train nothing."""
-    r = sub.add_parser("runs", help="list run directories, newest first", formatter_class=fmt)
+    r = _command(
+        sub, "runs", "list run directories, newest first",
+        "List the run directories under RUNS_DIR, newest first: kind, model, optimizer, "
+        "epochs, validation and test accuracy, finished or not.",
+        "jaxdl runs", "jaxdl runs --limit 5",
+    )  # fmt: skip
     r.add_argument("runs_dir", nargs="?", type=Path, default=Path("runs"), help="where runs are")
     r.add_argument("--limit", type=int, default=0, help="show only the N newest (0: all)")
-    c = sub.add_parser(
-        "compare", help="print the settings and results that differ", formatter_class=fmt
-    )
+    c = _command(
+        sub, "compare", "print the settings and results that differ",
+        "Print, side by side, the settings and results in which two or more runs differ "
+        "(those they share are left out).",
+        "jaxdl compare runs/A runs/B",
+    )  # fmt: skip
     c.add_argument("paths", nargs="+", type=Path, metavar="RUN_DIR", help="two or more runs")
-    h = sub.add_parser(
-        "report", help="write one self-contained HTML page about runs", formatter_class=fmt
-    )
+    h = _command(
+        sub, "report", "write one self-contained HTML page about runs",
+        "Write one self-contained HTML page (plots inlined, sortable tables) about the given "
+        "runs, or every run in the given directories.",
+        "jaxdl report runs --out report.html", "jaxdl report runs/A runs/B --out ab.html --force",
+    )  # fmt: skip
     h.add_argument(
         "paths", nargs="+", type=Path, metavar="RUN_DIR", help="runs, or directories of runs"
     )
     h.add_argument("--out", type=Path, default=Path("report.html"), help="the HTML file")
+    h.add_argument("--force", action="store_true", help="overwrite --out if it exists")
     h.add_argument("--title", default="jaxdl report", help="page title")
     for q in (r, c, h):
         q.add_argument(

@@ -4,38 +4,36 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import math
 import sys
-
-import numpy as np
 
 from jaxdl import (
     checkpoint,
     devices,
     report,
+    runs,
     sweep,
     tracking,
     validate,
 )
-from jaxdl.cli.build import load_data, run_config, saved_config
+from jaxdl.cli.build import check_numbers, load_data, run_config, saved_config
+from jaxdl.cli.parser import SWEEPABLE
 from jaxdl.cli.resume import _check_checkpoint_flags, _checkpointer, _faults
-from jaxdl.config import OPTIMIZER_FLAGS
 from jaxdl.validate import InputError
-
-# Sweepable flags (dest) and the setting each sets.
-_SWEEPABLE = {"lr": "learning_rate", **{k: k for k in OPTIMIZER_FLAGS},
-              **{k: k for k in ("l1", "l2", "input_noise", "init_scale", "dropout_input", "dropout_hidden")}}  # fmt: skip
-
 
 _ROW_RESULTS = ("best_val_accuracy", "best_epoch", "test_accuracy", "test_loss", "epochs_run",
                 "diverged", "stopped")  # fmt: skip
 
 
-def cmd_sweep(a: argparse.Namespace) -> dict:
+def cmd_sweep(a: argparse.Namespace) -> tuple[dict, str]:
+    """Runs the sweep; returns its summary (``--json``) and what the terminal shows: the
+    best members as a table, then one line."""
     validate.positive_int("--seeds", a.seeds)
-    lists = {d: getattr(a, d) for d in _SWEEPABLE if isinstance(getattr(a, d), list)}
+    check_numbers(a)  # every value of each list, under its flag's name
+    lists = {d: getattr(a, d) for d in SWEEPABLE if isinstance(getattr(a, d), list)}
     first = argparse.Namespace(**{**vars(a), **{d: v[0] for d, v in lists.items()}})
     config, splits, tr = load_data(first, run_config(first))
-    axes = {_SWEEPABLE[d]: v for d, v in lists.items()}
+    axes = {SWEEPABLE[d]: v for d, v in lists.items()}
     drop_in = axes.pop("dropout_input", [config.regularisation.dropout_input])
     drop_hid = axes.pop("dropout_hidden", [config.regularisation.dropout])
     configs = sweep.grid(**axes, dropout_input=drop_in, dropout=drop_hid)
@@ -44,7 +42,7 @@ def cmd_sweep(a: argparse.Namespace) -> dict:
     _check_checkpoint_flags(a)
     if a.resume is None:
         run_dir = report.make_run_dir(a.runs_dir, a.name, prefix="sweep")
-        space = {d: getattr(a, d) for d in _SWEEPABLE}
+        space = {d: getattr(a, d) for d in SWEEPABLE}
         report.write_json(run_dir / "config.json",
                           saved_config(a, config, space=space, run_dir=str(run_dir)))  # fmt: skip
     else:
@@ -56,7 +54,8 @@ def cmd_sweep(a: argparse.Namespace) -> dict:
         with _faults(ckpt, run_dir):
             res = sweep.run(
                 config, tr, configs, test=splits.test, checkpointer=ckpt,
-                on_epoch=lambda e, m: prog.update(e, _median(m)), data_order=a.data_order,
+                on_epoch=lambda e, m: prog.update(e, m, text=report.sweep_text(m)),
+                data_order=a.data_order, verbose=False,
                 **options,
             )  # fmt: skip
         prog.finish()
@@ -70,7 +69,8 @@ def cmd_sweep(a: argparse.Namespace) -> dict:
     report.write_json(run_dir / "results.json", rows)
     report.write_json(run_dir / "history.json", {k: v.tolist() for k, v in res.history.items()})
     if not a.no_plots:
-        report.plot_sweep(rows, swept, res.history, run_dir)
+        title = f"{run_dir.name}: {runs.describe_model(config.as_flags())}, {config.optimizer.name}"
+        report.plot_sweep(rows, swept, res.history, run_dir, title=title)
     if a.tensorboard:
         result_keys = [k for k in rows[0] if k in _ROW_RESULTS or k.startswith("best_")]
         tracking.write_sweep(
@@ -96,7 +96,40 @@ def cmd_sweep(a: argparse.Namespace) -> dict:
         "kernels": res.kernels,
     }
     report.write_json(run_dir / "summary.json", summary)
-    return summary
+    return summary, _text(summary, rows, swept)
+
+
+_TABLE_ROWS = 10
+
+
+def _text(summary: dict, rows: list[dict], swept: list[str]) -> str:
+    """The members with the best validation accuracy as a table (all of them when few),
+    then the sweep's one-line summary."""
+    ranked = sorted(rows, key=lambda r: (r["diverged"], -_finite(r["best_val_accuracy"])))
+    # the settings as typed (0.001, not 0.0010)
+    shown = [{**r, **{k: _num(r[k]) for k in swept}} for r in ranked[:_TABLE_ROWS]]
+    columns = [*swept, "seed", "best_val_accuracy", "best_epoch", "test_accuracy", "epochs_run"]
+    columns += [k for k in ("stopped", "diverged") if any(r[k] for r in rows)]
+    table = report.format_table(shown, columns)
+    if len(rows) > len(shown):
+        table += (
+            f"\n(the best {len(shown)} of {len(rows)} by best_val_accuracy; all in results.csv)"
+        )
+    b = summary["best"]
+    settings = ", ".join(f"{k}={_num(b[k])}" for k in [*swept, "seed"]) or "its settings"
+    line = (f"{summary['members']} members, {summary['compiles']} compile(s), "
+            f"{summary['diverged']} diverged; best: {settings}: val accuracy "
+            f"{b['best_val_accuracy']:.4f}, test {b['test_accuracy']:.4f}; "
+            f"results {summary['results_path']}")  # fmt: skip
+    return f"{table}\n{line}"
+
+
+def _finite(x: float) -> float:
+    return x if math.isfinite(x) else -math.inf
+
+
+def _num(value) -> str:
+    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _use_cpu_devices(n: str | int) -> None:
@@ -110,11 +143,3 @@ def _use_cpu_devices(n: str | int) -> None:
         return
     with contextlib.suppress(InputError):
         devices.use_cpu_cores()
-
-
-def _median(metrics: dict) -> dict[str, float]:
-    """Per-epoch progress for a sweep: the median over the members still training."""
-    return {
-        k: float(np.nanmedian(v)) if np.isfinite(v).any() else float("nan")
-        for k, v in metrics.items()
-    }

@@ -3,18 +3,24 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
+import logging
 import sys
 
 from jaxdl import (
     checkpoint,
     compiled,
     report,
+    runs,
+    ticks,
     tracking,
     train,
 )
 from jaxdl.cli import config_file
 from jaxdl.cli.build import load_data, run_config, saved_config
 from jaxdl.cli.resume import _check_checkpoint_flags, _checkpointer, _faults
+
+log = logging.getLogger("jaxdl")
 
 
 def cmd_train(a: argparse.Namespace) -> dict:
@@ -40,7 +46,13 @@ def cmd_train(a: argparse.Namespace) -> dict:
     if a.tensorboard:
         tb = tracking.RunWriter(run_dir, setup.model, tr.x[: setup.probe_size], config_file.settings(a),
                                 resumed_from=None if a.resume is None else getattr(saved, "epoch", 0))  # fmt: skip
-    with report.Progress(a.epochs, enabled=not a.no_progress, stream=sys.stderr) as prog:
+    start = int(state.epoch)
+    if saved is not None:
+        log.info("resuming %s after epoch %d of %d (its latest checkpoint)", run_dir, start,
+                 config.training.epochs)  # fmt: skip
+    progress = dict(enabled=not a.no_progress, stream=sys.stderr, start=start)
+    with report.Progress(a.epochs, **progress) as prog, ticks.listen(prog.tick):
+        setup = dataclasses.replace(setup, ticks=prog.ticks)  # a live bar moves within epochs
         with _faults(ckpt, run_dir):
             state, history = train.fit_state(
                 setup, state, hp, tr, splits.valid, on_epoch=_each(prog.update, tb and tb.epoch),
@@ -52,7 +64,11 @@ def cmd_train(a: argparse.Namespace) -> dict:
     test = train.evaluate(setup.model, state, splits.test, loss=setup.loss)
     report.save_history(run_dir, history)
     if not a.no_plots:
-        report.plot_curves(history, run_dir / "curves.png", best_epoch=best)
+        flags = config.as_flags()
+        title = (f"{run_dir.name}: {runs.describe_model(flags)}, {config.optimizer.name} "
+                 f"lr {float(hp.opt['learning_rate']):g} ({flags['schedule']}), batch "
+                 f"{config.training.batch_size}")  # fmt: skip
+        report.plot_curves(history, run_dir / "curves.png", best_epoch=best, title=title)
         report.plot_layer_stats(history, run_dir / "layers.png")
     epochs_run = len(history["train_loss"])
     results = {

@@ -11,6 +11,7 @@ from jaxdl import (
     validate,
 )
 from jaxdl.report import html as html_report
+from jaxdl.validate import InputError
 
 
 def cmd_fetch(a: argparse.Namespace) -> dict:
@@ -33,6 +34,11 @@ def cmd_compare(a: argparse.Namespace) -> tuple[dict, str]:
 
 
 def cmd_report(a: argparse.Namespace) -> tuple[dict, str]:
+    if a.out.is_dir():
+        raise InputError(f"--out: {str(a.out)!r} is a directory; expected an HTML file name")
+    if a.out.exists() and not a.force:
+        raise InputError(f"--out: {str(a.out)!r} exists; give --force to overwrite it, "
+                         "or another --out")  # fmt: skip
     res = html_report.write(a.paths, a.out, title=a.title)
     return res, f"report {res['report']}: {res['runs']} run(s), {res['plots']} plot(s)"
 

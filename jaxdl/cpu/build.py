@@ -11,6 +11,7 @@ from __future__ import annotations
 import ctypes
 import functools
 import hashlib
+import logging
 import os
 import subprocess
 import sys
@@ -34,6 +35,8 @@ FLAGS = (
     "-O3", "-march=native", "-fno-math-errno", "-ffp-contract=off", "-fopenmp-simd",
     "-std=c++17", "-shared", "-fPIC", "-w",
 )  # fmt: skip
+
+log = logging.getLogger("jaxdl")
 
 
 def kernel_dir() -> Path:
@@ -61,6 +64,7 @@ def build(source: str, path: Path) -> None:
     """Compiles ``source`` into ``path`` (atomically: a concurrent build never leaves a
     half-written library). Raises ``OSError`` or ``CalledProcessError`` on failure."""
     path.parent.mkdir(parents=True, exist_ok=True)
+    log.info("building the CPU kernel %s (once: cached in %s)", source, path.parent)
     with resources.as_file(resources.files("jaxdl.cpu")) as package:
         fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{Path(source).stem}-", suffix=".so")
         os.close(fd)

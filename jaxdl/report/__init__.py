@@ -30,7 +30,7 @@ from jaxdl.report.files import (
     write_json,
     write_text,
 )
-from jaxdl.report.progress import Progress, format_table
+from jaxdl.report.progress import Progress, format_table, interactive, sweep_text
 
 _PLOTS = ("save_figure", "plot_curves", "plot_layer_stats", "plot_sweep", "plot_ensemble")
 
@@ -38,6 +38,8 @@ __all__ = [
     "History",
     "PathLike",
     "Progress",
+    "interactive",
+    "sweep_text",
     "atomic_write",
     "format_table",
     "history_rows",

@@ -45,31 +45,49 @@ def _epochs(values: Sequence[float]) -> np.ndarray:
     return np.arange(1, len(values) + 1)
 
 
-def plot_curves(history: History, path: PathLike, *, best_epoch: int | None = None) -> list[Path]:
-    """Plots loss and accuracy (train and val) against epoch into one PNG.
+def plot_curves(
+    history: History, path: PathLike, *, best_epoch: int | None = None, title: str | None = None
+) -> list[Path]:
+    """Plots loss and accuracy (train and val) and the learning rate against epoch into
+    one PNG.
 
     Only panels whose metrics are present are drawn; returns ``[]`` if there are none.
-    ``best_epoch`` (1-based) is marked with a dashed vertical line.
+    The loss axis is logarithmic when the loss spans a decade or more. ``best_epoch``
+    (1-based) is marked with a dashed vertical line; ``title`` (the run's name and key
+    settings) heads the figure.
     """
     panels = [
-        (title, [(k, history[k]) for k in (f"train_{metric}", f"val_{metric}") if k in history])
-        for title, metric in (("Loss", "loss"), ("Accuracy", "accuracy"))
+        (name, [(k, history[k]) for k in (f"train_{metric}", f"val_{metric}") if k in history])
+        for name, metric in (("Loss", "loss"), ("Accuracy", "accuracy"))
     ]
-    panels = [(title, series) for title, series in panels if series]
+    panels = [(name, series) for name, series in panels if series]
     if not panels:
         return []
-    fig = Figure(figsize=(5.5 * len(panels), 4.2), layout="tight")
+    if "learning_rate" in history:
+        panels.append(("Learning rate", [("learning_rate", history["learning_rate"])]))
+    fig = Figure(figsize=(5.0 * len(panels), 4.2), layout="tight")
     axes = fig.subplots(1, len(panels), squeeze=False)[0]
-    for ax, (title, series) in zip(axes, panels, strict=True):
+    for ax, (name, series) in zip(axes, panels, strict=True):
         for key, values in series:
             ax.plot(_epochs(values), np.asarray(values, float), marker="o", ms=3, label=key)
         if best_epoch is not None:
             ax.axvline(best_epoch, color="gray", linestyle="--", label=f"best epoch {best_epoch}")
-        ax.set(title=f"{title} per epoch", xlabel="epoch", ylabel=title.lower())
+        if name == "Loss" and _spans_a_decade(
+            np.concatenate([np.asarray(v, float) for _, v in series])
+        ):
+            ax.set_yscale("log")
+        ax.set(title=f"{name} per epoch", xlabel="epoch", ylabel=name.lower())
         ax.xaxis.set_major_locator(MaxNLocator(integer=True))  # no "epoch 2.5" ticks
         ax.grid(True, alpha=0.3)
         ax.legend()
+    if title:
+        fig.suptitle(title, fontsize=10)
     return [save_figure(fig, path)]
+
+
+def _spans_a_decade(values: np.ndarray) -> bool:
+    v = values[np.isfinite(values) & (values > 0)]
+    return v.size > 1 and v.max() >= 10 * v.min()
 
 
 _LAYER_PANELS = (
@@ -93,7 +111,7 @@ def plot_layer_stats(history: History, path: PathLike) -> list[Path]:
             panels.append((stat, title, ylabel, keys))
     if not panels:
         return []
-    ncols = min(len(panels), 2)
+    ncols = len(panels) if len(panels) <= 3 else 2  # three panels in a row: none left empty
     nrows = math.ceil(len(panels) / ncols)
     fig = Figure(figsize=(5.5 * ncols, 4.0 * nrows), layout="tight")
     axes = fig.subplots(nrows, ncols, squeeze=False).ravel()
@@ -121,10 +139,13 @@ def plot_sweep(
     run_dir: PathLike,
     *,
     metric: str = "best_val_accuracy",
+    title: str = "",
 ) -> list[Path]:
     """Writes ``sweep.png`` (``metric`` against each swept setting: mean over seeds with
     min-max bars, one line per combination of the other settings, log axis when the
-    values span a decade or more) and ``curves.png`` (every member's learning curve)."""
+    values span a decade or more) and ``curves.png`` (every member's learning curve,
+    with a legend). ``title`` (the run's name and settings) heads both."""
+    head = f"{title}: " if title else ""
     run_dir = Path(run_dir)
     paths = []
     if swept:
@@ -151,18 +172,45 @@ def plot_sweep(
             if len(groups) > 1:
                 ax.legend(fontsize=7)
         n_seeds = max(len(v) for g in groups.values() for v in g.values())
-        fig.suptitle(f"mean over {n_seeds} seed(s); bars: min to max")
+        fig.suptitle(f"{head}mean over {n_seeds} seed(s); bars: min to max", fontsize=10)
         paths.append(save_figure(fig, run_dir / "sweep.png"))
     key = "val_accuracy" if "val_accuracy" in history else "train_accuracy"
     fig = Figure(figsize=(6.5, 4.2), layout="tight")
     ax = fig.subplots()
-    for curve in np.asarray(history[key], float):
-        ax.plot(np.arange(1, len(curve) + 1), curve, alpha=0.5, lw=1)
-    ax.set(title=f"{key} per epoch, all {len(history[key])} members", xlabel="epoch", ylabel=key)
+    curves = np.asarray(history[key], float)
+    # A legend says which member is which: each member's own settings when there are few,
+    # else a colour per value of the first swept setting.
+    by = swept[0] if swept and len(curves) > 12 else None
+    values = sorted({r[by] for r in rows}) if by else []
+    for i, curve in enumerate(curves):
+        r = rows[i] if i < len(rows) else {}
+        if by and len(values) <= 10:
+            j = values.index(r[by])
+            label = (
+                f"{by}={_num(r[by])}"
+                if i == next(k for k, q in enumerate(rows) if q[by] == r[by])
+                else None
+            )
+            ax.plot(
+                np.arange(1, len(curve) + 1), curve, alpha=0.5, lw=1, color=f"C{j}", label=label
+            )
+        else:
+            label = ", ".join(f"{k}={_num(r[k])}" for k in [*swept, "seed"] if k in r) or None
+            ax.plot(np.arange(1, len(curve) + 1), curve, alpha=0.6, lw=1,
+                    label=label if len(curves) <= 12 else None)  # fmt: skip
+    ax.set(title=f"{key} per epoch, all {len(curves)} members", xlabel="epoch", ylabel=key)
+    if ax.get_legend_handles_labels()[0]:
+        ax.legend(fontsize=7)
+    if title:
+        fig.suptitle(title, fontsize=10)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     paths.append(save_figure(fig, run_dir / "curves.png"))
     return paths
+
+
+def _num(value) -> str:
+    return f"{value:g}" if isinstance(value, int | float) else str(value)
 
 
 def plot_ensemble(
@@ -170,6 +218,7 @@ def plot_ensemble(
     run_dir: PathLike,
     *,
     explicit: Mapping[str, Mapping[str, np.ndarray]] | None = None,
+    title: str = "",
 ) -> list[Path]:
     """Plots of ``ensemble.analyse``'s result into ``run_dir``:
 
@@ -203,7 +252,8 @@ def plot_ensemble(
         ax.grid(True, alpha=0.3, which="both")
         ax.legend(fontsize=8)
     n = len(np.asarray(result["arithmetic_accuracy"]))
-    fig.suptitle(f"Dropout ensemble, {n} repeats; band: min to max")
+    head = f"{title}: " if title else ""
+    fig.suptitle(f"{head}dropout ensemble, {n} repeats; band: min to max", fontsize=10)
     paths = [save_figure(fig, run_dir / "k_curve.png")]
     fig = Figure(figsize=(11, 4.2), layout="tight")
     left, right = fig.subplots(1, 2)
@@ -212,11 +262,14 @@ def plot_ensemble(
     left.axvline(100 * (1 - result["weight_scaling"]["accuracy"]), color="k", ls="--",
                  label="weight scaling")  # fmt: skip
     left.set(title="Single subnetworks", xlabel="test error (%)", ylabel="subnetworks")
+    left.yaxis.set_major_locator(MaxNLocator(integer=True))  # counts: no 0.5 ticks
     left.legend(fontsize=8)
     for name, values in result["entropy"].items():
         right.hist(np.asarray(values, float), bins=40, alpha=0.5, density=True, label=name)
     right.set(title="Predictive entropy of the MC ensemble", xlabel="entropy (nats)",
               ylabel="density")  # fmt: skip
     right.legend(fontsize=8)
+    if title:
+        fig.suptitle(title, fontsize=10)
     paths.append(save_figure(fig, run_dir / "subnetworks.png"))
     return paths

@@ -9,6 +9,8 @@ import time
 from collections.abc import Mapping, Sequence
 from typing import Any, TextIO
 
+import numpy as np
+
 from jaxdl.report.files import scalar
 
 _SHOWN = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
@@ -16,6 +18,7 @@ _SHOWN = ("train_loss", "train_accuracy", "val_loss", "val_accuracy")
 # remaining and all four metrics fit an 80-column line.
 _SHORT = {"train_loss": "loss", "train_accuracy": "acc", "val_loss": "val_loss",
           "val_accuracy": "val_acc"}  # fmt: skip
+TICKS = 20  # reports per epoch from inside the compiled epoch, when a bar shows them
 WIDE = 110  # from this many columns the bar is longer and shows the elapsed time too
 
 
@@ -36,11 +39,21 @@ class Progress:
             p.finish(best_epoch=18)
     """
 
-    def __init__(self, total: int, *, enabled: bool = True, stream: TextIO | None = None) -> None:
+    def __init__(
+        self,
+        total: int,
+        *,
+        enabled: bool = True,
+        stream: TextIO | None = None,
+        start: int = 0,
+        what: str = "",
+    ) -> None:
+        """``start``: epochs done before (a resumed run), so the count and the time left
+        start there; ``what``: a label the plain lines and the closing line carry."""
         self.total = int(total)
         self.enabled = enabled
         self.stream = sys.stderr if stream is None else stream
-        self.epoch = 0
+        self.epoch = self.start = int(start)
         self._start = self._last = time.perf_counter()
         self._bar = None
         isatty = getattr(self.stream, "isatty", None)
@@ -58,7 +71,9 @@ class Progress:
                 rp.TextColumn("{task.fields[metrics]}", markup=False),  # the live metrics
             )
             self._bar = rp.Progress(*columns, console=console, transient=False)
-            self._task = self._bar.add_task("train", total=self.total, metrics="")
+            self._task = self._bar.add_task(
+                "train", total=self.total, completed=self.start, metrics=what
+            )
 
     def __enter__(self) -> Progress:
         self._start = self._last = time.perf_counter()
@@ -70,17 +85,29 @@ class Progress:
         if self._bar is not None:
             self._bar.stop()
 
+    @property
+    def ticks(self) -> int:
+        """How often an epoch should report its progress (``Setup.ticks``): 20 times with
+        a live bar to move, never otherwise."""
+        return TICKS if self._bar is not None else 0
+
+    def tick(self, done: int, total: int) -> None:
+        """Inside an epoch: ``done`` of its ``total`` steps (``jaxdl.ticks``) move the bar."""
+        if self._bar is not None:
+            self._bar.update(self._task, completed=self.epoch + done / max(total, 1))
+
     def elapsed(self) -> float:
         """Seconds since the display started."""
         return time.perf_counter() - self._start
 
-    def update(self, epoch: int, metrics: Mapping[str, float]) -> None:
-        """Reports that ``epoch`` (1-based) epochs are done, with their latest metrics."""
+    def update(self, epoch: int, metrics: Mapping[str, float], text: str | None = None) -> None:
+        """Reports that ``epoch`` (1-based) epochs are done, with their latest metrics
+        (or ``text`` in their place: a sweep's summary of its members)."""
         self.epoch = int(epoch)
         if not self.enabled:
             return
         if self._bar is not None:
-            text = _metrics_text(metrics, short=True)
+            text = _metrics_text(metrics, short=True) if text is None else text
             # Each finished epoch keeps its line on screen, above the live bar (as Keras).
             took = time.perf_counter() - self._last
             line = f"epoch {self.epoch}/{self.total}  {text}  {took:.1f}s"
@@ -88,9 +115,9 @@ class Progress:
             self._bar.update(self._task, completed=self.epoch, metrics=text)
             self._last = time.perf_counter()
             return
-        text = _metrics_text(metrics)
+        text = _metrics_text(metrics) if text is None else text
         elapsed = self.elapsed()
-        eta = elapsed / max(self.epoch, 1) * max(self.total - self.epoch, 0)
+        eta = elapsed / max(self.epoch - self.start, 1) * max(self.total - self.epoch, 0)
         parts = [f"epoch {self.epoch}/{self.total}", text, f"({elapsed:.1f}s, eta {eta:.1f}s)"]
         print("  ".join(p for p in parts if p), file=self.stream, flush=True)
 
@@ -104,6 +131,31 @@ class Progress:
         if self._bar is not None:
             self._bar.stop()  # end the live display first so the line prints below the bar
         print(f"{how} in {self.elapsed():.1f}s{best}", file=self.stream, flush=True)
+
+
+def interactive(stream: TextIO | None = None) -> bool:
+    """True on a terminal or in a Jupyter kernel: where progress is shown by default."""
+    stream = sys.stderr if stream is None else stream
+    isatty = getattr(stream, "isatty", None)
+    return bool(callable(isatty) and isatty()) or "ipykernel" in sys.modules
+
+
+def sweep_text(metrics: Mapping[str, Any]) -> str:
+    """A sweep's live line: the best and the median (``med``) validation accuracy of the
+    members still training this epoch ((members,) arrays, NaN for a frozen member), how
+    many those are (``on``), and how many stopped early or diverged
+    (``metrics["diverged"]``)."""
+    key = "val_accuracy" if "val_accuracy" in metrics else "train_accuracy"
+    v = np.asarray(metrics[key], float)
+    ok = v[np.isfinite(v)]
+    short = "val_acc" if key == "val_accuracy" else "acc"
+    diverged = int(np.sum(metrics.get("diverged", 0)))
+    done = v.size - ok.size - diverged
+    ended = "".join(f", {n} {k}" for k, n in (("stopped", done), ("diverged", diverged)) if n)
+    if not ok.size:
+        return f"{short}: none training{ended}"
+    return (f"{short} best {ok.max():.4f} med {float(np.median(ok)):.4f}; "
+            f"{ok.size}/{v.size} on{ended}")  # fmt: skip
 
 
 def _cell(value: Any) -> str:

@@ -1,0 +1,83 @@
+"""What a sweep returns: ``SweepResult`` and its result rows (one dict per member: its
+settings, seed, best validation accuracy and epoch, test results, epochs run, diverged,
+stopped)."""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from typing import Any
+
+import jax
+import numpy as np
+
+from jaxdl import step, train
+
+
+@dataclasses.dataclass
+class SweepResult:
+    """What a sweep returns (host side).
+
+    ``rows``: one dict per member (its settings, seed, best validation accuracy and
+    epoch, test accuracy, epochs run, diverged, stopped). ``history[metric]``: float64
+    (members, epochs_run) arrays, NaN where a member was frozen. ``states``: the final
+    ``TrainState`` of every member stacked on a leading axis (best parameters restored
+    where early stopping asks for it). ``compiles``: programs traced by this call (0 when
+    an earlier sweep of the same structure and shapes compiled it).
+    """
+
+    rows: list[dict[str, Any]]
+    history: dict[str, np.ndarray]
+    states: step.TrainState
+    compiles: int
+    seconds: float
+    compile_seconds: float
+    samples_per_second: float  # training examples per second summed over members
+    chunks: int = 1  # how many groups of members ran one after another (memory)
+    devices: int = 1  # how many devices the member axis was sharded over
+    kernels: str = "off"  # whether the CPU kernels lowered the program ("on"/"off")
+
+    def best(self, metric: str = "best_val_accuracy") -> dict[str, Any]:
+        """The row of the member with the highest ``metric`` among those not diverged."""
+        ok = [r for r in self.rows if not r["diverged"] and math.isfinite(r.get(metric, math.nan))]
+        return max(ok or self.rows, key=lambda r: r.get(metric, -math.inf))
+
+
+def _f32(x) -> float:
+    """A float32 metric to the 6 significant digits float32 holds (0.9789, not
+    0.9788999557495117: 9789/10000 summed in float32)."""
+    return float(f"{float(x):.6g}")
+
+
+def result_rows(
+    members, hist, diverged, epochs_run, states, setup, test, hp
+) -> list[dict[str, Any]]:
+    """One row per member; test metrics from one vmapped evaluation of every member."""
+    acc = hist.get("val_accuracy", hist["train_accuracy"])
+    if test is not None:
+        test = train.to_device(train.check_data(test, "test", setup.model.num_classes))
+        ev = jax.jit(
+            jax.vmap(lambda p, b, r, m: step.evaluate_arrays(setup, p, b, r, test.x, test.y, m))
+        )
+        rates = states.rates if hp.masks is None else hp.dropout
+        test_metrics = jax.device_get(ev(states.params, states.batch_stats, rates, hp.masks))
+    rows = []
+    tracked = None if states.stopping is None else np.asarray(states.stopping.tracker.best_epoch)
+    for i, (cfg, seed) in enumerate(members):
+        a = np.where(np.isnan(acc[i]), -np.inf, acc[i])
+        best = int(np.argmax(a)) if np.isfinite(a).any() else -1
+        if tracked is not None:  # the epoch early stopping kept (and restored)
+            best = int(tracked[i]) - 1
+        row = {**cfg, "seed": seed}
+        row["best_val_accuracy" if "val_accuracy" in hist else "best_train_accuracy"] = (
+            _f32(acc[i, best]) if best >= 0 else math.nan
+        )
+        row["best_epoch"] = best + 1 if best >= 0 else 0
+        if test is not None:
+            row["test_accuracy"] = _f32(test_metrics["accuracy"][i])
+            row["test_loss"] = _f32(test_metrics["loss"][i])
+        row["epochs_run"] = int(epochs_run[i])
+        row["diverged"] = bool(diverged[i])
+        row["stopped"] = bool(states.stopping.stopped[i]) if states.stopping is not None else False
+        rows.append(row)
+    return rows
