@@ -179,6 +179,11 @@ def test_a_run_says_what_it_does_before_the_first_epoch_and_where_it_resumes(
     code, _, err = _run(capsys, "train", "--resume", tmp_path / "runs" / "a")
     assert code == 0, err
     assert f"jaxdl: resuming {tmp_path / 'runs' / 'a'} after epoch 2 of 2" in err
+    # b ran with --no-progress: resumed without it, it shows its progress (display flags
+    # are the resuming command's own)
+    (tmp_path / "runs" / "b" / "results.json").unlink()
+    code, _, err = _run(capsys, "train", "--resume", tmp_path / "runs" / "b")
+    assert code == 0 and "done: 2/2 epochs" in err, err
 
 
 def test_a_sweep_labels_its_live_line_and_ends_with_a_member_table(capsys, tmp_path, small):

@@ -59,6 +59,8 @@ def _faults(ckpt: checkpoint.Checkpointer | None, run_dir: Path):
             raise
 
 
+# Flags that only say how this invocation shows the run.
+_SHOWN_ONLY = ("json", "no_progress", "no_plots")
 # Flags a resumed run may set: they change what is shown, not what is computed.
 _RESUME_MAY_SET = ("resume", "json", "no_progress", "no_plots", "data_dir", "kernels")
 
@@ -119,6 +121,8 @@ def _resumed(a: argparse.Namespace, argv: Sequence[str]) -> argparse.Namespace:
         raise InputError(f"{flag}: {str(run_dir)!r} was started with {config.get(dest)!r}, got "
                          f"{value!r}; a resumed run keeps its settings (only --json, "
                          "--no-progress, --no-plots, --data-dir and --kernels may be given)")  # fmt: skip
-    out = _with_settings(a, config, keep=list(given))
+    # How this invocation shows the run is its own, given or not (--no-progress then need
+    # not be repeated, nor undone).
+    out = _with_settings(a, config, keep=[*given, *_SHOWN_ONLY])
     out["resume"] = run_dir
     return argparse.Namespace(**out)
