@@ -420,5 +420,5 @@ def test_a_live_bar_moves_within_an_epoch():
         assert p.ticks == report.progress.TICKS
         p.update(1, {"train_loss": 0.5})
         p.tick(10, 20)
-        assert p._bar.tasks[0].completed == 1.5
+        assert p._bar.tasks[0].completed == 1.5 and p._bar.tasks[0].fields["epoch"] == 2
     assert report.Progress(3, stream=io.StringIO()).ticks == 0  # no bar: no ticks

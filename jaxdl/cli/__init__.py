@@ -28,6 +28,7 @@ from jaxdl.cli.sweep import _use_cpu_devices, cmd_sweep
 from jaxdl.cli.train import cmd_train
 from jaxdl.cli.views import _VIEWS, cmd_fetch
 from jaxdl.report import to_jsonable
+from jaxdl.report.progress import say
 from jaxdl.train import NonFiniteError
 from jaxdl.validate import InputError
 
@@ -100,8 +101,12 @@ class _Talk(contextlib.AbstractContextManager):
     """While a command runs: jaxdl's log messages (fetching data, building kernels,
     compiling) as ``jaxdl: ...`` lines on stderr."""
 
+    class _Handler(logging.Handler):
+        def emit(self, record: logging.LogRecord) -> None:
+            say(self.format(record))  # above a live bar, not inside its line
+
     def __enter__(self):
-        self.handler = logging.StreamHandler(sys.stderr)
+        self.handler = self._Handler()
         self.handler.setFormatter(logging.Formatter("jaxdl: %(message)s"))
         self.log = logging.getLogger("jaxdl")
         self.level, self.propagate = self.log.level, self.log.propagate

@@ -64,7 +64,7 @@ class Progress:
             console = Console(file=self.stream)
             wide = console.width >= WIDE
             columns = (
-                rp.TextColumn("epoch {task.completed}/{task.total}"),
+                rp.TextColumn("epoch {task.fields[epoch]}/{task.total}"),
                 rp.BarColumn(bar_width=20 if wide else 5),
                 *((rp.TimeElapsedColumn(),) if wide else ()),
                 rp.TimeRemainingColumn(),
@@ -72,18 +72,21 @@ class Progress:
             )
             self._bar = rp.Progress(*columns, console=console, transient=False)
             self._task = self._bar.add_task(
-                "train", total=self.total, completed=self.start, metrics=what
+                "train", total=self.total, completed=self.start, metrics=what, epoch=self.start
             )
 
     def __enter__(self) -> Progress:
         self._start = self._last = time.perf_counter()
         if self._bar is not None:
             self._bar.start()
+            _live.append(self)
         return self
 
     def __exit__(self, *exc: object) -> None:
         if self._bar is not None:
             self._bar.stop()
+            if self in _live:
+                _live.remove(self)
 
     @property
     def ticks(self) -> int:
@@ -94,7 +97,9 @@ class Progress:
     def tick(self, done: int, total: int) -> None:
         """Inside an epoch: ``done`` of its ``total`` steps (``jaxdl.ticks``) move the bar."""
         if self._bar is not None:
-            self._bar.update(self._task, completed=self.epoch + done / max(total, 1))
+            # the epoch under way, and how much of it is done
+            done = self.epoch + done / max(total, 1)
+            self._bar.update(self._task, completed=done, epoch=self.epoch + 1)
 
     def elapsed(self) -> float:
         """Seconds since the display started."""
@@ -112,7 +117,7 @@ class Progress:
             took = time.perf_counter() - self._last
             line = f"epoch {self.epoch}/{self.total}  {text}  {took:.1f}s"
             self._bar.console.print(line, markup=False, highlight=False)
-            self._bar.update(self._task, completed=self.epoch, metrics=text)
+            self._bar.update(self._task, completed=self.epoch, metrics=text, epoch=self.epoch)
             self._last = time.perf_counter()
             return
         text = _metrics_text(metrics) if text is None else text
@@ -131,6 +136,19 @@ class Progress:
         if self._bar is not None:
             self._bar.stop()  # end the live display first so the line prints below the bar
         print(f"{how} in {self.elapsed():.1f}s{best}", file=self.stream, flush=True)
+
+
+# The live bars on screen: a message printed while one is live goes above it, through
+# its console, rather than into the middle of its line.
+_live: list[Progress] = []
+
+
+def say(text: str, stream: TextIO | None = None) -> None:
+    """Prints one line of news (above a live bar, if one is on screen)."""
+    if _live:
+        _live[-1]._bar.console.print(text, markup=False, highlight=False)
+    else:
+        print(text, file=sys.stderr if stream is None else stream, flush=True)
 
 
 def interactive(stream: TextIO | None = None) -> bool:
