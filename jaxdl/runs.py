@@ -164,15 +164,19 @@ def run_table(runs: Sequence[Run]) -> str:
     return report.format_table(rows, columns)
 
 
+# Flags that only said how a run was shown while it ran: not settings worth comparing.
+_SHOWN_ONLY = ("json", "no_progress", "no_plots")
+
+
 def settings(run: Run) -> dict[str, Any]:
     """A run's settings by flag name (``jaxdl.config.saved_flags``) less the keys kept only
-    for the record, with a default learning rate (``lr`` null: the optimizer's own) shown
+    for the record and the display flags, with a default learning rate (``lr`` null: the optimizer's own) shown
     as its value. An unreadable run config gives the file's keys as they are."""
     try:
         flat = saved_flags(run.config)
     except (InputError, TypeError, AttributeError):
         flat = dict(run.config)
-    out = {k: v for k, v in flat.items() if k not in RECORD_KEYS}
+    out = {k: v for k, v in flat.items() if k not in RECORD_KEYS and k not in _SHOWN_ONLY}
     resolved = (run.config.get("resolved") or {}).get("hyperparams") or {}
     if out.get("lr") is None and "learning_rate" in resolved:
         out["lr"] = resolved["learning_rate"]

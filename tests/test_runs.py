@@ -78,9 +78,8 @@ def test_compare_prints_only_the_differences(root, capsys):
         "hidden": [[32, 16], [8]],
         "lr": [pytest.approx(1e-3), 0.01],  # t's default, read from its resolved numbers
         "epochs": [3, 2],
-        "no_plots": [False, True],
         "tensorboard": [True, False],
-    }
+    }  # not no_plots, json or no_progress: how a run was shown is not a setting
     assert diff["results"]["params_digest"] == [t_res["params_digest"], p_res["params_digest"]]
     assert diff["results"]["epochs_run"] == [3, 2]
     assert "run_dir" not in diff["results"] and "seed" not in diff["settings"]
