@@ -246,7 +246,8 @@ def _add_train_flags(p: argparse.ArgumentParser, number=float) -> None:
         "--schedule",
         choices=optim.SCHEDULES,
         default="warmup_cosine",
-        help="learning-rate schedule (default: a cosine from the learning rate to 0 over --epochs)",
+        help="learning-rate schedule (default: warmup_cosine, a cosine from the learning rate "
+        "to 0 over --epochs)",
     )
     g.add_argument(
         "--freeze", type=_names, default=(), help="comma-separated layers to freeze, e.g. layer_0"
