@@ -198,7 +198,9 @@ def prepare(
     if validation is not None:
         validation = check_data(validation, "validation", model.num_classes, feature_shape)
     if isinstance(model, models.CNN) and math.prod(feature_shape) != math.prod(model.image_shape):
-        validate.fail("train x shape", f"images of {model.image_shape} values", train.x.shape)
+        size = math.prod(model.image_shape)
+        validate.fail("train x shape", f"images of the CNN's image_shape {model.image_shape} "
+                      f"(N, H, W, C), or flat (N, {size})", train.x.shape)  # fmt: skip
     validate.positive_int("epochs", t.epochs)
     validate.positive_int("batch_size", t.batch_size)
     validate.positive_int("eval_batch_size", t.eval_batch_size)

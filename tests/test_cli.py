@@ -326,3 +326,34 @@ def test_sweep_data_order_flag_reaches_the_sweep(tmp_path, tiny_npz, capsys):
 )
 def test_sweep_bad_ranges_exit_2(flags, expect, tmp_path, tiny_npz, capsys):
     _assert_one_line_error(capsys, "sweep", tmp_path, tiny_npz, flags, expect)
+
+
+def test_a_cnn_takes_its_image_shape_from_hwc_images(tmp_path, capsys):
+    """Images of your own, (N, H, W, C) in the .npz: ``--model cnn`` reads H, W, C from
+    them (the run's config records it), and a flat array of another size says what a CNN
+    expects."""
+    rng = np.random.default_rng(0)
+
+    def split(n):
+        y = rng.integers(0, 3, n)
+        x = rng.normal(size=(n, 8, 8, 3)).astype(np.float32) + y[:, None, None, None]
+        return jaxdl.Dataset(x, y.astype(np.int32))
+
+    path = tmp_path / "images.npz"
+    jaxdl.data.save_file(path, jaxdl.Splits(split(96), split(32), split(32)))
+    code, out, err = _run(
+        capsys, "train", "--data", str(path), "--model", "cnn", "--conv-features", "4",
+        "--conv-dense", "8", "--epochs", "2", "--batch-size", "32", "--runs-dir",
+        str(tmp_path / "runs"), "--name", "c", "--json", "--no-progress", "--no-plots",
+    )  # fmt: skip
+    assert code == 0, err
+    config = json.loads((tmp_path / "runs" / "c" / "config.json").read_text())
+    assert config["run"]["model"]["args"]["image_shape"] == [8, 8, 3]
+    assert config["run"]["model"]["args"]["num_classes"] == 3
+    assert 0.0 <= json.loads(out.strip().splitlines()[-1])["test_accuracy"] <= 1.0
+    flat = tmp_path / "flat.npz"
+    s = jaxdl.synthetic_splits(64, 16, 16, num_features=10, num_classes=3)
+    jaxdl.data.save_file(flat, s)
+    code, _, err = _run(capsys, "train", "--data", str(flat), "--model", "cnn")
+    assert code == 2 and "image_shape (28, 28, 1) (N, H, W, C), or flat (N, 784)" in err
+    assert "got (64, 10)" in err

@@ -75,10 +75,14 @@ def run_config(a: argparse.Namespace) -> RunConfig:
 
 def load_data(a: argparse.Namespace, config: RunConfig):
     """``(config, splits, train)``: the data the config names (from ``--data-dir``), the
-    model's class count set from it, and the training split cut to ``--train-size``."""
+    model's class count set from it (and a CNN's image shape, from (N, H, W, C) images),
+    and the training split cut to ``--train-size``."""
     d = config.data
     splits = data.standardize(data.load(d.source, directory=a.data_dir), d.preprocess)
     args = {**config.model.args, "num_classes": num_classes(a, splits)}
+    shape = np.shape(splits.train.x)[1:]
+    if config.model.module == "cnn" and len(shape) == 3:
+        args["image_shape"] = tuple(int(s) for s in shape)
     config = dataclasses.replace(config, model=dataclasses.replace(config.model, args=args))
     n = len(splits.train.x)
     if d.train_size is not None and d.train_size > n:
