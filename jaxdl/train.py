@@ -155,16 +155,19 @@ def fit(
         setup = dataclasses.replace(setup, ticks=prog.ticks)  # a live bar moves within epochs
         state, history = fit_state(
             setup, state, hp, train, validation, info=info, checkpointer=checkpointer,
-            on_epoch=prog.update if on_epoch is None else _both(prog.update, on_epoch),
+            on_epoch=each(prog.update, on_epoch),
         )  # fmt: skip
         prog.finish(len(history["train_loss"]) < epochs, best_epoch(state) or None)
     return state, history
 
 
-def _both(first: Callable, second: Callable) -> Callable:
+def each(*callbacks: Callable | None) -> Callable:
+    """One callback that calls each of ``callbacks`` that is not None, in order."""
+    active = [c for c in callbacks if c is not None]
+
     def call(*args) -> None:
-        first(*args)
-        second(*args)
+        for c in active:
+            c(*args)
 
     return call
 

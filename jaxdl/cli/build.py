@@ -9,7 +9,7 @@ from typing import Any
 
 import numpy as np
 
-from jaxdl import data, optim, validate
+from jaxdl import data, optim, train, validate
 from jaxdl.cli import config_file
 from jaxdl.config import OPTIMIZER_FLAGS, RUN_FLAGS, RunConfig
 from jaxdl.validate import InputError
@@ -17,12 +17,7 @@ from jaxdl.validate import InputError
 
 def num_classes(a: argparse.Namespace, splits: data.Splits) -> int:
     """10 for MNIST; for a file, 1 + the largest integer label of any split."""
-    if a.data == "mnist":
-        return 10
-    ys = [np.asarray(s.y) for s in splits]
-    if not all(np.issubdtype(y.dtype, np.integer) and y.size for y in ys):
-        return 10  # the label checks in train.prepare will say what is wrong
-    return max(2, 1 + max(int(y.max()) for y in ys))
+    return 10 if a.data == "mnist" else train.num_classes(*splits)
 
 
 def check_paths(a: argparse.Namespace) -> None:

@@ -19,6 +19,7 @@ from jaxdl import (
 from jaxdl.cli.build import check_numbers, load_data, run_config, saved_config
 from jaxdl.cli.parser import SWEEPABLE
 from jaxdl.cli.resume import _check_checkpoint_flags, _checkpointer, _faults
+from jaxdl.report.progress import number_text
 from jaxdl.validate import InputError
 
 _ROW_RESULTS = ("best_val_accuracy", "best_epoch", "test_accuracy", "test_loss", "epochs_run",
@@ -107,7 +108,7 @@ def _text(summary: dict, rows: list[dict], swept: list[str]) -> str:
     then the sweep's one-line summary."""
     ranked = sorted(rows, key=lambda r: (r["diverged"], -_finite(r["best_val_accuracy"])))
     # the settings as typed (0.001, not 0.0010)
-    shown = [{**r, **{k: _num(r[k]) for k in swept}} for r in ranked[:_TABLE_ROWS]]
+    shown = [{**r, **{k: number_text(r[k]) for k in swept}} for r in ranked[:_TABLE_ROWS]]
     columns = [*swept, "seed", "best_val_accuracy", "best_epoch", "test_accuracy", "epochs_run"]
     columns += [k for k in ("stopped", "diverged") if any(r[k] for r in rows)]
     table = report.format_table(shown, columns)
@@ -116,7 +117,7 @@ def _text(summary: dict, rows: list[dict], swept: list[str]) -> str:
             f"\n(the best {len(shown)} of {len(rows)} by best_val_accuracy; all in results.csv)"
         )
     b = summary["best"]
-    settings = ", ".join(f"{k}={_num(b[k])}" for k in [*swept, "seed"]) or "its settings"
+    settings = ", ".join(f"{k}={number_text(b[k])}" for k in [*swept, "seed"]) or "its settings"
     line = (f"{summary['members']} members, {summary['compiles']} compile(s), "
             f"{summary['diverged']} diverged; best: {settings}: val accuracy "
             f"{b['best_val_accuracy']:.4f}, test {b['test_accuracy']:.4f}; "
@@ -126,10 +127,6 @@ def _text(summary: dict, rows: list[dict], swept: list[str]) -> str:
 
 def _finite(x: float) -> float:
     return x if math.isfinite(x) else -math.inf
-
-
-def _num(value) -> str:
-    return f"{value:g}" if isinstance(value, float) else str(value)
 
 
 def _use_cpu_devices(n: str | int) -> None:

@@ -55,7 +55,7 @@ def cmd_train(a: argparse.Namespace) -> dict:
         setup = dataclasses.replace(setup, ticks=prog.ticks)  # a live bar moves within epochs
         with _faults(ckpt, run_dir):
             state, history = train.fit_state(
-                setup, state, hp, tr, splits.valid, on_epoch=_each(prog.update, tb and tb.epoch),
+                setup, state, hp, tr, splits.valid, on_epoch=train.each(prog.update, tb and tb.epoch),
                 on_state=tb and tb.state, info=info,
                 checkpointer=ckpt, history=history,
             )  # fmt: skip
@@ -88,14 +88,3 @@ def cmd_train(a: argparse.Namespace) -> dict:
     if tb is not None:
         tb.close(results)
     return results
-
-
-def _each(*callbacks):
-    """One callback that calls each of ``callbacks`` that is not None, in order."""
-    active = [c for c in callbacks if c is not None]
-
-    def call(*args) -> None:
-        for c in active:
-            c(*args)
-
-    return call

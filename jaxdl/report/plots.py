@@ -19,6 +19,7 @@ from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
 from jaxdl.report.files import History, PathLike, atomic_write
+from jaxdl.report.progress import number_text
 
 
 def save_figure(fig: Figure, path: PathLike, *, dpi: int = 120) -> Path:
@@ -187,7 +188,7 @@ def plot_sweep(
         if by and len(values) <= 10:
             j = values.index(r[by])
             label = (
-                f"{by}={_num(r[by])}"
+                f"{by}={number_text(r[by])}"
                 if i == next(k for k, q in enumerate(rows) if q[by] == r[by])
                 else None
             )
@@ -195,7 +196,9 @@ def plot_sweep(
                 np.arange(1, len(curve) + 1), curve, alpha=0.5, lw=1, color=f"C{j}", label=label
             )
         else:
-            label = ", ".join(f"{k}={_num(r[k])}" for k in [*swept, "seed"] if k in r) or None
+            label = (
+                ", ".join(f"{k}={number_text(r[k])}" for k in [*swept, "seed"] if k in r) or None
+            )
             ax.plot(np.arange(1, len(curve) + 1), curve, alpha=0.6, lw=1,
                     label=label if len(curves) <= 12 else None)  # fmt: skip
     ax.set(title=f"{key} per epoch, all {len(curves)} members", xlabel="epoch", ylabel=key)
@@ -207,10 +210,6 @@ def plot_sweep(
     ax.grid(True, alpha=0.3)
     paths.append(save_figure(fig, run_dir / "curves.png"))
     return paths
-
-
-def _num(value) -> str:
-    return f"{value:g}" if isinstance(value, int | float) else str(value)
 
 
 def plot_ensemble(

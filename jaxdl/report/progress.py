@@ -151,6 +151,11 @@ def say(text: str, stream: TextIO | None = None) -> None:
         print(text, file=sys.stderr if stream is None else stream, flush=True)
 
 
+def number_text(value: Any) -> str:
+    """A setting's value as it is typed: ``0.001``, ``3e-05``, ``16``."""
+    return f"{value:g}" if isinstance(value, float) else str(value)
+
+
 def interactive(stream: TextIO | None = None) -> bool:
     """True on a terminal or in a Jupyter kernel: where progress is shown by default."""
     stream = sys.stderr if stream is None else stream
