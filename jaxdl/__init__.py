@@ -6,9 +6,10 @@ The pure functions are the API: ``fit`` is a convenience built from ``init_state
 
 from jaxdl import checkpoint, ensemble, report, sweep
 from jaxdl.config import RunConfig
+from jaxdl.contract import Dropout, masked_widths
 from jaxdl.data import Dataset, Splits, load, standardize, synthetic, synthetic_splits
 from jaxdl.devices import use_cpu_cores
-from jaxdl.models import CNN, MLP, masked_widths, sample_masks
+from jaxdl.models import CNN, MLP, sample_masks
 from jaxdl.optim import Optimizer, make_optimizer
 from jaxdl.report import params_digest
 from jaxdl.step import Batch, HParams, Setup, TrainState, init_state, run_epoch, train_step
@@ -32,6 +33,7 @@ __all__ = [
     "MLP",
     "Batch",
     "Dataset",
+    "Dropout",
     "EarlyStopping",
     "FitInfo",
     "HParams",

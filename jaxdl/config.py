@@ -29,7 +29,7 @@ from typing import Any
 
 import flax.linen as nn
 
-from jaxdl import models, optim
+from jaxdl import contract, model_source, optim
 from jaxdl.optim import Optimizer
 from jaxdl.stopping import EarlyStopping
 from jaxdl.validate import InputError
@@ -37,7 +37,7 @@ from jaxdl.validate import InputError
 # Written into a run's config.json for the record; ignored when it is read back.
 RECORD_KEYS = ("command", "resolved", "run_dir")
 
-MODULES: dict[str, type[nn.Module]] = {"mlp": models.MLP, "cnn": models.CNN}
+MODULES = model_source.BUILTIN  # jaxdl's own modules, by name
 
 
 def _frozen(value: Any) -> Any:
@@ -47,6 +47,14 @@ def _frozen(value: Any) -> Any:
     if isinstance(value, Mapping):
         return {str(k): _frozen(v) for k, v in value.items()}
     return value
+
+
+def _json_ok(value: Any) -> bool:
+    try:
+        json.dumps(value)
+    except TypeError:
+        return False
+    return True
 
 
 def _unknown(where: str, key: str, valid, what: str = "key") -> InputError:
@@ -61,35 +69,51 @@ def _module_fields(cls: type[nn.Module]) -> list[str]:
 
 @dataclasses.dataclass(frozen=True)
 class ModelConfig:
-    """Which module (``"mlp"`` or ``"cnn"``) and its arguments (the module's fields).
-    Without ``num_classes`` in ``args``, ``prepare`` takes it from the labels."""
+    """Which module and its arguments (the module's fields). ``module`` is a spec
+    (``jaxdl.model_source``): ``"mlp"``, ``"cnn"``, ``"path/to/file.py:Name"`` or
+    ``"package.module:Name"``. Without ``num_classes`` in ``args``, ``prepare`` takes it
+    from the labels (for a module that has that field)."""
 
     module: str = "mlp"
     args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # The class itself when the config was made from a module object (``of``): built
+    # again from it in this process, whether or not its spec can be imported.
+    cls: type[nn.Module] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "args", _frozen(dict(self.args)))
 
+    def module_class(self) -> type[nn.Module]:
+        """The Flax module class the config names."""
+        if self.cls is not None:
+            return self.cls
+        if ":" not in self.module and self.module not in MODULES:
+            raise _unknown("model", self.module, [*MODULES, "PATH.py:CLASS"], "module")
+        return model_source.load(self.module)
+
     def build(self, num_classes: int | None = None) -> nn.Module:
         """The module; ``num_classes`` fills in the class count when ``args`` has none."""
-        if self.module not in MODULES:
-            raise _unknown("model", self.module, MODULES, "module")
-        cls = MODULES[self.module]
+        cls = self.module_class()
         fields = _module_fields(cls)
         for key in self.args:
             if key not in fields:
                 raise _unknown(f"model {self.module}", key, fields, "argument")
         args = dict(self.args)
-        if num_classes is not None:
+        if num_classes is not None and "num_classes" in fields:
             args.setdefault("num_classes", num_classes)
-        return models.check_model(cls(**args))
+        try:
+            model = cls(**args)
+        except TypeError as e:  # e.g. a required field left out
+            raise InputError(f"model {self.module}: {e}") from None
+        return contract.check_module(model)
 
     @classmethod
     def of(cls, model: nn.Module) -> ModelConfig:
         """The config that builds ``model`` again (every field, defaults included)."""
-        models.check_model(model)
-        name = next(k for k, c in MODULES.items() if type(model) is c)
-        return cls(name, {k: getattr(model, k) for k in _module_fields(type(model))})
+        contract.check_module(model)
+        kind = type(model)
+        args = {k: getattr(model, k) for k in _module_fields(kind)}
+        return cls(model_source.spec_of(kind), args, None if kind in MODULES.values() else kind)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -259,7 +283,16 @@ class RunConfig:
 
     def to_dict(self) -> dict[str, Any]:
         """Plain JSON values (lists for tuples), one key per section, plus ``kernels``."""
-        return json.loads(json.dumps(dataclasses.asdict(self)))
+        values = dataclasses.asdict(self)
+        del values["model"]["cls"]  # the class is named by ``module``
+        try:
+            return json.loads(json.dumps(values))
+        except TypeError:
+            bad = [k for k, v in self.model.args.items() if not _json_ok(v)]
+            raise InputError(
+                f"model {self.model.module}: arguments {', '.join(bad)} are not JSON values "
+                "(numbers, strings, lists): a run cannot record them"
+            ) from None
 
     @classmethod
     def from_dict(cls, values: Mapping[str, Any], *, source: str = "config") -> RunConfig:
@@ -308,7 +341,10 @@ class RunConfig:
         """The settings that have a flag, keyed by the flag's dest (``lr``, ``hidden``, …)."""
         m, o, t, r = self.model, self.optimizer, self.training, self.regularisation
         out: dict[str, Any] = {"model": m.module}
-        out |= {flag: m.args[field] for flag, field in MODEL_FLAGS.items() if field in m.args}
+        if m.module in MODULES:
+            out |= {flag: m.args[field] for flag, field in MODEL_FLAGS.items() if field in m.args}
+        else:  # a module of the user's own: its arguments as given
+            out["model_args"] = dict(m.args)
         out |= {"optimizer": o.name, "lr": o.hyperparams.get("learning_rate")}
         out |= {k: o.hyperparams.get(k) for k in OPTIMIZER_FLAGS}
         out |= {"schedule": o.schedule, "freeze": o.freeze, "layer_lr": dict(o.layer_lr)}
@@ -335,6 +371,7 @@ class RunConfig:
         module = get("model", d.model.module)
         known = _module_fields(MODULES[module]) if module in MODULES else []
         args = {f: flags[k] for k, f in MODEL_FLAGS.items() if f in known and k in flags}
+        args |= get("model_args") or {}
         numbers = {k: get(k) for k in OPTIMIZER_FLAGS if get(k) is not None}
         if get("lr") is not None:
             numbers["learning_rate"] = get("lr")
@@ -343,6 +380,10 @@ class RunConfig:
             es = EarlyStopping(get("monitor", "val_loss"), get("early_stopping") or None,
                                get("min_delta", 0.0), not get("no_restore_best", False))  # fmt: skip
         o, t, r, c = d.optimizer, d.training, d.regularisation, d.checkpointing
+        # Unset dropout flags: none for jaxdl's modules, each jaxdl.Dropout's own rate else.
+        rates = [get("dropout_hidden"), get("dropout_input")]
+        if module in MODULES:
+            rates = [0.0 if v is None else v for v in rates]
         return cls(
             ModelConfig(module, args),
             OptimizerConfig(get("optimizer", o.name), numbers, get("schedule", o.schedule),
@@ -352,8 +393,7 @@ class RunConfig:
             Training(get("epochs", t.epochs), get("batch_size", t.batch_size),
                      get("seed", t.seed), get("loss", t.loss), es,
                      skip_nonfinite=bool(get("skip_nonfinite", False))),
-            Regularisation(get("l1", r.l1), get("l2", r.l2), get("dropout_hidden"),
-                           get("dropout_input"), get("input_noise", r.input_noise),
+            Regularisation(get("l1", r.l1), get("l2", r.l2), *rates, get("input_noise", r.input_noise),
                            get("init_scale")),
             Checkpointing(get("checkpoint_every", c.every), get("keep_checkpoints", c.keep)),
             get("kernels", d.kernels),
@@ -370,7 +410,7 @@ OPTIMIZER_FLAGS = ("momentum", "b1", "b2", "eps", "decay", "weight_decay",
                    "decay_start_epoch", "clip_norm", "max_norm", "lr_decay", "lr_decay_every",
                    "lr_patience", "warmup_epochs", "lr_min_ratio")  # fmt: skip
 # Every flag a RunConfig holds: the rest of a command line is how the run is shown.
-RUN_FLAGS = frozenset([*RunConfig().as_flags(), *MODEL_FLAGS, *OPTIMIZER_FLAGS,
+RUN_FLAGS = frozenset([*RunConfig().as_flags(), *MODEL_FLAGS, *OPTIMIZER_FLAGS, "model_args",
                        "skip_nonfinite", "early_stopping", "monitor", "min_delta",
                        "no_restore_best"])  # fmt: skip
 

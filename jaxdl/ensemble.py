@@ -18,7 +18,7 @@ weights shared, on top of the models' explicit ``masks=`` argument:
   rest, so 2^M full forward passes never exist.
 
 Shapes: ``x`` (N, *feature_shape); ``masks`` a tuple with one (k, width_i) array per
-masked layer (input first, see ``models.masked_widths``); probabilities (N, C).
+masked layer (input first, see ``contract.masked_widths``); probabilities (N, C).
 
 The programs live in ``jaxdl.subnetworks`` (masks, weight scaling, Monte-Carlo) and
 ``jaxdl.exact_ensemble``; this module holds the study built on them (``analyse``, the
@@ -35,7 +35,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdl import lowering, models, sweep, train, validate
+from jaxdl import contract, lowering, sweep, train, validate
 from jaxdl.config import RunConfig
 from jaxdl.data import Dataset
 
@@ -117,7 +117,7 @@ def analyse(
         s = mc_stats(model, variables, rates, xo, np.zeros(m, np.int32), masks, kernels=kernels)
         out["entropy"][name] = s["entropy"]
         out["mutual_information"][name] = s["mutual_information"]
-    widths = models.masked_widths(model, feature_shape)
+    widths = contract.masked_widths(model, feature_shape)
     units = sum(widths[i] for i in exact_units(model, rates, feature_shape))
     if exact or (exact is None and units <= max_units):
         ex = exact_probs(model, variables, rates, test.x, max_units=max_units, kernels=kernels)
@@ -186,8 +186,8 @@ def member_stats(
     """
     lowered = lowering.resolve(kernels)
     x = validate.features("x", x)
-    y = validate.labels("y", y, model.num_classes, n=x.shape[0])
-    n_masked = len(models.masked_widths(model, x.shape[1:]))
+    y = validate.labels("y", y, contract.classes(model, x.shape[1:]), n=x.shape[0])
+    n_masked = len(contract.masked_widths(model, x.shape[1:]))
     zero = jnp.zeros((n_masked,), jnp.float32)
 
     def member(params, stats, m):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdl import compiled, lowering, models, validate
+from jaxdl import compiled, contract, lowering, validate
 from jaxdl.lowering import XLA
 from jaxdl.models import Model
 from jaxdl.subnetworks import (
@@ -59,7 +59,7 @@ def exact_probs(
     """
     x = validate.features("x", x)
     rates = check_rates(model, rates, x.shape[1:])
-    widths = models.masked_widths(model, x.shape[1:])
+    widths = contract.masked_widths(model, x.shape[1:])
     layers = exact_units(model, rates, x.shape[1:])
     units = sum(widths[i] for i in layers)
     validate.positive_int("max_units", max_units)
@@ -88,7 +88,7 @@ def exact_program_args(
     ``batch_size`` at a time, masks in chunks of a power of two that keeps one chunk's
     activations within the 32 MiB budget."""
     rates = check_rates(model, rates, x.shape[1:])
-    widths = models.masked_widths(model, x.shape[1:])
+    widths = contract.masked_widths(model, x.shape[1:])
     layers = exact_units(model, rates, x.shape[1:])
     units = sum(widths[i] for i in layers)
     b = min(batch_size, x.shape[0])
@@ -120,7 +120,9 @@ def _exact_body(model, variables, rates, x, layers, widths, b, chunk):
     ids = jnp.arange(2**units, dtype=jnp.uint32).reshape(-1, chunk)
     idx, _ = example_chunks(x.shape[0], b)
 
-    affine = first == len(widths) - 1  # only the output layer's input is masked
+    # Only the output layer's input is masked (a Net's; another module's last Dropout
+    # need not feed its output linearly).
+    affine = contract.is_net(model) and first == len(widths) - 1
 
     def examples(i):
         h = apply_net(model, variables, x[i], rates, stop=first)  # computed once per example
@@ -151,7 +153,7 @@ def _exact_body(model, variables, rates, x, layers, widths, b, chunk):
             mean_logits = mean_logits + jnp.einsum("m,mbc->bc", weight, logits)
             return (log_arith, geo, mean_logits), None
 
-        zeros = jnp.zeros((b, model.num_classes))
+        zeros = jnp.zeros((b, contract.classes(model, x.shape[1:])))
         init = (jnp.full_like(zeros, -jnp.inf), zeros, zeros)
         (log_arith, geo, mean_logits), _ = jax.lax.scan(enumerate_masks, init, ids)
         log_geo = jax.nn.log_softmax(geo)

@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxdl import compiled, models, step, validate
+from jaxdl import compiled, contract, models, step, validate
 from jaxdl.devices import compiler_options
 
 
@@ -218,8 +218,13 @@ def member_bytes(setup: step.Setup, hp: step.HParams) -> int:
     state = jax.eval_shape(lambda: step.init_state(setup, jax.random.key(0), one))
     nbytes = sum(v.size * v.dtype.itemsize for v in jax.tree_util.tree_leaves(state))
     params = sum(v.size * v.dtype.itemsize for v in jax.tree_util.tree_leaves(state.params))
-    units = math.prod(setup.feature_shape) + sum(setup.widths) + setup.model.num_classes
-    pieces = setup.model.maxout_pieces if setup.model.activation == "maxout" else 1
+    m = setup.model
+    units = (
+        math.prod(setup.feature_shape)
+        + sum(setup.widths)
+        + contract.classes(m, setup.feature_shape)
+    )
+    pieces = m.maxout_pieces if getattr(m, "activation", None) == "maxout" else 1
     acts = 4 * units * pieces * 3 * (setup.batch_size + setup.probe_size)  # pre, post, grad
     return int(nbytes + params + acts)
 

@@ -114,6 +114,10 @@ def describe_model(cfg: Mapping[str, Any]) -> str:
         return f"cnn {widths} {cfg.get('activation', '')}".strip()
     if "hidden" in cfg:
         return f"mlp {'-'.join(map(str, cfg['hidden']))} {cfg.get('activation', '')}".strip()
+    if ":" in str(cfg.get("model", "")):  # a module of the user's own: its class and arguments
+        args = " ".join(f"{k}={v}" for k, v in (cfg.get("model_args") or {}).items()
+                        if k != "num_classes")  # fmt: skip
+        return f"{cfg['model'].rpartition(':')[2]} {args}".strip()
     return ""
 
 

@@ -23,9 +23,9 @@ from typing import Any, NamedTuple
 import jax
 import jax.numpy as jnp
 import optax
-from flax import struct
+from flax import struct, traverse_util
 
-from jaxdl import inits, losses, models, optim, stopping, ticks
+from jaxdl import contract, inits, losses, models, optim, stopping, ticks
 from jaxdl.lowering import XLA, Lowering
 from jaxdl.models import Model
 from jaxdl.optim import Optimizer
@@ -86,7 +86,7 @@ class Setup:
 
     @property
     def widths(self) -> tuple[int, ...]:
-        return models.masked_widths(self.model, self.feature_shape)
+        return contract.masked_widths(self.model, self.feature_shape)
 
 
 class TrainState(struct.PyTreeNode):
@@ -126,9 +126,9 @@ def init_state(setup: Setup, key: PRNGKey, hp: HParams) -> TrainState:
     )
 
 
-def _apply(model: Model, params, batch_stats, x, *, rates=None, masks=None, train=False, **kw):
+def _apply(model: Model, params, batch_stats, x, **kw):
     variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-    return model.apply(variables, x, train=train, rates=rates, masks=masks, **kw)
+    return contract.call(model, variables, x, **kw)
 
 
 def layer_norms(tree) -> dict[str, jax.Array]:
@@ -168,6 +168,7 @@ def train_step(setup: Setup, state: TrainState, batch: Batch, hp: HParams):
         out = _apply(
             setup.model, params, state.batch_stats, x, rates=rates, masks=masks, train=True,
             example_mask=example_mask, mutable=["batch_stats"] if state.batch_stats else [],
+            rng=jax.random.fold_in(k_mask, 1),
         )  # fmt: skip
         logits, updates = out
         data = losses.data_loss(setup.loss, logits, batch.y, batch.weight)
@@ -322,13 +323,15 @@ def probe_stats(setup: Setup, params, batch_stats, rates, x, y, masks=None) -> d
         logits, inter = _apply(
             setup.model, p, batch_stats, x, rates=rates, masks=masks, mutable=["intermediates"]
         )
-        return losses.data_loss(setup.loss, logits, y), inter["intermediates"]
+        return losses.data_loss(setup.loss, logits, y), inter.get("intermediates", {})
 
     grads, inter = jax.grad(loss, has_aux=True)(params)
     out = {f"grad_norm/{k}": v for k, v in layer_norms(grads).items()}
-    act = setup.model.activation
-    for sown, (h,) in inter.items():
-        name = sown.removeprefix("act_")
+    act = getattr(setup.model, "activation", None)
+    for sown, values in traverse_util.flatten_dict(inter, sep="/").items():
+        name, h = sown.removeprefix("act_"), values[-1]
+        if not isinstance(h, jax.Array) or h.ndim < 2 or h.shape[0] != x.shape[0]:
+            continue  # a user module's own record, not per-example activations
         h = h.reshape(h.shape[0], -1)
         out[f"act_std/{name}"] = h.std()
         if act == "relu":

@@ -3,7 +3,7 @@ logits, the weight-scaling pass, and ``mc_stats`` (Monte-Carlo ensembles of the 
 sampled subnetworks for every k, in one compiled program).
 
 Shapes: ``x`` (N, *feature_shape); ``masks`` a tuple with one (k, width_i) array per
-masked layer (input first, see ``models.masked_widths``); probabilities (N, C).
+masked layer (input first, see ``contract.masked_widths``); probabilities (N, C).
 """
 
 from __future__ import annotations
@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdl import compiled, lowering, models, validate
+from jaxdl import compiled, contract, lowering, models, validate
 from jaxdl.lowering import XLA, Lowering
 from jaxdl.models import Masks, Model
 
@@ -36,7 +36,7 @@ def variables_of(state) -> dict[str, Any]:
 
 def check_rates(model: Model, rates, feature_shape: Sequence[int]) -> np.ndarray:
     """Dropout rates as a float32 host array (n_masked,), one per masked layer."""
-    n = len(models.masked_widths(model, feature_shape))
+    n = len(contract.masked_widths(model, feature_shape))
     if np.ndim(rates) == 0:
         rates = [float(rates)] * n
     return np.asarray(validate.rates("dropout rates", rates, n), np.float32)
@@ -52,7 +52,7 @@ def sample_masks(
     probability 1 - rates[i].
     """
     validate.positive_int("k", k)
-    widths = models.masked_widths(model, feature_shape)
+    widths = contract.masked_widths(model, feature_shape)
     rates = jnp.asarray(check_rates(model, rates, feature_shape))
     return _sample(key, rates, widths, k)
 
@@ -64,7 +64,7 @@ def _sample(key, rates, widths: tuple[int, ...], k: int) -> Masks:
 
 
 def apply_net(model: Model, variables: Variables, x, rates, masks=None, **kw) -> jax.Array:
-    return model.apply(variables, x, train=False, rates=rates, masks=masks, **kw)
+    return contract.call(model, variables, x, rates=rates, masks=masks, **kw)
 
 
 def subnetwork_logits(model: Model, variables: Variables, rates, x, masks: Masks) -> jax.Array:
@@ -140,9 +140,9 @@ def mc_stats(
     lowered = lowering.resolve(kernels)
     x = validate.features("x", x)
     rates = check_rates(model, rates, x.shape[1:])
-    y = validate.labels("y", y, model.num_classes, n=x.shape[0])
-    k = _check_masks(masks, models.masked_widths(model, x.shape[1:]))
-    widest = max((math.prod(x.shape[1:]), *models.masked_widths(model, x.shape[1:])))
+    y = validate.labels("y", y, contract.classes(model, x.shape[1:]), n=x.shape[0])
+    k = _check_masks(masks, contract.masked_widths(model, x.shape[1:]))
+    widest = max((math.prod(x.shape[1:]), *contract.masked_widths(model, x.shape[1:])))
     b = min(batch_size or max(1, ELEMENTS // widest), x.shape[0])
     kc = max(1, min(k, ELEMENTS // (b * widest)))
     pad = -k % kc
@@ -181,7 +181,7 @@ _mc = jax.jit(
 
 
 def _mc_body(model, variables, rates, x, y, masks, valid_k, b, kc):
-    n, c = x.shape[0], model.num_classes
+    n, c = x.shape[0], contract.classes(model, x.shape[1:])
     idx, real = example_chunks(n, b)
     chunked = jax.tree_util.tree_map(lambda m: m.reshape(-1, kc, m.shape[-1]), masks)
     kv_chunks = valid_k.astype(jnp.float32).reshape(-1, kc)

@@ -119,6 +119,8 @@ def prepare_sweep(
     flags["dropout"] = max(
         flags["dropout"], *(_largest({**base, **c}.get("dropout_input")) for c, _ in members)
     )
+    if all({**base, **c}.get(k) is None for c, _ in members for k in ("dropout", "dropout_input")):
+        flags["dropout"] = None  # each jaxdl.Dropout layer's own rate (train.make_hparams)
     shared = dataclasses.replace(config.regularisation, dropout_input=None, **flags)
     config = dataclasses.replace(
         config, optimizer=_structure_for(opt, [*configs, base]), regularisation=shared

@@ -11,7 +11,7 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxdl import step, train
+from jaxdl import contract, step, train
 
 
 @dataclasses.dataclass
@@ -55,7 +55,9 @@ def result_rows(
     """One row per member; test metrics from one vmapped evaluation of every member."""
     acc = hist.get("val_accuracy", hist["train_accuracy"])
     if test is not None:
-        test = train.to_device(train.check_data(test, "test", setup.model.num_classes))
+        test = train.to_device(
+            train.check_data(test, "test", contract.classes(setup.model, setup.feature_shape))
+        )
         ev = jax.jit(
             jax.vmap(lambda p, b, r, m: step.evaluate_arrays(setup, p, b, r, test.x, test.y, m))
         )

@@ -33,7 +33,9 @@ from typing import Any
 
 import jax
 import numpy as np
+from flax import traverse_util
 
+from jaxdl import contract
 from jaxdl.models import Model
 from jaxdl.validate import InputError
 
@@ -80,8 +82,9 @@ def param_arrays(params: Any) -> dict[str, np.ndarray]:
 @functools.partial(jax.jit, static_argnums=0)
 def _activations(model: Model, params, batch_stats, rates, x) -> dict[str, jax.Array]:
     variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-    _, inter = model.apply(variables, x, train=False, rates=rates, mutable=["intermediates"])
-    return {k.removeprefix("act_"): v[0] for k, v in inter["intermediates"].items()}
+    _, inter = contract.call(model, variables, x, rates=rates, mutable=["intermediates"])
+    flat = traverse_util.flatten_dict(inter.get("intermediates", {}), sep="/")
+    return {k.removeprefix("act_"): v[-1] for k, v in flat.items()}
 
 
 def activations(model: Model, params, batch_stats, rates, x) -> dict[str, np.ndarray]:

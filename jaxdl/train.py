@@ -21,7 +21,18 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdl import inits, losses, lowering, models, optim, report, stopping, ticks, validate
+from jaxdl import (
+    contract,
+    inits,
+    losses,
+    lowering,
+    models,
+    optim,
+    report,
+    stopping,
+    ticks,
+    validate,
+)
 from jaxdl.compiled import compile_epoch, programs
 from jaxdl.config import RunConfig
 from jaxdl.data import Dataset
@@ -50,15 +61,27 @@ def make_hparams(
 
     ``dropout``: one rate for every masked layer, or one per layer (input first);
     ``dropout_input``, if given, the input layer's rate (``dropout`` then the others').
+    None: no dropout (``jaxdl.MLP``/``CNN``) or each ``jaxdl.Dropout`` layer's own rate.
     ``overrides`` replace the optimizer's numbers (e.g. ``learning_rate=3e-3``).
     """
     model = setup_or_model.model if isinstance(setup_or_model, Setup) else setup_or_model
-    n_masked = len(models.masked_widths(model, feature_shape))
+    lay = contract.layout(model, tuple(feature_shape))
+    n_masked = len(lay.widths)
+    if dropout_input is not None and not contract.is_net(model):
+        validate.fail("dropout_input", f"None: {type(model).__name__} has no input layer of "
+                      "jaxdl's (give dropout, one rate per jaxdl.Dropout layer)", dropout_input)  # fmt: skip
+    if dropout is None and dropout_input is None and lay.rates:
+        dropout = lay.rates
     if dropout is None:
         dropout = 0.0
     if dropout_input is not None and np.ndim(dropout) != 0:
         validate.fail("dropout", "one rate for the hidden layers with dropout_input", dropout)
-    if np.ndim(dropout) == 0:
+    if n_masked == 0 and np.any(np.asarray(dropout, np.float64) > 0):
+        validate.fail("dropout", f"no rate: {type(model).__name__} has no jaxdl.Dropout layer "
+                      "(Flax's nn.Dropout keeps its own rate)", dropout)  # fmt: skip
+    if n_masked == 0:
+        dropout = []
+    elif np.ndim(dropout) == 0:
         first = float(dropout) if dropout_input is None else float(dropout_input)
         dropout = [first] + [float(dropout)] * (n_masked - 1)
     rates = validate.rates("dropout", dropout, n_masked)
@@ -71,7 +94,8 @@ def make_hparams(
     validate.positive("l1", l1, allow_zero=True)
     validate.positive("l2", l2, allow_zero=True)
     validate.positive("input_noise", input_noise, allow_zero=True)
-    scale = inits.default_scale(model.weight_init) if init_scale is None else init_scale
+    own = getattr(model, "weight_init", None)  # a user module's kernels: as initialised
+    scale = (1.0 if own is None else inits.default_scale(own)) if init_scale is None else init_scale
     validate.positive("init_scale", scale, allow_zero=True)
     f32 = functools.partial(jnp.asarray, dtype=jnp.float32)
     return HParams(
@@ -196,14 +220,17 @@ def prepare(
     model = config.model.build(num_classes(train, validation))
     optimizer = config.optimizer.build()
     validate.choice("loss", t.loss, losses.LOSSES)
-    train = check_data(train, "train", model.num_classes)
-    feature_shape = tuple(train.x.shape[1:])
-    if validation is not None:
-        validation = check_data(validation, "validation", model.num_classes, feature_shape)
+    if np.ndim(train.x) < 2:
+        validate.features("train x", train.x)  # says what is wrong
+    feature_shape = tuple(np.shape(train.x)[1:])
     if isinstance(model, models.CNN) and math.prod(feature_shape) != math.prod(model.image_shape):
         size = math.prod(model.image_shape)
         validate.fail("train x shape", f"images of the CNN's image_shape {model.image_shape} "
                       f"(N, H, W, C), or flat (N, {size})", train.x.shape)  # fmt: skip
+    classes = contract.layout(model, feature_shape).classes  # the contract, checked here
+    train = check_data(train, "train", classes)
+    if validation is not None:
+        validation = check_data(validation, "validation", classes, feature_shape)
     validate.positive_int("epochs", t.epochs)
     validate.positive_int("batch_size", t.batch_size)
     validate.positive_int("eval_batch_size", t.eval_batch_size)
@@ -213,7 +240,8 @@ def prepare(
     es = t.early_stopping
     if es is not None and es.monitor.startswith("val_") and validation is None:
         validate.fail("early stopping", "validation data to monitor " + es.monitor, None)
-    shapes = jax.eval_shape(model.init, jax.random.key(0), jnp.zeros((1, *feature_shape)))
+    dummy = jnp.zeros((1, *feature_shape))
+    shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, train=False))
     optim.check_layers(optimizer, list(shapes["params"]))
     r = config.regularisation
     hp = make_hparams(model, optimizer, feature_shape, **dataclasses.asdict(r))
@@ -354,7 +382,7 @@ def evaluate(
     model: Model, state: TrainState, data: Dataset, *, loss: str = "cross_entropy", batch_size=1000
 ) -> dict[str, float]:
     """Mean loss and accuracy of the deterministic network on ``data``."""
-    data = check_data(data, "data", model.num_classes)
+    data = check_data(data, "data", contract.classes(model, np.shape(data.x)[1:]))
     x = jnp.asarray(data.x)
     logits = _predict_logits(model, state.params, state.batch_stats, state.rates, x, batch_size)
     y = jnp.asarray(data.y)

@@ -68,7 +68,12 @@ def rates(what: str, values: Sequence[float], n: int) -> np.ndarray:
     """Checks a dropout-rate vector: ``n`` numbers, each in [0, 1)."""
     arr = np.asarray(values, dtype=np.float64).reshape(-1)
     if arr.shape != (n,):
-        fail(what, f"{n} rate(s) (input + one per hidden layer)", list(values))
+        fail(
+            what,
+            f"{n} rate(s), one per masked layer (jaxdl.MLP: the input, then each "
+            "hidden layer; another module: each jaxdl.Dropout layer)",
+            list(values),
+        )
     for i, r in enumerate(arr):
         in_range(f"{what}[{i}]", float(r), 0.0, 1.0)
     return arr.astype(np.float32)

@@ -5,11 +5,12 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
+from pathlib import Path
 from typing import Any
 
 import numpy as np
 
-from jaxdl import data, optim, train, validate
+from jaxdl import data, model_source, optim, report, train, validate
 from jaxdl.cli import config_file
 from jaxdl.config import OPTIMIZER_FLAGS, RUN_FLAGS, RunConfig
 from jaxdl.validate import InputError
@@ -38,7 +39,8 @@ def check_numbers(a: argparse.Namespace) -> None:
     value by value); ``prepare`` checks the rest."""
     for dest in ("dropout_input", "dropout_hidden"):
         for v in _each(getattr(a, dest)):
-            validate.in_range("--" + dest.replace("_", "-"), v, 0.0, 1.0)
+            if v is not None:
+                validate.in_range("--" + dest.replace("_", "-"), v, 0.0, 1.0)
     for dest in ("l1", "l2", "input_noise", "init_scale"):
         for v in _each(getattr(a, dest)):
             if v is not None:
@@ -74,7 +76,9 @@ def load_data(a: argparse.Namespace, config: RunConfig):
     and the training split cut to ``--train-size``."""
     d = config.data
     splits = data.standardize(data.load(d.source, directory=a.data_dir), d.preprocess)
-    args = {**config.model.args, "num_classes": num_classes(a, splits)}
+    args = dict(config.model.args)
+    if "num_classes" in _fields(config.model.module_class()):
+        args["num_classes"] = num_classes(a, splits)
     shape = np.shape(splits.train.x)[1:]
     if config.model.module == "cnn" and len(shape) == 3:
         args["image_shape"] = tuple(int(s) for s in shape)
@@ -86,10 +90,35 @@ def load_data(a: argparse.Namespace, config: RunConfig):
     return config, splits, tr
 
 
+def _fields(cls) -> list[str]:
+    return [f.name for f in dataclasses.fields(cls)]
+
+
 def saved_config(a: argparse.Namespace, config: RunConfig, **extra: Any) -> dict[str, Any]:
     """What ``config.json`` holds: the command, the run's config under ``"run"``, and the
     command's other flags (display, output, sweep and ensemble settings) under
-    ``"options"``; ``extra`` keys (``space``, ``run_dir``, ``resolved``) as given."""
+    ``"options"``; ``extra`` keys (``space``, ``run_dir``, ``resolved``) as given; for a
+    model from a file, ``"model_source"``: its path and sha256 (``write_config`` keeps a
+    copy of it beside)."""
     options = {k: v for k, v in config_file.settings(a).items()
                if k not in RUN_FLAGS and k not in extra.get("space", {}) and k != "command"}  # fmt: skip
-    return {"command": a.command, "run": config.to_dict(), "options": options, **extra}
+    out = {"command": a.command, "run": config.to_dict(), "options": options, **extra}
+    if model_source.is_file_spec(config.model.module):
+        _, digest = model_source.source(config.model.module)
+        out["model_source"] = {"spec": config.model.module, "sha256": digest,
+                               "copy": MODEL_COPY}  # fmt: skip
+    return out
+
+
+MODEL_COPY = "model_source.py"  # a run directory's copy of a model file
+
+
+def write_config(run_dir: Path, record: dict[str, Any]) -> None:
+    """Writes ``config.json`` into ``run_dir``, and the model file's copy if it names one."""
+    if "model_source" in record:
+        text, digest = model_source.source(record["model_source"]["spec"])
+        if digest != record["model_source"]["sha256"]:
+            raise InputError(f"--model: {record['model_source']['spec']!r} changed while the "
+                             "run started; run it again")  # fmt: skip
+        (run_dir / MODEL_COPY).write_text(text)
+    report.write_json(run_dir / "config.json", record)

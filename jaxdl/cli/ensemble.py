@@ -15,14 +15,13 @@ from jaxdl import (
     compiled,
     data,
     ensemble,
-    models,
     report,
     runs,
     step,
     train,
     validate,
 )
-from jaxdl.cli.build import load_data, run_config, saved_config
+from jaxdl.cli.build import load_data, run_config, saved_config, write_config
 from jaxdl.cli.parser import build_parser
 from jaxdl.cli.resume import _checkpointer, _given_flags, _run_config, _with_settings
 from jaxdl.validate import InputError
@@ -36,6 +35,11 @@ def cmd_ensemble(a: argparse.Namespace, argv: Sequence[str] = ()) -> dict:
         validate.positive_int("--test-size", a.test_size)
     if a.tensorboard:
         raise InputError("--tensorboard: not available for ensemble (use jaxdl train)")
+    if a.from_run is None and ":" in a.model:  # a module of one's own: its own rates
+        given = _given_flags(argv)
+        for dest in ("dropout_input", "dropout_hidden"):
+            if dest not in given:
+                setattr(a, dest, None)
     # t: the settings of the net (this command's train flags, or the --from run's)
     t = a if a.from_run is None else _trained_settings(a, argv)
     config, splits, tr = load_data(t, run_config(t))
@@ -46,7 +50,7 @@ def cmd_ensemble(a: argparse.Namespace, argv: Sequence[str] = ()) -> dict:
         flag = "--from" if a.from_run is not None else "--dropout-input/--dropout-hidden"
         raise InputError(f"{flag}: the ensemble view needs dropout; expected a rate above 0, "
                          "got 0")  # fmt: skip
-    widths = models.masked_widths(model, tr.x.shape[1:])
+    widths = setup.widths
     units = sum(w for w, r in zip(widths, rates, strict=True) if r > 0)
     if a.exact == "on" and units > a.max_units:
         raise InputError(f"--exact on: {units} masked units are more than --max-units "
@@ -57,7 +61,7 @@ def cmd_ensemble(a: argparse.Namespace, argv: Sequence[str] = ()) -> dict:
     if a.from_run is not None:  # before a run directory exists: a bad run writes nothing
         state = _trained_state(t.from_run, config, setup, hp, tr, state)
     run_dir = report.make_run_dir(a.runs_dir, a.name, prefix="ensemble")
-    report.write_json(run_dir / "config.json", saved_config(a, config, run_dir=str(run_dir)))
+    write_config(run_dir, saved_config(a, config, run_dir=str(run_dir)))
     if a.from_run is None:
         with report.Progress(a.epochs, enabled=not a.no_progress, stream=sys.stderr) as prog:
             state, history = train.fit_state(

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import difflib
+import json
 import textwrap
 from pathlib import Path
 
@@ -13,6 +14,7 @@ from jaxdl import (
     inits,
     losses,
     lowering,
+    model_source,
     models,
     optim,
     stopping,
@@ -105,6 +107,31 @@ def _family_defaults(name: str) -> str:
     return f"(default: {'; '.join(parts)})"
 
 
+def _model_spec(text: str) -> str:
+    """``mlp``, ``cnn``, ``PATH.py:CLASS`` (the path made absolute: a resumed run may
+    start elsewhere) or ``package.module:CLASS``."""
+    if text in model_source.BUILTIN:
+        return text
+    where, _, name = text.rpartition(":")
+    if not where or not name:
+        raise argparse.ArgumentTypeError(
+            f"expected mlp, cnn, PATH.py:CLASS or package.module:CLASS, got {text!r}"
+        )
+    return f"{Path(where).expanduser().absolute()}:{name}" if where.endswith(".py") else text
+
+
+def _json_object(text: str) -> dict:
+    try:
+        value = json.loads(text)
+    except ValueError as e:
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"width\": 64}}', "
+                                         f"got {text!r} ({e})") from None  # fmt: skip
+    if not isinstance(value, dict):
+        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"width\": 64}}', "
+                                         f"got {text!r}")  # fmt: skip
+    return value
+
+
 def _ints(text: str) -> tuple[int, ...]:
     try:
         values = tuple(int(t) for t in text.split(",") if t.strip())
@@ -156,7 +183,20 @@ def _multipliers(text: str) -> dict[str, float]:
 def _add_train_flags(p: argparse.ArgumentParser, number=float) -> None:
     """The flags of ``train``; ``number`` parses the sweepable ones (a list in ``sweep``)."""
     g = p.add_argument_group("model")
-    g.add_argument("--model", choices=("mlp", "cnn"), default="mlp", help="architecture")
+    g.add_argument(
+        "--model",
+        type=_model_spec,
+        default="mlp",
+        metavar="MODEL",
+        help="mlp, cnn, or a Flax module of your own: PATH.py:CLASS or package.module:CLASS",
+    )
+    g.add_argument(
+        "--model-args",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help="the module's arguments, e.g. '{\"width\": 64}' (its fields)",
+    )
     g.add_argument(
         "--hidden", type=_ints, default=(500, 500), help="MLP hidden widths, e.g. 500,500"
     )
@@ -181,11 +221,15 @@ def _add_train_flags(p: argparse.ArgumentParser, number=float) -> None:
     g.add_argument(
         "--dropout-input",
         type=number,
-        default=0.0,
-        help="dropout rate on the input (CNN: on the conv features)",
+        default=None,
+        help="dropout rate on the input (CNN: on the conv features); default 0",
     )
     g.add_argument(
-        "--dropout-hidden", type=number, default=0.0, help="dropout rate on each hidden layer"
+        "--dropout-hidden",
+        type=number,
+        default=None,
+        help="dropout rate on each hidden layer (a module of your own: on each "
+        "jaxdl.Dropout layer); default 0 (your module's own rates)",
     )
     g.add_argument(
         "--dropout-convention",

@@ -12,6 +12,7 @@ from pathlib import Path
 
 from jaxdl import (
     checkpoint,
+    model_source,
     report,
     train,
     validate,
@@ -90,7 +91,7 @@ def _run_config(flag: str, run_dir: Path, command: str) -> dict:
         raise InputError(f"{flag}: {str(path)!r} is not valid JSON ({e})") from None
     if not isinstance(config, dict) or config.get("command") != command:
         raise InputError(f"{flag}: {str(run_dir)!r} is not a {command} run")
-    return saved_flags(config)
+    return _same_model(flag, run_dir, saved_flags(config))
 
 
 def _with_settings(a: argparse.Namespace, config: Mapping, keep: Sequence[str]) -> dict:
@@ -104,6 +105,26 @@ def _with_settings(a: argparse.Namespace, config: Mapping, keep: Sequence[str]) 
                 value = tuple(value)
             out[dest] = value
     return out
+
+
+def _same_model(flag: str, run_dir: Path, config: dict) -> dict:
+    """``config`` with a model from a file checked against the run's record: refused if
+    the file changed since; read from the run directory's copy if it is gone."""
+    record = config.get("model_source")
+    if not record:
+        return config
+    spec = record["spec"]
+    path = Path(spec.rpartition(":")[0])
+    if not path.exists():
+        copy = run_dir / record["copy"]
+        return {**config, "model": f"{copy}:{spec.rpartition(':')[2]}"}
+    _, digest = model_source.source(spec)
+    if digest != record["sha256"]:
+        raise InputError(f"{flag}: the model file {str(path)!r} changed since "
+                         f"{str(run_dir)!r} started (sha256 {record['sha256'][:12]}… now "
+                         f"{digest[:12]}…); restore it (a copy is in {record['copy']} there) or "
+                         "start a new run")  # fmt: skip
+    return config
 
 
 def _resumed(a: argparse.Namespace, argv: Sequence[str]) -> argparse.Namespace:

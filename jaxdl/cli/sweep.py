@@ -16,7 +16,7 @@ from jaxdl import (
     tracking,
     validate,
 )
-from jaxdl.cli.build import check_numbers, load_data, run_config, saved_config
+from jaxdl.cli.build import check_numbers, load_data, run_config, saved_config, write_config
 from jaxdl.cli.parser import SWEEPABLE
 from jaxdl.cli.resume import _check_checkpoint_flags, _checkpointer, _faults
 from jaxdl.report.progress import number_text
@@ -44,8 +44,7 @@ def cmd_sweep(a: argparse.Namespace) -> tuple[dict, str]:
     if a.resume is None:
         run_dir = report.make_run_dir(a.runs_dir, a.name, prefix="sweep")
         space = {d: getattr(a, d) for d in SWEEPABLE}
-        report.write_json(run_dir / "config.json",
-                          saved_config(a, config, space=space, run_dir=str(run_dir)))  # fmt: skip
+        write_config(run_dir, saved_config(a, config, space=space, run_dir=str(run_dir)))  # fmt: skip
     else:
         run_dir = a.resume
     desc = checkpoint.describe(setup, hp, tr.x, tr.y, members=members)

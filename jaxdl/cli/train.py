@@ -17,7 +17,7 @@ from jaxdl import (
     train,
 )
 from jaxdl.cli import config_file
-from jaxdl.cli.build import load_data, run_config, saved_config
+from jaxdl.cli.build import load_data, run_config, saved_config, write_config
 from jaxdl.cli.resume import _check_checkpoint_flags, _checkpointer, _faults
 
 log = logging.getLogger("jaxdl")
@@ -33,7 +33,7 @@ def cmd_train(a: argparse.Namespace) -> dict:
                     "dropout": [float(r) for r in hp.dropout], "init_scale": float(hp.init_scale),
                     "kernels": setup.lowering.kernels}  # fmt: skip
         record = saved_config(a, config, resolved=resolved, run_dir=str(run_dir))
-        report.write_json(run_dir / "config.json", record)
+        write_config(run_dir, record)
     else:
         run_dir = a.resume
     info = train.FitInfo()
