@@ -13,7 +13,7 @@ import pytest
 import jaxdl
 from jaxdl import cli
 
-MODULE = '''
+MODULE = """
 import flax.linen as nn
 import jaxdl
 
@@ -35,7 +35,7 @@ class Broken(nn.Module):
     @nn.compact
     def __call__(self, x):
         return nn.Dense(3)(x)
-'''
+"""
 
 
 def _main(capsys, *argv) -> tuple[int, str, str]:
@@ -85,7 +85,9 @@ def test_train_records_the_module_and_resumes_it_bit_for_bit(files, capsys):
     assert json.loads(out.splitlines()[-1])["params_digest"] == ref["params_digest"]
     # runs and compare read it back
     code, out, err = _main(capsys, "runs", runs, "--json")
-    assert code == 0 and {r["model"] for r in json.loads(out.splitlines()[-1])["runs"]} == {"ResMLP width=16"}
+    assert code == 0 and {r["model"] for r in json.loads(out.splitlines()[-1])["runs"]} == {
+        "ResMLP width=16"
+    }
     code, out, err = _main(capsys, "compare", runs / "ref", runs / "cut")
     assert code == 0 and "settings: all equal" in out, err
     # the module edited: resuming is refused, naming the file
