@@ -6,7 +6,7 @@ The pure functions are the API: ``fit`` is a convenience built from ``init_state
 
 from jaxdl import checkpoint, ensemble, report, sweep
 from jaxdl.config import RunConfig
-from jaxdl.contract import Dropout, masked_widths
+from jaxdl.contract import Dropout, Hyperparameter, masked_widths
 from jaxdl.data import Dataset, Splits, load, standardize, synthetic, synthetic_splits
 from jaxdl.devices import use_cpu_cores
 from jaxdl.models import CNN, MLP, sample_masks
@@ -37,6 +37,7 @@ __all__ = [
     "EarlyStopping",
     "FitInfo",
     "HParams",
+    "Hyperparameter",
     "InputError",
     "NonFiniteError",
     "Optimizer",

@@ -57,6 +57,12 @@ def _json_ok(value: Any) -> bool:
     return True
 
 
+def unknown_setting(key: str, more=()) -> InputError:
+    """The error for a run setting no section has (``more``: other valid names)."""
+    valid = sorted([*_keyword_targets(), *optim.defaults("adam"), *more, "kernels"])
+    return _unknown("run settings", key, valid, "setting")
+
+
 def _unknown(where: str, key: str, valid, what: str = "key") -> InputError:
     near = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
     hint = f" (did you mean {near[0]!r}?)" if near else ""
@@ -76,12 +82,15 @@ class ModelConfig:
 
     module: str = "mlp"
     args: Mapping[str, Any] = dataclasses.field(default_factory=dict)
+    # Values of the module's own traced numbers (``jaxdl.Hyperparameter``), by key.
+    numbers: Mapping[str, float] = dataclasses.field(default_factory=dict)
     # The class itself when the config was made from a module object (``of``): built
     # again from it in this process, whether or not its spec can be imported.
     cls: type[nn.Module] | None = dataclasses.field(default=None, compare=False, repr=False)
 
     def __post_init__(self):
         object.__setattr__(self, "args", _frozen(dict(self.args)))
+        object.__setattr__(self, "numbers", dict(self.numbers))
 
     def module_class(self) -> type[nn.Module]:
         """The Flax module class the config names."""
@@ -113,7 +122,7 @@ class ModelConfig:
         contract.check_module(model)
         kind = type(model)
         args = {k: getattr(model, k) for k in _module_fields(kind)}
-        return cls(model_source.spec_of(kind), args, None if kind in MODULES.values() else kind)
+        return cls(model_source.spec_of(kind), args, cls=None if kind in MODULES.values() else kind)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -273,6 +282,9 @@ class RunConfig:
                 parts.setdefault(section, {})[name] = value
             elif key in numbers:
                 hyper[key] = value
+            elif self.model.module not in MODULES:  # the module's own number, checked in prepare
+                parts.setdefault("model", {}).setdefault("numbers", dict(self.model.numbers))
+                parts["model"]["numbers"][key] = value
             else:
                 valid = sorted([*targets, *numbers, "kernels"])
                 raise _unknown("run settings", key, valid, "setting")
@@ -343,8 +355,10 @@ class RunConfig:
         out: dict[str, Any] = {"model": m.module}
         if m.module in MODULES:
             out |= {flag: m.args[field] for flag, field in MODEL_FLAGS.items() if field in m.args}
-        else:  # a module of the user's own: its arguments as given
+        else:  # a module of the user's own: its arguments and numbers as given
             out["model_args"] = dict(m.args)
+            if m.numbers:
+                out["model_numbers"] = dict(m.numbers)
         out |= {"optimizer": o.name, "lr": o.hyperparams.get("learning_rate")}
         out |= {k: o.hyperparams.get(k) for k in OPTIMIZER_FLAGS}
         out |= {"schedule": o.schedule, "freeze": o.freeze, "layer_lr": dict(o.layer_lr)}
@@ -385,7 +399,7 @@ class RunConfig:
         if module in MODULES:
             rates = [0.0 if v is None else v for v in rates]
         return cls(
-            ModelConfig(module, args),
+            ModelConfig(module, args, get("model_numbers") or {}),
             OptimizerConfig(get("optimizer", o.name), numbers, get("schedule", o.schedule),
                             get("freeze", o.freeze), get("layer_lr") or {}),
             DataConfig(get("data", d.data.source), get("preprocess", d.data.preprocess),
@@ -410,7 +424,7 @@ OPTIMIZER_FLAGS = ("momentum", "b1", "b2", "eps", "decay", "weight_decay",
                    "decay_start_epoch", "clip_norm", "max_norm", "lr_decay", "lr_decay_every",
                    "lr_patience", "warmup_epochs", "lr_min_ratio")  # fmt: skip
 # Every flag a RunConfig holds: the rest of a command line is how the run is shown.
-RUN_FLAGS = frozenset([*RunConfig().as_flags(), *MODEL_FLAGS, *OPTIMIZER_FLAGS, "model_args",
+RUN_FLAGS = frozenset([*RunConfig().as_flags(), *MODEL_FLAGS, *OPTIMIZER_FLAGS, "model_args", "model_numbers",
                        "skip_nonfinite", "early_stopping", "monitor", "min_delta",
                        "no_restore_best"])  # fmt: skip
 

@@ -37,6 +37,26 @@ from jaxdl import models, validate
 from jaxdl.validate import InputError
 
 COLLECTION = "dropout"  # the variables jaxdl gives Dropout layers: "rate" and "mask"
+NUMBERS = "hyperparams"  # a module's own traced numbers, {key: value} at the root
+
+
+class Hyperparameter(nn.Module):
+    """A number of a module's own that jaxdl traces: ``Hyperparameter("temperature",
+    1.0)()`` is a float32 scalar, the value given under ``key`` in the ``hyperparams``
+    collection (``{"hyperparams": {"temperature": 2.0}, "params": ...}``), else
+    ``default``. jaxdl gives it from a run's settings (``fit(..., temperature=2.0)``)
+    or a sweep's (``grid(temperature=[0.5, 1, 2])``), one compiled program for every
+    value. Layers that read the same key read the same number."""
+
+    key: str
+    default: float = 1.0
+
+    @nn.compact
+    def __call__(self) -> jax.Array:
+        root = self.scope.root  # one flat table for the whole module, whatever the path
+        if root.has_variable(NUMBERS, self.key):
+            return jnp.asarray(root.get_variable(NUMBERS, self.key), jnp.float32)
+        return jnp.float32(self.default)
 
 
 class Dropout(nn.Module):
@@ -75,6 +95,7 @@ class Layout(NamedTuple):
     paths: tuple[tuple[str, ...], ...]  # each Dropout layer's module path, in call order
     widths: tuple[int, ...]  # units each Dropout layer masks
     rates: tuple[float, ...]  # each Dropout layer's own rate
+    numbers: tuple[tuple[str, float], ...] = ()  # each Hyperparameter's key and default
 
 
 def is_net(model: nn.Module) -> bool:
@@ -116,17 +137,27 @@ def _hashable(v: Any) -> bool:
     return True
 
 
+def _declare(model: nn.Module, numbers: dict[str, float], number: Hyperparameter) -> None:
+    if numbers.setdefault(number.key, float(number.default)) != number.default:
+        raise _fail(model, f"one default for hyperparameter {number.key!r}",
+                    f"{numbers[number.key]} and {number.default}")  # fmt: skip
+
+
 @functools.lru_cache(maxsize=128)
 def layout(model: nn.Module, feature_shape: tuple[int, ...]) -> Layout:
     """The model's classes and Dropout layers for inputs (B, *feature_shape), read by
     tracing its ``init`` and a training call (no computation); a model that breaks the
     contract raises ``InputError`` saying how."""
     if is_net(model):
+        models.check_features(model, feature_shape)
         widths = models.masked_widths(model, feature_shape)
         return Layout(model.num_classes, (), widths, ())
     found: dict[tuple[str, ...], Dropout] = {}
+    numbers: dict[str, float] = {}
 
     def seen(module: nn.Module, method: str) -> bool:
+        if isinstance(module, Hyperparameter):
+            _declare(model, numbers, module)
         if isinstance(module, Dropout) and method == "__call__":
             found.setdefault(tuple(module.scope.path), module)
             return True
@@ -140,7 +171,7 @@ def layout(model: nn.Module, feature_shape: tuple[int, ...]) -> Layout:
         )
         v = dict(v)
         inter = v.pop("intermediates", {})
-        stats = [k for k in v if k not in ("params", "batch_stats")]
+        stats = [k for k in v if k not in ("params", "batch_stats", NUMBERS)]
         if stats:
             raise _fail(model, "variables in params and batch_stats only", stats)
         model.apply(v, x, train=True, rngs={"dropout": rngs["dropout"]}, mutable=["batch_stats"])
@@ -170,6 +201,7 @@ def layout(model: nn.Module, feature_shape: tuple[int, ...]) -> Layout:
         paths=tuple(found),
         widths=tuple(math.prod(c[0].shape[1:]) for c in calls),
         rates=tuple(float(d.rate) for d in layers),
+        numbers=tuple(numbers.items()),
     )
 
 

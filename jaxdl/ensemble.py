@@ -190,8 +190,8 @@ def member_stats(
     n_masked = len(contract.masked_widths(model, x.shape[1:]))
     zero = jnp.zeros((n_masked,), jnp.float32)
 
-    def member(params, stats, m):
-        variables = {"params": params, **({"batch_stats": stats} if stats else {})}
+    def member(state, m):
+        variables = variables_of(state)
         idx, _ = example_chunks(x.shape[0], batch_size)
         rates = None if m is None else zero
         with lowered.scope():
@@ -199,7 +199,7 @@ def member_stats(
         return jax.nn.log_softmax(out.reshape(-1, out.shape[-1])[: x.shape[0]])
 
     xd = jnp.asarray(x)
-    lp = np.asarray(jax.jit(jax.vmap(member))(states.params, states.batch_stats, masks), np.float64)
+    lp = np.asarray(jax.jit(jax.vmap(member))(states, masks), np.float64)
     n = np.arange(1, len(lp) + 1)[:, None, None]
     cum = np.logaddexp.accumulate(lp, axis=0) - np.log(n)  # log of the mean of the first j
     rows = np.arange(len(y))

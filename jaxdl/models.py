@@ -334,6 +334,14 @@ def check_model(model: Model) -> Model:
     return model
 
 
+def check_features(model: Model, feature_shape: Sequence[int]) -> None:
+    """A CNN's inputs must hold its ``image_shape`` (as images or flat)."""
+    if isinstance(model, CNN) and math.prod(feature_shape) != math.prod(model.image_shape):
+        size = math.prod(model.image_shape)
+        validate.fail("train x shape", f"images of the CNN's image_shape {model.image_shape} "
+                      f"(N, H, W, C), or flat (N, {size})", (None, *feature_shape))  # fmt: skip
+
+
 def masked_widths(model: Model, feature_shape: Sequence[int]) -> tuple[int, ...]:
     """Widths of the dropout-masked layers: first dense input, then each hidden layer."""
     if isinstance(model, MLP):

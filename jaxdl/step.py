@@ -52,6 +52,8 @@ class HParams(NamedTuple):
     # A fixed subnetwork: one 0/1 mask per masked layer, (width_i,), used at every step and
     # at evaluation instead of sampled masks ("dropout bagging"); None: sample or no dropout.
     masks: models.Masks | None = None
+    # A model's own numbers (``contract.Hyperparameter``), by key; {} when it has none.
+    numbers: dict[str, jax.Array] = {}  # noqa: RUF012 (never mutated: a pytree node)
 
 
 @dataclasses.dataclass(frozen=True)
@@ -99,6 +101,8 @@ class TrainState(struct.PyTreeNode):
     rates: jax.Array | None  # dropout rates, needed at test time by the classic convention
     plateau: stopping.PlateauState
     stopping: stopping.StoppingState | None
+    # The model's own numbers (``contract.Hyperparameter``), needed wherever it is applied.
+    numbers: dict[str, jax.Array] = struct.field(default_factory=dict)
 
 
 def init_state(setup: Setup, key: PRNGKey, hp: HParams) -> TrainState:
@@ -123,12 +127,22 @@ def init_state(setup: Setup, key: PRNGKey, hp: HParams) -> TrainState:
         rates=hp.dropout if setup.dropout else None,
         plateau=plateau,
         stopping=None if es is None else stopping.init_stopping(es, params, batch_stats),
+        numbers=dict(hp.numbers),
     )
 
 
-def _apply(model: Model, params, batch_stats, x, **kw):
-    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
-    return contract.call(model, variables, x, **kw)
+def apply_variables(params, batch_stats=None, numbers=None) -> dict[str, Any]:
+    """The ``apply`` variables: parameters, batch statistics and numbers, where there are."""
+    out = {"params": params}
+    if batch_stats:
+        out["batch_stats"] = batch_stats
+    if numbers:
+        out[contract.NUMBERS] = numbers
+    return out
+
+
+def _apply(model: Model, params, batch_stats, x, numbers=None, **kw):
+    return contract.call(model, apply_variables(params, batch_stats, numbers), x, **kw)
 
 
 def layer_norms(tree) -> dict[str, jax.Array]:
@@ -166,7 +180,7 @@ def train_step(setup: Setup, state: TrainState, batch: Batch, hp: HParams):
 
     def loss_fn(params):
         out = _apply(
-            setup.model, params, state.batch_stats, x, rates=rates, masks=masks, train=True,
+            setup.model, params, state.batch_stats, x, hp.numbers, rates=rates, masks=masks, train=True,
             example_mask=example_mask, mutable=["batch_stats"] if state.batch_stats else [],
             rng=jax.random.fold_in(k_mask, 1),
         )  # fmt: skip
@@ -280,17 +294,18 @@ def chunked_logits(
     batch_size: int,
     masks=None,
     lowered: Lowering = XLA,
+    numbers=None,
 ) -> jax.Array:
     """Logits (N, C) of the deterministic network (or of the fixed subnetwork ``masks``),
     computed ``batch_size`` rows at a time so memory stays bounded whatever N (traceable;
-    ``lowered``: how, see ``jaxdl.lowering``)."""
+    ``lowered``: how, see ``jaxdl.lowering``; ``numbers``: the model's own)."""
     n = x.shape[0]
     b = min(batch_size, n)
     steps = math.ceil(n / b)
     idx = jnp.minimum(jnp.arange(steps * b), n - 1).reshape(steps, b)
     out = jax.lax.map(
         lambda i: _apply(
-            model, params, batch_stats, lowered.take_rows(x, i), rates=rates, masks=masks
+            model, params, batch_stats, lowered.take_rows(x, i), numbers, rates=rates, masks=masks
         ),
         idx,
     )
@@ -298,19 +313,22 @@ def chunked_logits(
 
 
 def evaluate_arrays(
-    setup: Setup, params, batch_stats, rates, x, y, masks=None
+    setup: Setup, params, batch_stats, rates, x, y, masks=None, numbers=None
 ) -> dict[str, jax.Array]:
     """Mean loss and accuracy over (x, y) (traceable)."""
     logits = chunked_logits(
-        setup.model, params, batch_stats, rates, x, setup.eval_batch_size, masks, setup.lowering
-    )
+        setup.model, params, batch_stats, rates, x, setup.eval_batch_size, masks, setup.lowering,
+        numbers,
+    )  # fmt: skip
     return {
         "loss": losses.data_loss(setup.loss, logits, y),
         "accuracy": losses.accuracy(logits, y),
     }
 
 
-def probe_stats(setup: Setup, params, batch_stats, rates, x, y, masks=None) -> dict[str, jax.Array]:
+def probe_stats(
+    setup: Setup, params, batch_stats, rates, x, y, masks=None, numbers=None
+) -> dict[str, jax.Array]:
     """Diagnostics on a fixed probe batch with the deterministic network, once per epoch:
 
     - ``grad_norm/<layer>``: norm of the data-loss gradient per layer (taken here rather
@@ -321,8 +339,9 @@ def probe_stats(setup: Setup, params, batch_stats, rates, x, y, masks=None) -> d
 
     def loss(p):
         logits, inter = _apply(
-            setup.model, p, batch_stats, x, rates=rates, masks=masks, mutable=["intermediates"]
-        )
+            setup.model, p, batch_stats, x, numbers, rates=rates, masks=masks,
+            mutable=["intermediates"],
+        )  # fmt: skip
         return losses.data_loss(setup.loss, logits, y), inter.get("intermediates", {})
 
     grads, inter = jax.grad(loss, has_aux=True)(params)
@@ -356,10 +375,10 @@ def end_epoch(setup: Setup, state: TrainState, metrics, train: Batch, valid: Bat
     rates = state.rates if hp.masks is None else hp.dropout
     variables = (state.params, state.batch_stats, rates)
     if valid is not None:
-        ev = evaluate_arrays(setup, *variables, valid.x, valid.y, hp.masks)
+        ev = evaluate_arrays(setup, *variables, valid.x, valid.y, hp.masks, state.numbers)
         metrics["val_loss"], metrics["val_accuracy"] = ev["loss"], ev["accuracy"]
     probe = train.x[: setup.probe_size], train.y[: setup.probe_size]
-    metrics.update(probe_stats(setup, *variables, *probe, hp.masks))
+    metrics.update(probe_stats(setup, *variables, *probe, hp.masks, state.numbers))
     metrics["learning_rate"] = optim.get_hyperparams(state.opt_state)["learning_rate"]
     epoch = state.epoch + 1
     plateau = state.plateau

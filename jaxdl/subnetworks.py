@@ -18,7 +18,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdl import compiled, contract, lowering, models, validate
+from jaxdl import compiled, contract, lowering, models, step, validate
 from jaxdl.lowering import XLA, Lowering
 from jaxdl.models import Masks, Model
 
@@ -29,14 +29,22 @@ ELEMENTS = 1 << 23  # activations one chunk may hold (32 MiB of float32)
 
 
 def variables_of(state) -> dict[str, Any]:
-    """The ``apply`` variables of a ``TrainState`` (or anything with params/batch_stats)."""
-    stats = getattr(state, "batch_stats", None)
-    return {"params": state.params, **({"batch_stats": stats} if stats else {})}
+    """The ``apply`` variables of a ``TrainState`` (or anything with params and maybe
+    batch_stats and numbers): what ``model.apply`` takes."""
+    return step.apply_variables(
+        state.params, getattr(state, "batch_stats", None), getattr(state, "numbers", None)
+    )
 
 
 def check_rates(model: Model, rates, feature_shape: Sequence[int]) -> np.ndarray:
     """Dropout rates as a float32 host array (n_masked,), one per masked layer."""
     n = len(contract.masked_widths(model, feature_shape))
+    if n == 0:
+        raise validate.InputError(
+            f"model {type(model).__name__}: the ensemble view needs its dropout masks, and it "
+            "has no jaxdl.Dropout layer (Flax's nn.Dropout draws its own); use "
+            "jaxdl.Dropout(rate) for the layers to study"
+        )
     if np.ndim(rates) == 0:
         rates = [float(rates)] * n
     return np.asarray(validate.rates("dropout rates", rates, n), np.float32)

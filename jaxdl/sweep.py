@@ -36,8 +36,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxdl import compiled, models, optim, report, step, train, validate
-from jaxdl.config import OptimizerConfig, RunConfig
+from jaxdl import compiled, contract, models, optim, report, step, train, validate
+from jaxdl.config import MODULES, OptimizerConfig, RunConfig
 from jaxdl.data import Dataset
 from jaxdl.devices import for_members
 from jaxdl.models import Model
@@ -107,8 +107,12 @@ def prepare_sweep(
     if not configs:
         validate.fail("configs", "at least one configuration", configs)
     opt = config.optimizer
+    own = []  # a module's own numbers (jaxdl.Hyperparameter)
+    if config.model.module not in MODULES and np.ndim(train_data.x) >= 2:
+        model = config.model.build(train.num_classes(train_data))
+        own = [k for k, _ in contract.layout(model, np.shape(train_data.x)[1:]).numbers]
     for key in {k for c in configs for k in c}:
-        validate.choice("sweep setting", key, [*MEMBER_KEYS, *optim.defaults(opt.name)])
+        validate.choice("sweep setting", key, [*MEMBER_KEYS, *optim.defaults(opt.name), *own])
     base = {**dataclasses.asdict(config.regularisation), **opt.hyperparams}
     members = [(dict(c), s) for c in configs for s in seeds]
     # Static switches (dropout, noise, penalties) are on if any member needs them.

@@ -59,10 +59,14 @@ def result_rows(
             train.check_data(test, "test", contract.classes(setup.model, setup.feature_shape))
         )
         ev = jax.jit(
-            jax.vmap(lambda p, b, r, m: step.evaluate_arrays(setup, p, b, r, test.x, test.y, m))
+            jax.vmap(
+                lambda p, b, r, m, n: step.evaluate_arrays(setup, p, b, r, test.x, test.y, m, n)
+            )
         )
         rates = states.rates if hp.masks is None else hp.dropout
-        test_metrics = jax.device_get(ev(states.params, states.batch_stats, rates, hp.masks))
+        test_metrics = jax.device_get(
+            ev(states.params, states.batch_stats, rates, hp.masks, states.numbers)
+        )
     rows = []
     tracked = None if states.stopping is None else np.asarray(states.stopping.tracker.best_epoch)
     for i, (cfg, seed) in enumerate(members):

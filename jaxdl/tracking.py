@@ -35,7 +35,7 @@ import jax
 import numpy as np
 from flax import traverse_util
 
-from jaxdl import contract
+from jaxdl import contract, step
 from jaxdl.models import Model
 from jaxdl.validate import InputError
 
@@ -80,16 +80,16 @@ def param_arrays(params: Any) -> dict[str, np.ndarray]:
 
 
 @functools.partial(jax.jit, static_argnums=0)
-def _activations(model: Model, params, batch_stats, rates, x) -> dict[str, jax.Array]:
-    variables = {"params": params, **({"batch_stats": batch_stats} if batch_stats else {})}
+def _activations(model: Model, params, batch_stats, rates, x, numbers=None) -> dict[str, jax.Array]:
+    variables = step.apply_variables(params, batch_stats, numbers)
     _, inter = contract.call(model, variables, x, rates=rates, mutable=["intermediates"])
     flat = traverse_util.flatten_dict(inter.get("intermediates", {}), sep="/")
     return {k.removeprefix("act_"): v[-1] for k, v in flat.items()}
 
 
-def activations(model: Model, params, batch_stats, rates, x) -> dict[str, np.ndarray]:
+def activations(model: Model, params, batch_stats, rates, x, numbers=None) -> dict[str, np.ndarray]:
     """Hidden activations of the deterministic network on ``x``: ``{layer: (N, ...)}``."""
-    return jax.device_get(_activations(model, params, batch_stats, rates, x))
+    return jax.device_get(_activations(model, params, batch_stats, rates, x, numbers))
 
 
 def _histogram(writer: Any, tag: str, values: np.ndarray, step: int) -> None:
@@ -145,7 +145,8 @@ class RunWriter:
         log_scalars(self.writer, self.step, metrics)
 
     def state(self, epoch: int, state: Any) -> None:
-        acts = activations(self.model, state.params, state.batch_stats, state.rates, self.probe_x)
+        acts = activations(self.model, state.params, state.batch_stats, state.rates, self.probe_x,
+                           state.numbers)  # fmt: skip
         log_histograms(self.writer, int(epoch), state.params, acts)
         self.writer.flush()  # an interrupted run keeps every epoch it finished
 

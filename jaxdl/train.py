@@ -26,7 +26,6 @@ from jaxdl import (
     inits,
     losses,
     lowering,
-    models,
     optim,
     report,
     stopping,
@@ -34,7 +33,7 @@ from jaxdl import (
     validate,
 )
 from jaxdl.compiled import compile_epoch, programs
-from jaxdl.config import RunConfig
+from jaxdl.config import RunConfig, unknown_setting
 from jaxdl.data import Dataset
 from jaxdl.models import Model
 from jaxdl.optim import Optimizer
@@ -62,7 +61,8 @@ def make_hparams(
     ``dropout``: one rate for every masked layer, or one per layer (input first);
     ``dropout_input``, if given, the input layer's rate (``dropout`` then the others').
     None: no dropout (``jaxdl.MLP``/``CNN``) or each ``jaxdl.Dropout`` layer's own rate.
-    ``overrides`` replace the optimizer's numbers (e.g. ``learning_rate=3e-3``).
+    ``overrides`` replace the optimizer's numbers (e.g. ``learning_rate=3e-3``) and the
+    model's own (``jaxdl.Hyperparameter`` keys, e.g. ``temperature=2.0``).
     """
     model = setup_or_model.model if isinstance(setup_or_model, Setup) else setup_or_model
     lay = contract.layout(model, tuple(feature_shape))
@@ -86,8 +86,13 @@ def make_hparams(
         dropout = [first] + [float(dropout)] * (n_masked - 1)
     rates = validate.rates("dropout", dropout, n_masked)
     values = dict(optimizer.hyperparams) or optim.defaults(optimizer.name)
+    numbers = dict(lay.numbers)  # the model's own (contract.Hyperparameter), by key
     for k, v in overrides.items():
-        validate.choice(f"{optimizer.name} hyperparameter", k, values)
+        if k in numbers:
+            ok = isinstance(v, int | float | np.number) and math.isfinite(v)
+            numbers[k] = v if ok else validate.fail(k, "a finite number", v)
+            continue
+        validate.choice(f"{optimizer.name} hyperparameter", k, [*values, *numbers])
         values[k] = v
     optim.check_hyperparams(values)
     optim.check_structure(optimizer, values)
@@ -105,6 +110,7 @@ def make_hparams(
         dropout=f32(rates),
         input_noise=f32(input_noise),
         init_scale=f32(scale),
+        numbers={k: f32(v) for k, v in numbers.items()},
     )
 
 
@@ -223,10 +229,6 @@ def prepare(
     if np.ndim(train.x) < 2:
         validate.features("train x", train.x)  # says what is wrong
     feature_shape = tuple(np.shape(train.x)[1:])
-    if isinstance(model, models.CNN) and math.prod(feature_shape) != math.prod(model.image_shape):
-        size = math.prod(model.image_shape)
-        validate.fail("train x shape", f"images of the CNN's image_shape {model.image_shape} "
-                      f"(N, H, W, C), or flat (N, {size})", train.x.shape)  # fmt: skip
     classes = contract.layout(model, feature_shape).classes  # the contract, checked here
     train = check_data(train, "train", classes)
     if validation is not None:
@@ -243,8 +245,14 @@ def prepare(
     dummy = jnp.zeros((1, *feature_shape))
     shapes = jax.eval_shape(lambda: model.init(jax.random.key(0), dummy, train=False))
     optim.check_layers(optimizer, list(shapes["params"]))
+    own = dict(contract.layout(model, feature_shape).numbers)
+    for key in config.model.numbers:
+        if key not in own:
+            raise unknown_setting(key, own)
     r = config.regularisation
-    hp = make_hparams(model, optimizer, feature_shape, **dataclasses.asdict(r))
+    hp = make_hparams(
+        model, optimizer, feature_shape, **dataclasses.asdict(r), **config.model.numbers
+    )
     setup = Setup(
         model=model,
         optimizer=optimizer,
@@ -366,15 +374,16 @@ def best_epoch(state: TrainState) -> int | None:
     return None if state.stopping is None else int(state.stopping.tracker.best_epoch)
 
 
-_predict_logits = jax.jit(chunked_logits, static_argnames=("model", "batch_size"))
+_predict_logits = jax.jit(chunked_logits, static_argnames=("model", "batch_size", "lowered"))
 
 
 def predict(model: Model, state: TrainState, x, *, batch_size: int = 1000) -> np.ndarray:
     """Class probabilities (N, num_classes) of the deterministic network."""
     x = validate.features("x", x)
     logits = _predict_logits(
-        model, state.params, state.batch_stats, state.rates, jnp.asarray(x, jnp.float32), batch_size
-    )
+        model, state.params, state.batch_stats, state.rates, jnp.asarray(x, jnp.float32),
+        batch_size, numbers=state.numbers,
+    )  # fmt: skip
     return np.asarray(jax.nn.softmax(logits))
 
 
@@ -384,7 +393,9 @@ def evaluate(
     """Mean loss and accuracy of the deterministic network on ``data``."""
     data = check_data(data, "data", contract.classes(model, np.shape(data.x)[1:]))
     x = jnp.asarray(data.x)
-    logits = _predict_logits(model, state.params, state.batch_stats, state.rates, x, batch_size)
+    logits = _predict_logits(
+        model, state.params, state.batch_stats, state.rates, x, batch_size, numbers=state.numbers
+    )
     y = jnp.asarray(data.y)
     return {
         "loss": float(losses.data_loss(validate.choice("loss", loss, losses.LOSSES), logits, y)),

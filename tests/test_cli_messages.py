@@ -50,7 +50,8 @@ def test_help_shows_each_real_default_once_as_typed(capsys):
     assert "learning rate (default: 0.01 for sgd, momentum," in text
     assert "0.001 for rmsprop, adam, adamw)" in text
     assert (
-        "--dropout-hidden DROPOUT_HIDDEN dropout rate on each hidden layer (default: 0.0)" in text
+        "--dropout-hidden DROPOUT_HIDDEN dropout rate on each hidden layer (a module of your own: on each jaxdl.Dropout layer); default 0 (your module's own rates)"
+        in text
     )
     assert "(default: train-<timestamp>)" in text
     for flag in ("--lr", "--init-scale", "--data-dir", "--name", "--schedule"):

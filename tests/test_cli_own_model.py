@@ -31,6 +31,12 @@ class ResMLP(nn.Module):
         return nn.Dense(self.num_classes)(h)
 
 
+class Tempered(nn.Module):
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        return nn.Dense(4)(nn.relu(nn.Dense(16)(x))) / jaxdl.Hyperparameter("temperature", 1.0)()
+
+
 class Broken(nn.Module):
     @nn.compact
     def __call__(self, x):
@@ -72,7 +78,7 @@ def test_train_records_the_module_and_resumes_it_bit_for_bit(files, capsys):
     assert ref["test_accuracy"] > 0.8
     saved = json.loads((runs / "ref" / "config.json").read_text())
     assert saved["run"]["model"] == {"module": f"{module}:ResMLP",
-                                     "args": {"width": 16, "num_classes": 4}}  # fmt: skip
+                                     "args": {"width": 16, "num_classes": 4}, "numbers": {}}  # fmt: skip
     assert (runs / "ref" / "model_source.py").read_text() == MODULE
     assert len(saved["model_source"]["sha256"]) == 64
     # A run stopped after epoch 2 (its later checkpoints and results gone) resumes to the same end.
@@ -131,12 +137,12 @@ def test_sweep_and_ensemble_take_a_module_of_ones_own(files, capsys):
     "model, args, message",
     [
         ("{module}:Broken", None, "Broken: expected __call__(self, x, *, train: bool)"),
-        ("{module}:Missing", None, "has no 'Missing' (it has Broken, ResMLP)"),
+        ("{module}:Missing", None, "has no 'Missing' (it has Broken, ResMLP, Tempered)"),
         ("{dir}/nope.py:ResMLP", None, "no such file"),
         ("no_such_package.models:Net", None, "cannot import 'no_such_package.models'"),
         ("{module}:ResMLP", '{"widht": 8}', "unknown argument 'widht' (did you mean 'width'?)"),
         ("{module}:ResMLP", "[8]", "--model-args: expected a JSON object"),
-        ("resnet", None, "--model: expected mlp, cnn, PATH.py:CLASS"),
+        ("resnet", None, "--model: unknown value 'resnet'; expected mlp, cnn, PATH.py:CLASS"),
     ],
     ids=["no-train", "missing", "no-file", "no-package", "bad-arg", "not-object", "not-spec"],
 )
@@ -148,3 +154,19 @@ def test_bad_models_exit_2_with_one_line(files, capsys, model, args, message):
                          "1", "--runs-dir", runs, "--no-progress")  # fmt: skip
     assert code == 2 and message in err, err
     assert len(err.strip().splitlines()) == 1, err
+
+
+def test_a_modules_own_number_from_the_command_line(files, capsys):
+    module, data, runs = files
+    common = ["train", "--data", data, "--model", f"{module}:Tempered", "--epochs", "1",
+              "--runs-dir", runs, "--no-progress", "--no-plots", "--json"]  # fmt: skip
+    code, out, err = _main(capsys, *common, "--name", "t3", "--model-numbers", '{"temperature": 3}')
+    assert code == 0, err
+    saved = json.loads((runs / "t3" / "config.json").read_text())
+    assert saved["run"]["model"]["numbers"] == {"temperature": 3}
+    one = json.loads(out.splitlines()[-1])
+    code, out, err = _main(capsys, *common, "--name", "t1")
+    assert code == 0, err
+    assert json.loads(out.splitlines()[-1])["params_digest"] != one["params_digest"]
+    code, _, err = _main(capsys, *common, "--name", "bad", "--model-numbers", '{"temprature": 3}')
+    assert code == 2 and "unknown setting 'temprature' (did you mean 'temperature'?)" in err

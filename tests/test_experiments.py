@@ -235,3 +235,20 @@ def test_dropout_scale_quick(tmp_path):
     # ... with dropout the masked training net does worse than the deterministic one
     assert drop["train_error_percent"][-1] > drop["val_error_percent"][-1]
     assert all(e < 15 for e in summary["test_error_percent"].values())
+
+
+@pytest.mark.e2e
+def test_your_own_model_quick(tmp_path):
+    summary = _study("your_own_model", tmp_path)
+    for f in ("curves.png", "sweep.png", "k_curve.png", "subnetworks.png", "results.json"):
+        assert (tmp_path / f).stat().st_size > 0
+    assert summary["test_accuracy"] > 0.85
+    sw = summary["sweep"]
+    assert sw["members"] == 27 and sw["compiles"] == 1  # 3 rates × 3 dropouts × 3 seeds
+    assert sw["best"]["test_accuracy"] > 0.85
+    ens = summary["ensemble"]
+    mc = ens["mc_error_percent"]
+    assert set(mc) == {"1", "2", "5", "10", "20"}
+    assert ens["single_error_percent"] >= mc["20"] - 0.5  # one subnetwork is no better
+    assert abs(mc["20"] - ens["weight_scaling_error_percent"]) < 2.0
+    assert ens["mean_entropy"]["noise"] > ens["mean_entropy"]["test"]

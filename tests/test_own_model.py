@@ -289,3 +289,52 @@ def test_run_config_of_a_user_module_builds_it_again(blobs):
     assert config.model.build() == ResMLP(width=8)
     back = jaxdl.RunConfig.from_dict(config.to_dict())
     assert back == config and back.model.build() == ResMLP(width=8)
+
+
+class Tempered(nn.Module):
+    """Logits divided by a traced temperature, read in two places (one number)."""
+
+    @nn.compact
+    def __call__(self, x, *, train: bool = False):
+        h = nn.relu(nn.Dense(16)(x)) * jaxdl.Hyperparameter("scale", 1.0)()
+        return nn.Dense(3)(h) / jaxdl.Hyperparameter("temperature", 1.0)()
+
+
+def test_a_modules_own_number_is_traced_and_swept(blobs):
+    model = Tempered()
+    x = blobs.test.x[:4]
+    v = model.init(jax.random.key(0), x)
+    out = model.apply({**v, "hyperparams": {"temperature": 2.0}}, x)
+    np.testing.assert_allclose(out, model.apply(v, x) / 2.0, rtol=1e-6)  # a user's own apply
+    opt = jaxdl.make_optimizer("sgd", learning_rate=0.1)
+    s1, _ = jaxdl.fit(model, opt, blobs.train, epochs=1, batch_size=64, verbose=False)
+    assert float(s1.numbers["temperature"]) == 1.0
+    from jaxdl import compiled
+
+    setup, _ = jaxdl.prepare(jaxdl.RunConfig.of(model, opt, epochs=1, batch_size=64), blobs.train)
+    before = dict(compiled.programs(setup).traces)
+    s2, _ = jaxdl.fit(model, opt, blobs.train, epochs=1, batch_size=64, temperature=4.0,
+                      verbose=False)  # fmt: skip
+    assert compiled.programs(setup).traces == before  # a new value, the same program
+    assert float(s2.numbers["temperature"]) == 4.0
+    assert jaxdl.report.params_digest(s1.params) != jaxdl.report.params_digest(s2.params)
+    # evaluate and predict use the run's value
+    probs = jaxdl.predict(model, s2, x)
+    own = model.apply({**jaxdl.ensemble.variables_of(s2)}, x)
+    np.testing.assert_allclose(probs, jax.nn.softmax(own), rtol=1e-5, atol=1e-6)
+    res = sweep.sweep(model, opt, blobs.train, sweep.grid(temperature=[1.0, 4.0]), seeds=[0],
+                      epochs=1, batch_size=64, verbose=False)  # fmt: skip
+    assert [r["temperature"] for r in res.rows] == [1.0, 4.0] and res.compiles <= 1
+    leaf = jax.tree_util.tree_map(lambda a: a[1], res.states.params)
+    jax.tree_util.tree_map(
+        lambda a, b: np.testing.assert_allclose(a, b, rtol=2e-5, atol=2e-6), leaf, s2.params
+    )
+    with pytest.raises(InputError, match="unknown setting 'temprature'.*'temperature'"):
+        jaxdl.fit(model, opt, blobs.train, epochs=1, temprature=2.0, verbose=False)
+
+
+def test_the_ensemble_view_of_flax_dropout_asks_for_jaxdl_dropout(blobs):
+    model = FlaxDropout()
+    variables = model.init(jax.random.key(0), blobs.test.x[:1])
+    with pytest.raises(InputError, match="FlaxDropout: the ensemble view needs.*jaxdl.Dropout"):
+        ensemble.analyse(model, variables, 0.3, blobs.test, key=jax.random.key(0), k=4)

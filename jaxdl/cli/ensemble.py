@@ -46,6 +46,7 @@ def cmd_ensemble(a: argparse.Namespace, argv: Sequence[str] = ()) -> dict:
     config = config.replace(kernels=a.kernels)
     setup, hp = train.prepare(config, tr, splits.valid)
     model, rates = setup.model, [float(r) for r in hp.dropout]
+    ensemble.check_rates(model, rates, setup.feature_shape)  # a model with no masked layer
     if max(rates) <= 0:
         flag = "--from" if a.from_run is not None else "--dropout-input/--dropout-hidden"
         raise InputError(f"{flag}: the ensemble view needs dropout; expected a rate above 0, "

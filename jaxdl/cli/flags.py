@@ -114,9 +114,10 @@ def _model_spec(text: str) -> str:
         return text
     where, _, name = text.rpartition(":")
     if not where or not name:
-        raise argparse.ArgumentTypeError(
-            f"expected mlp, cnn, PATH.py:CLASS or package.module:CLASS, got {text!r}"
-        )
+        near = difflib.get_close_matches(text, list(model_source.BUILTIN), n=1)
+        hint = f" (did you mean {near[0]!r}?)" if near else ""
+        raise argparse.ArgumentTypeError(f"unknown value {text!r}{hint}; expected mlp, cnn, "
+                                         "PATH.py:CLASS or package.module:CLASS")  # fmt: skip
     return f"{Path(where).expanduser().absolute()}:{name}" if where.endswith(".py") else text
 
 
@@ -196,6 +197,13 @@ def _add_train_flags(p: argparse.ArgumentParser, number=float) -> None:
         default=None,
         metavar="JSON",
         help="the module's arguments, e.g. '{\"width\": 64}' (its fields)",
+    )
+    g.add_argument(
+        "--model-numbers",
+        type=_json_object,
+        default=None,
+        metavar="JSON",
+        help="values of the module's jaxdl.Hyperparameter numbers, e.g. '{\"temperature\": 2}'",
     )
     g.add_argument(
         "--hidden", type=_ints, default=(500, 500), help="MLP hidden widths, e.g. 500,500"
