@@ -143,6 +143,9 @@ def sweep(
     configs: Sequence[Mapping[str, Any]],
     *,
     epochs: int,
+    search: str = "grid",
+    eta: int = 3,
+    min_epochs: int = 1,
     **settings: Any,
 ) -> SweepResult:
     """Trains ``len(configs) × seeds`` members of one structure as one program:
@@ -151,9 +154,19 @@ def sweep(
     ``on_epoch``, ``devices``, …) go to ``run`` and the rest (``batch_size``,
     ``early_stopping``, ``loss``, ``kernels``, ``l2``, ``learning_rate``, …: the
     keywords of ``RunConfig.of``) are the settings every member shares unless its
-    configuration sets them."""
+    configuration sets them. ``search="halving"`` runs successive halving instead
+    (``jaxdl.search.halving``, with ``eta`` and ``min_epochs``)."""
     options = {k: settings.pop(k) for k in _RUN_OPTIONS if k in settings}
     config = RunConfig.of(model, optimizer, epochs=epochs, **settings)
+    if validate.choice("search", search, ("grid", "halving")) == "halving":
+        from jaxdl import search as searches  # it builds on this module
+
+        halving_options = {k: v for k, v in options.items() if k in _HALVING_OPTIONS}
+        if len(halving_options) < len(options):
+            bad = sorted(set(options) - set(halving_options))
+            validate.fail("search", f"grid for {', '.join(bad)}", search)
+        return searches.halving(config, train_data, configs, eta=eta, min_epochs=min_epochs,
+                                **halving_options)  # fmt: skip
     return run(config, train_data, configs, **options)
 
 
@@ -280,6 +293,8 @@ def run(
 
 
 _RUN_OPTIONS = tuple(inspect.signature(run).parameters)[3:]
+# What a halving search takes of them (no memory chunks, masks or checkpoints).
+_HALVING_OPTIONS = ("seeds", "validation", "test", "on_epoch", "devices", "data_order", "verbose")
 
 
 class _Chunk(NamedTuple):

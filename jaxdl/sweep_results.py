@@ -36,6 +36,8 @@ class SweepResult:
     chunks: int = 1  # how many groups of members ran one after another (memory)
     devices: int = 1  # how many devices the member axis was sharded over
     kernels: str = "off"  # whether the CPU kernels lowered the program ("on"/"off")
+    search: str = "grid"  # how members were chosen to go on ("grid": all to the end)
+    model_epochs: int = -1  # member-epochs trained (-1: not counted)
 
     def best(self, metric: str = "best_val_accuracy") -> dict[str, Any]:
         """The row of the member with the highest ``metric`` among those not diverged."""

@@ -61,11 +61,19 @@ def build_parser() -> argparse.ArgumentParser:
         + "; the others (model, optimizer family, epochs, batch size) are one value.",
         "jaxdl sweep --lr logspace:1e-4:1e-2:8 --epochs 10",
         "jaxdl sweep --lr 1e-3,1e-2 --dropout-hidden 0,0.5 --seeds 3 --hidden 256",
+        "jaxdl sweep --lr logspace:1e-4:1e-1:27 --epochs 27 --search halving --eta 3",
         "jaxdl sweep --resume runs/NAME",
     )  # fmt: skip
     _add_train_flags(w, number=_values)
     _add_checkpoint_flags(w, skip=False)
     w.add_argument("--seeds", type=int, default=1, help="seeds per configuration (0..N-1)")
+    w.add_argument(
+        "--search", choices=("grid", "halving"), default="grid",
+        help="grid: every member to the last epoch; halving: successive halving, the best "
+        "1/eta of the members going on at each rung, the rest compacted away (no checkpoints)",
+    )  # fmt: skip
+    w.add_argument("--eta", type=int, default=3, help="halving: 1/eta of the members go on")
+    w.add_argument("--min-epochs", type=int, default=1, help="halving: the first rung's epochs")
     w.add_argument(
         "--data-order", choices=member_programs.DATA_ORDERS, default="auto",
         help="own: each member shuffles with its seed; shared: all use the first member's "

@@ -12,6 +12,7 @@ from jaxdl import (
     devices,
     report,
     runs,
+    search,
     sweep,
     tracking,
     validate,
@@ -40,6 +41,11 @@ def cmd_sweep(a: argparse.Namespace) -> tuple[dict, str]:
     configs = sweep.grid(**axes, dropout_input=drop_in, dropout=drop_hid)
     options = dict(seeds=a.seeds, validation=splits.valid)
     setup, hp, _, members = sweep.prepare_sweep(config, tr, configs, **options)  # check all
+    search.check_search(a.search, a.epochs, a.eta, a.min_epochs)
+    if a.search == "halving" and a.resume is not None:
+        raise InputError("--resume: a --search halving sweep keeps no checkpoints; run it again")
+    if a.search == "halving":
+        a.checkpoint_every = 0  # its rungs are not checkpointed
     _check_checkpoint_flags(a)
     if a.resume is None:
         run_dir = report.make_run_dir(a.runs_dir, a.name, prefix="sweep")
@@ -52,12 +58,13 @@ def cmd_sweep(a: argparse.Namespace) -> tuple[dict, str]:
     n = len(configs) * a.seeds
     with report.Progress(a.epochs, enabled=not a.no_progress, stream=sys.stderr) as prog:
         with _faults(ckpt, run_dir):
-            res = sweep.run(
-                config, tr, configs, test=splits.test, checkpointer=ckpt,
-                on_epoch=lambda e, m: prog.update(e, m, text=report.sweep_text(m)),
-                data_order=a.data_order, verbose=False,
-                **options,
-            )  # fmt: skip
+            show = {"on_epoch": lambda e, m: prog.update(e, m, text=report.sweep_text(m)),
+                    "data_order": a.data_order, "verbose": False, "test": splits.test}  # fmt: skip
+            if a.search == "halving":
+                res = search.halving(config, tr, configs, eta=a.eta, min_epochs=a.min_epochs,
+                                     **show, **options)  # fmt: skip
+            else:
+                res = sweep.run(config, tr, configs, checkpointer=ckpt, **show, **options)
         prog.finish()
     rows = []
     for row in res.rows:  # the dropout rates under their flags' names, where swept
@@ -92,6 +99,8 @@ def cmd_sweep(a: argparse.Namespace) -> tuple[dict, str]:
         "compile_seconds": res.compile_seconds,
         "train_seconds": res.seconds,
         "diverged": sum(r["diverged"] for r in rows),
+        "search": res.search,
+        "model_epochs": sum(r["epochs_run"] for r in rows),
         "run_dir": str(run_dir),
         "kernels": res.kernels,
     }
@@ -109,6 +118,7 @@ def _text(summary: dict, rows: list[dict], swept: list[str]) -> str:
     # the settings as typed (0.001, not 0.0010)
     shown = [{**r, **{k: number_text(r[k]) for k in swept}} for r in ranked[:_TABLE_ROWS]]
     columns = [*swept, "seed", "best_val_accuracy", "best_epoch", "test_accuracy", "epochs_run"]
+    columns += ["rung"] if "rung" in rows[0] else []
     columns += [k for k in ("stopped", "diverged") if any(r[k] for r in rows)]
     table = report.format_table(shown, columns)
     if len(rows) > len(shown):
@@ -117,7 +127,9 @@ def _text(summary: dict, rows: list[dict], swept: list[str]) -> str:
         )
     b = summary["best"]
     settings = ", ".join(f"{k}={number_text(b[k])}" for k in [*swept, "seed"]) or "its settings"
-    line = (f"{summary['members']} members, {summary['compiles']} compile(s), "
+    spent = (f" (halving: {summary['model_epochs']} member-epochs)"
+             if summary["search"] == "halving" else "")  # fmt: skip
+    line = (f"{summary['members']} members{spent}, {summary['compiles']} compile(s), "
             f"{summary['diverged']} diverged; best: {settings}: val accuracy "
             f"{b['best_val_accuracy']:.4f}, test {b['test_accuracy']:.4f}; "
             f"results {summary['results_path']}")  # fmt: skip

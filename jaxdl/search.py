@@ -1,0 +1,219 @@
+"""Successive halving, vectorised: a sweep whose weaker members stop costing anything.
+
+A grid pays for every member to its last epoch. Successive halving (Jamieson & Talwalkar
+2016; the inner loop of Hyperband) trains every member for ``min_epochs``, ranks them on
+their best validation accuracy so far, lets the best ``1/eta`` go on for ``eta`` times
+as many epochs, and so on until the last rung reaches ``epochs``. Here each rung is one
+vmapped program over the members still training: at a rung's end the survivors'
+states (parameters, optimizer state, keys, trackers) are gathered into a smaller batch,
+so a stopped member takes no compute afterwards. A member stopped earlier by early
+stopping or divergence is dropped at the same boundary. There is one compile per rung
+size (a bounded number: about ``log_eta(members)``); a survivor's trajectory is the
+one it would have had in the full grid (the same state, key and data order).
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Mapping, Sequence
+from typing import Any
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from jax.sharding import Mesh
+
+from jaxdl import compiled, report, train, validate
+from jaxdl.config import RunConfig
+from jaxdl.data import Dataset
+from jaxdl.devices import for_members
+from jaxdl.member_programs import batch_form, freeze, pad, programs, share
+from jaxdl.sweep import prepare_sweep
+from jaxdl.sweep_results import SweepResult, result_rows
+
+SEARCHES = ("grid", "halving")
+
+
+def rungs(members: int, eta: int, min_epochs: int, epochs: int) -> list[tuple[int, int]]:
+    """The plan: (members training, epoch reached) per rung. ``members`` to
+    ``min_epochs``, then ``members // eta`` to ``min_epochs · eta``, …; the last rung
+    (a single member, or the first to reach ``epochs``) trains to ``epochs``."""
+    validate.positive_int("eta", eta)
+    if eta < 2:
+        validate.fail("eta", "an integer >= 2 (the fraction 1/eta goes on)", eta)
+    validate.positive_int("min_epochs", min_epochs)
+    if min_epochs > epochs:
+        validate.fail("min_epochs", f"at most the {epochs} epochs", min_epochs)
+    out, n, e = [], members, min_epochs
+    while e < epochs and n > 1:
+        out.append((n, e))
+        n, e = max(1, n // eta), e * eta
+    out.append((n, epochs))
+    return out
+
+
+class _Track:
+    """Per member (all of them, by id): the history (members, epochs), NaN where it did
+    not train; whether it diverged; the epochs it trained; its last rung."""
+
+    def __init__(self, n: int, epochs: int) -> None:
+        self.n, self.epochs = n, epochs
+        self.history: dict[str, np.ndarray] = {}
+        self.diverged = np.zeros(n, bool)
+        self.epochs_run = np.zeros(n, int)
+        self.rung = np.zeros(n, int)
+
+    def epoch(self, epoch: int, ids, was, diverged_now, metrics) -> dict[str, np.ndarray]:
+        """Records an epoch of members ``ids`` (``was``: which trained); returns that
+        epoch's metrics for every member (NaN for those not training) and ``diverged``."""
+        metrics = jax.device_get(metrics)
+        metrics.pop("nonfinite_step")  # divergence is per member (``diverged_now``)
+        self.diverged[ids] |= diverged_now
+        self.epochs_run[ids] += was & ~diverged_now
+        full = {}
+        for k, v in metrics.items():
+            row = self.history.setdefault(k, np.full((self.n, self.epochs), np.nan))
+            row[ids, epoch - 1] = np.where(was, np.asarray(v, np.float64)[: len(ids)], np.nan)
+            full[k] = row[:, epoch - 1]
+        return {**full, "diverged": self.diverged.copy()}
+
+    def scores(self, ids: np.ndarray) -> np.ndarray:
+        """Best validation accuracy so far of members ``ids`` (-inf: diverged)."""
+        acc = self.history["val_accuracy"][ids]
+        best = np.max(np.where(np.isnan(acc), -np.inf, acc), axis=1)
+        return np.where(self.diverged[ids], -np.inf, best)
+
+
+def halving(
+    config: RunConfig,
+    train_data: Dataset,
+    configs: Sequence[Mapping[str, Any]],
+    *,
+    eta: int = 3,
+    min_epochs: int = 1,
+    seeds: int | Sequence[int] = 1,
+    validation: Dataset | None = None,
+    test: Dataset | None = None,
+    on_epoch=None,
+    devices: Sequence[jax.Device] | None = None,
+    data_order: str = "auto",
+    verbose: bool | None = None,
+) -> SweepResult:
+    """Successive halving over ``configs × seeds`` (see the module docstring); the
+    arguments as ``sweep.run``'s, with ``eta`` and ``min_epochs`` (the first rung's
+    epochs); ``config.training.epochs`` is the last rung's. Ranks on the validation
+    accuracy (``validation`` is required).
+
+    Returns a ``SweepResult`` whose rows add ``rung`` (the last rung a member trained
+    in, 0-based; the finalists are in the last) and whose ``model_epochs`` is the
+    member-epochs spent. ``history`` is NaN where a member did not train."""
+    if validation is None:
+        validate.fail("validation", "validation data to rank members on", None)
+    setup, hp, keys, members = prepare_sweep(
+        config, train_data, configs, seeds=seeds, validation=validation
+    )
+    n, epochs = len(members), setup.epochs
+    plan = rungs(n, eta, min_epochs, epochs)
+    devices = for_members(n, devices)
+    mesh = Mesh(np.asarray(devices), ("members",)) if len(devices) > 1 else None
+    data = share(train.to_device(train_data), mesh)
+    valid = share(train.to_device(validation), mesh)
+    one_seed = len({seed for _, seed in members}) == 1
+    shared = data_order == "shared" or (data_order == "auto" and one_seed)
+    form = batch_form(setup, shared, one_seed, devices[0].platform, mesh is not None)
+    progs = programs(setup, mesh, form)
+    traced_before = progs.traces["epoch"]
+    states = progs.init(*pad(keys, hp, n, _size(n, len(devices)))[:2])
+    track = _Track(n, epochs)
+    ids = np.arange(n)  # the members in ``states`` (its first len(ids) rows)
+    active = np.ones(n, bool)  # which of them still train
+    done: list[tuple[np.ndarray, Any]] = []  # (ids, states) of members that stopped
+    epoch, compile_seconds, seconds = 0, 0.0, 0.0
+    show = report.interactive() if verbose is None else bool(verbose)
+    with report.Progress(epochs, enabled=show) as prog:
+        for r, (keep, until) in enumerate(plan):
+            if r:  # the best ``keep`` of those still training go on, compacted
+                alive = ids[active]
+                if not len(alive):  # every member stopped early: nothing goes on
+                    break
+                ranked = alive[np.argsort(-track.scores(alive), kind="stable")]
+                survivors = np.sort(ranked[:keep])
+                at = np.searchsorted(ids, survivors)
+                done.append((np.delete(ids, at), _rows(states, np.delete(np.arange(len(ids)), at))))
+                states, ids = _rows(states, _padded(at, len(devices))), survivors
+            track.rung[ids] = r
+            hp_now = _rows(hp, _padded(ids, len(devices)))
+            on = (jnp.arange(states.step.shape[0]) < len(ids)) & ~_stopped(states)
+            exe, c = compiled.executable(progs, states, on, data, valid, hp_now)
+            compile_seconds += c
+            t0 = time.perf_counter()
+            while epoch < until and bool(jnp.any(on)):
+                epoch += 1
+                was = np.asarray(on)[: len(ids)]
+                states, on, div_now, metrics = exe(states, on, data, valid, hp_now)
+                full = track.epoch(epoch, ids, was, np.asarray(div_now)[: len(ids)], metrics)
+                prog.update(epoch, full, text=report.sweep_text(full))
+                if on_epoch is not None:
+                    on_epoch(epoch, full)
+            seconds += time.perf_counter() - t0
+            active = np.asarray(on)[: len(ids)]
+            epoch = until  # a rung whose members all stopped early ends here too
+        prog.finish()
+    done.append((ids, _rows(states, np.arange(len(ids)))))
+    order = np.argsort(np.concatenate([i for i, _ in done]))
+    states = jax.tree_util.tree_map(lambda *v: jnp.concatenate(v)[order], *[s for _, s in done])
+    es = setup.early_stopping
+    if es is not None and es.restore_best:
+        has_best = states.stopping.tracker.best_epoch > 0
+        states = states.replace(
+            params=freeze(has_best, states.stopping.best_params, states.params),
+            batch_stats=freeze(has_best, states.stopping.best_batch_stats, states.batch_stats),
+        )
+    history = {k: v[:, :epoch] for k, v in track.history.items()}
+    rows = result_rows(members, history, track.diverged, track.epochs_run, states, setup, test, hp)
+    for row, rung in zip(rows, track.rung, strict=True):
+        row["rung"] = int(rung)
+    return SweepResult(
+        rows=rows,
+        history=history,
+        states=states,
+        compiles=progs.traces["epoch"] - traced_before,
+        seconds=seconds,
+        compile_seconds=compile_seconds,
+        samples_per_second=float(track.epochs_run.sum() * setup.n_train / max(seconds, 1e-9)),
+        devices=len(devices),
+        kernels=setup.lowering.kernels,
+        search="halving",
+        model_epochs=int(track.epochs_run.sum()),
+    )
+
+
+def _size(n: int, n_devices: int) -> int:
+    return -(-n // n_devices) * n_devices
+
+
+def _padded(rows: np.ndarray, n_devices: int) -> np.ndarray:
+    """``rows`` padded to a multiple of the device count by repeating the last."""
+    extra = _size(len(rows), n_devices) - len(rows)
+    return np.concatenate([rows, np.repeat(rows[-1:], extra)]) if extra else rows
+
+
+def _rows(tree, rows: np.ndarray):
+    """The members ``rows`` of a tree with a leading member axis."""
+    idx = jnp.asarray(rows, jnp.int32)
+    return jax.tree_util.tree_map(lambda v: v[idx], tree)
+
+
+def _stopped(states) -> jax.Array:
+    """(members,) whether early stopping has stopped each member."""
+    if states.stopping is None:
+        return jnp.zeros(states.step.shape[0], bool)
+    return states.stopping.stopped
+
+
+def check_search(search: str, epochs: int, eta: int, min_epochs: int) -> str:
+    """The ``search`` name, checked with its settings (``rungs`` checks the numbers)."""
+    validate.choice("search", search, SEARCHES)
+    if search == "halving":
+        rungs(max(2, eta), eta, min_epochs, epochs)
+    return search
