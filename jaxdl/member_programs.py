@@ -159,6 +159,12 @@ def sweep_epoch(setup: step.Setup, form: str, states, active, data: step.Batch, 
     return states, active, diverged_now, metrics
 
 
+def by_members(tree, mesh: Mesh | None):
+    """``tree`` (leading axis: members) split over ``mesh``'s ``members`` axis, as the
+    programs take it (after a gather, e.g. a search keeping some members)."""
+    return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, P("members")))
+
+
 def share(tree, mesh: Mesh | None):
     """``tree`` (the data every member reads) placed once on every device of ``mesh``,
     one copy per device, not per member (on one device: as it is)."""

@@ -14,9 +14,10 @@ one it would have had in the full grid (the same state, key and data order).
 
 from __future__ import annotations
 
+import dataclasses
 import time
 from collections.abc import Mapping, Sequence
-from typing import Any
+from typing import Any, NamedTuple
 
 import jax
 import jax.numpy as jnp
@@ -27,11 +28,11 @@ from jaxdl import compiled, report, train, validate
 from jaxdl.config import RunConfig
 from jaxdl.data import Dataset
 from jaxdl.devices import for_members
-from jaxdl.member_programs import batch_form, freeze, pad, programs, share
+from jaxdl.member_programs import batch_form, by_members, freeze, pad, programs, share
 from jaxdl.sweep import prepare_sweep
 from jaxdl.sweep_results import SweepResult, result_rows
 
-SEARCHES = ("grid", "halving")
+SEARCHES = ("grid", "halving", "pbt")
 
 
 def rungs(members: int, eta: int, min_epochs: int, epochs: int) -> list[tuple[int, int]]:
@@ -52,7 +53,7 @@ def rungs(members: int, eta: int, min_epochs: int, epochs: int) -> list[tuple[in
     return out
 
 
-class _Track:
+class Track:
     """Per member (all of them, by id): the history (members, epochs), NaN where it did
     not train; whether it diverged; the epochs it trained; its last rung."""
 
@@ -107,30 +108,25 @@ def halving(
     Returns a ``SweepResult`` whose rows add ``rung`` (the last rung a member trained
     in, 0-based; the finalists are in the last) and whose ``model_epochs`` is the
     member-epochs spent. ``history`` is NaN where a member did not train."""
-    if validation is None:
-        validate.fail("validation", "validation data to rank members on", None)
-    setup, hp, keys, members = prepare_sweep(
-        config, train_data, configs, seeds=seeds, validation=validation
+    pop = populate(config, train_data, configs, seeds, validation, devices, data_order)
+    hp, n, epochs, progs, n_devices = (
+        pop.hp,
+        len(pop.members),
+        pop.setup.epochs,
+        pop.progs,
+        pop.n_devices,
     )
-    n, epochs = len(members), setup.epochs
     plan = rungs(n, eta, min_epochs, epochs)
-    devices = for_members(n, devices)
-    mesh = Mesh(np.asarray(devices), ("members",)) if len(devices) > 1 else None
-    data = share(train.to_device(train_data), mesh)
-    valid = share(train.to_device(validation), mesh)
-    one_seed = len({seed for _, seed in members}) == 1
-    shared = data_order == "shared" or (data_order == "auto" and one_seed)
-    form = batch_form(setup, shared, one_seed, devices[0].platform, mesh is not None)
-    progs = programs(setup, mesh, form)
     traced_before = progs.traces["epoch"]
-    states = progs.init(*pad(keys, hp, n, _size(n, len(devices)))[:2])
-    track = _Track(n, epochs)
+    states = progs.init(*pad(pop.keys, hp, n, padded_size(n, n_devices))[:2])
+    track = Track(n, epochs)
     ids = np.arange(n)  # the members in ``states`` (its first len(ids) rows)
     active = np.ones(n, bool)  # which of them still train
     done: list[tuple[np.ndarray, Any]] = []  # (ids, states) of members that stopped
     epoch, compile_seconds, seconds = 0, 0.0, 0.0
     show = report.interactive() if verbose is None else bool(verbose)
     with report.Progress(epochs, enabled=show) as prog:
+        each = each_epoch(prog, on_epoch)
         for r, (keep, until) in enumerate(plan):
             if r:  # the best ``keep`` of those still training go on, compacted
                 alive = ids[active]
@@ -139,66 +135,128 @@ def halving(
                 ranked = alive[np.argsort(-track.scores(alive), kind="stable")]
                 survivors = np.sort(ranked[:keep])
                 at = np.searchsorted(ids, survivors)
-                done.append((np.delete(ids, at), _rows(states, np.delete(np.arange(len(ids)), at))))
-                states, ids = _rows(states, _padded(at, len(devices))), survivors
+                done.append(
+                    (np.delete(ids, at), rows_of(states, np.delete(np.arange(len(ids)), at)))
+                )
+                states, ids = rows_of(states, padded_rows(at, n_devices)), survivors
             track.rung[ids] = r
-            hp_now = _rows(hp, _padded(ids, len(devices)))
+            hp_now = rows_of(hp, padded_rows(ids, n_devices))
             on = (jnp.arange(states.step.shape[0]) < len(ids)) & ~_stopped(states)
-            exe, c = compiled.executable(progs, states, on, data, valid, hp_now)
+            states, on, hp_now = by_members((states, on, hp_now), pop.mesh)
+            exe, c = compiled.executable(progs, states, on, pop.data, pop.valid, hp_now)
             compile_seconds += c
             t0 = time.perf_counter()
-            while epoch < until and bool(jnp.any(on)):
-                epoch += 1
-                was = np.asarray(on)[: len(ids)]
-                states, on, div_now, metrics = exe(states, on, data, valid, hp_now)
-                full = track.epoch(epoch, ids, was, np.asarray(div_now)[: len(ids)], metrics)
-                prog.update(epoch, full, text=report.sweep_text(full))
-                if on_epoch is not None:
-                    on_epoch(epoch, full)
+            states, on, epoch = train_epochs(
+                pop, exe, states, on, hp_now, ids, epoch, until, track, each
+            )
             seconds += time.perf_counter() - t0
             active = np.asarray(on)[: len(ids)]
             epoch = until  # a rung whose members all stopped early ends here too
         prog.finish()
-    done.append((ids, _rows(states, np.arange(len(ids)))))
+    done.append((ids, rows_of(states, np.arange(len(ids)))))
     order = np.argsort(np.concatenate([i for i, _ in done]))
     states = jax.tree_util.tree_map(lambda *v: jnp.concatenate(v)[order], *[s for _, s in done])
-    es = setup.early_stopping
+    res = finish(pop, states, hp, track, epoch, test, seconds, compile_seconds, traced_before)
+    for row, rung in zip(res.rows, track.rung, strict=True):
+        row["rung"] = int(rung)
+    return dataclasses.replace(res, search="halving")
+
+
+class Population(NamedTuple):
+    """A search's members, checked and placed: what ``sweep.prepare_sweep`` gives, the
+    program that trains them and the data on their devices."""
+
+    setup: Any
+    hp: Any  # the members' HParams (members, ...)
+    keys: jax.Array
+    members: list
+    progs: compiled.Programs
+    data: Any
+    valid: Any
+    n_devices: int
+    mesh: Mesh | None
+
+
+def populate(config, train_data, configs, seeds, validation, devices, data_order) -> Population:
+    """The members of a search (``sweep.run``'s arguments), ranked on ``validation``."""
+    if validation is None:
+        validate.fail("validation", "validation data to rank members on", None)
+    setup, hp, keys, members = prepare_sweep(
+        config, train_data, configs, seeds=seeds, validation=validation
+    )
+    devices = for_members(len(members), devices)
+    mesh = Mesh(np.asarray(devices), ("members",)) if len(devices) > 1 else None
+    one_seed = len({seed for _, seed in members}) == 1
+    shared = data_order == "shared" or (data_order == "auto" and one_seed)
+    form = batch_form(setup, shared, one_seed, devices[0].platform, mesh is not None)
+    data = share(train.to_device(train_data), mesh)
+    valid = share(train.to_device(validation), mesh)
+    return Population(setup, hp, keys, members, programs(setup, mesh, form), data, valid,
+                      len(devices), mesh)  # fmt: skip
+
+
+def finish(pop, states, hp, track, epochs, test, seconds, compile_seconds, traced_before):
+    """The ``SweepResult`` of a search: every member's final ``states`` (in member
+    order), its ``hp``, what ``track`` recorded over ``epochs`` epochs."""
+    es = pop.setup.early_stopping
     if es is not None and es.restore_best:
         has_best = states.stopping.tracker.best_epoch > 0
         states = states.replace(
             params=freeze(has_best, states.stopping.best_params, states.params),
             batch_stats=freeze(has_best, states.stopping.best_batch_stats, states.batch_stats),
         )
-    history = {k: v[:, :epoch] for k, v in track.history.items()}
-    rows = result_rows(members, history, track.diverged, track.epochs_run, states, setup, test, hp)
-    for row, rung in zip(rows, track.rung, strict=True):
-        row["rung"] = int(rung)
+    history = {k: v[:, :epochs] for k, v in track.history.items()}
+    rows = result_rows(
+        pop.members, history, track.diverged, track.epochs_run, states, pop.setup, test, hp
+    )
     return SweepResult(
         rows=rows,
         history=history,
         states=states,
-        compiles=progs.traces["epoch"] - traced_before,
+        compiles=pop.progs.traces["epoch"] - traced_before,
         seconds=seconds,
         compile_seconds=compile_seconds,
-        samples_per_second=float(track.epochs_run.sum() * setup.n_train / max(seconds, 1e-9)),
-        devices=len(devices),
-        kernels=setup.lowering.kernels,
-        search="halving",
+        samples_per_second=float(track.epochs_run.sum() * pop.setup.n_train / max(seconds, 1e-9)),
+        devices=pop.n_devices,
+        kernels=pop.setup.lowering.kernels,
         model_epochs=int(track.epochs_run.sum()),
     )
 
 
-def _size(n: int, n_devices: int) -> int:
+def each_epoch(prog, on_epoch):
+    """The per-epoch callback: the live line, then the user's ``on_epoch``."""
+
+    def each(epoch: int, metrics) -> None:
+        prog.update(epoch, metrics, text=report.sweep_text(metrics))
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+
+    return each
+
+
+def train_epochs(pop, exe, states, on, hp, ids, epoch: int, until: int, track, each):
+    """Runs the compiled epoch ``exe`` from ``epoch`` to ``until`` (or until no member
+    of ``ids`` is ``on``), recording each epoch in ``track`` and telling ``each``;
+    returns ``(states, on, epoch)``."""
+    while epoch < until and bool(jnp.any(on)):
+        epoch += 1
+        was = np.asarray(on)[: len(ids)]
+        states, on, div_now, metrics = exe(states, on, pop.data, pop.valid, hp)
+        each(epoch, track.epoch(epoch, ids, was, np.asarray(div_now)[: len(ids)], metrics))
+    return states, on, epoch
+
+
+def padded_size(n: int, n_devices: int) -> int:
     return -(-n // n_devices) * n_devices
 
 
-def _padded(rows: np.ndarray, n_devices: int) -> np.ndarray:
+def padded_rows(rows: np.ndarray, n_devices: int) -> np.ndarray:
     """``rows`` padded to a multiple of the device count by repeating the last."""
-    extra = _size(len(rows), n_devices) - len(rows)
+    extra = padded_size(len(rows), n_devices) - len(rows)
     return np.concatenate([rows, np.repeat(rows[-1:], extra)]) if extra else rows
 
 
-def _rows(tree, rows: np.ndarray):
+def rows_of(tree, rows: np.ndarray):
     """The members ``rows`` of a tree with a leading member axis."""
     idx = jnp.asarray(rows, jnp.int32)
     return jax.tree_util.tree_map(lambda v: v[idx], tree)

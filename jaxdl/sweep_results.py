@@ -38,6 +38,8 @@ class SweepResult:
     kernels: str = "off"  # whether the CPU kernels lowered the program ("on"/"off")
     search: str = "grid"  # how members were chosen to go on ("grid": all to the end)
     model_epochs: int = -1  # member-epochs trained (-1: not counted)
+    # population-based training: each member's explored numbers and whom it copied
+    lineage: dict[str, Any] | None = None
 
     def best(self, metric: str = "best_val_accuracy") -> dict[str, Any]:
         """The row of the member with the highest ``metric`` among those not diverged."""

@@ -117,3 +117,23 @@ def test_cli_sweep_search_halving(tmp_path, hard, capsys):
     assert code == 2 and "eta: expected an integer >= 2" in err
     code, _, err = _main(capsys, "sweep", "--resume", tmp_path / "h", "--search", "halving")
     assert code == 2 and len(err.strip().splitlines()) == 1
+
+
+def test_halving_and_pbt_over_two_devices(tmp_path, hard):
+    """The members split over 2 CPU devices (a fresh process: JAX's device count is
+    fixed when it starts): a compacted or copied population is placed back on them."""
+    import subprocess
+    import sys
+
+    data = tmp_path / "d.npz"
+    jaxdl.data.save_file(data, hard)
+    common = [sys.executable, "-m", "jaxdl.cli", "sweep", "--data", str(data), "--hidden", "8",
+              "--optimizer", "sgd", "--lr", "0.01,0.03,0.1,0.3,1", "--epochs", "4",
+              "--batch-size", "64", "--cpu-devices", "2", "--runs-dir", str(tmp_path),
+              "--no-progress", "--no-plots", "--json"]  # fmt: skip
+    for search_flags in (["--search", "halving", "--eta", "2"], ["--search", "pbt"]):
+        out = subprocess.run([*common, *search_flags], capture_output=True, text=True,
+                             timeout=300)  # fmt: skip
+        assert out.returncode == 0, out.stderr[-2000:]
+        summary = json.loads(out.stdout.splitlines()[-1])
+        assert summary["devices"] == 2 and summary["search"] == search_flags[1]

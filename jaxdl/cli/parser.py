@@ -68,9 +68,19 @@ def build_parser() -> argparse.ArgumentParser:
     _add_checkpoint_flags(w, skip=False)
     w.add_argument("--seeds", type=int, default=1, help="seeds per configuration (0..N-1)")
     w.add_argument(
-        "--search", choices=("grid", "halving"), default="grid",
+        "--search", choices=("grid", "halving", "pbt"), default="grid",
         help="grid: every member to the last epoch; halving: successive halving, the best "
-        "1/eta of the members going on at each rung, the rest compacted away (no checkpoints)",
+        "1/eta of the members going on at each rung, the rest compacted away; pbt: "
+        "population-based training (halving and pbt keep no checkpoints)",
+    )  # fmt: skip
+    w.add_argument(
+        "--ready-every", type=int, default=2,
+        help="pbt: every E epochs the bottom quarter copies a top member and perturbs "
+        "its --explore numbers by x0.8 or x1.25",
+    )  # fmt: skip
+    w.add_argument(
+        "--explore", type=lambda s: tuple(s.split(",")), default=("learning_rate",),
+        metavar="NAMES", help="pbt: the numbers to perturb, e.g. learning_rate,l2",
     )  # fmt: skip
     w.add_argument("--eta", type=int, default=3, help="halving: 1/eta of the members go on")
     w.add_argument("--min-epochs", type=int, default=1, help="halving: the first rung's epochs")

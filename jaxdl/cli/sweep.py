@@ -10,6 +10,7 @@ import sys
 from jaxdl import (
     checkpoint,
     devices,
+    pbt,
     report,
     runs,
     search,
@@ -42,10 +43,12 @@ def cmd_sweep(a: argparse.Namespace) -> tuple[dict, str]:
     options = dict(seeds=a.seeds, validation=splits.valid)
     setup, hp, _, members = sweep.prepare_sweep(config, tr, configs, **options)  # check all
     search.check_search(a.search, a.epochs, a.eta, a.min_epochs)
-    if a.search == "halving" and a.resume is not None:
-        raise InputError("--resume: a --search halving sweep keeps no checkpoints; run it again")
-    if a.search == "halving":
-        a.checkpoint_every = 0  # its rungs are not checkpointed
+    validate.positive_int("--ready-every", a.ready_every)
+    if a.search != "grid" and a.resume is not None:
+        raise InputError(f"--resume: a --search {a.search} sweep keeps no checkpoints; run it "
+                         "again")  # fmt: skip
+    if a.search != "grid":
+        a.checkpoint_every = 0  # its rungs and populations are not checkpointed
     _check_checkpoint_flags(a)
     if a.resume is None:
         run_dir = report.make_run_dir(a.runs_dir, a.name, prefix="sweep")
@@ -63,6 +66,9 @@ def cmd_sweep(a: argparse.Namespace) -> tuple[dict, str]:
             if a.search == "halving":
                 res = search.halving(config, tr, configs, eta=a.eta, min_epochs=a.min_epochs,
                                      **show, **options)  # fmt: skip
+            elif a.search == "pbt":
+                res = pbt.pbt(config, tr, configs, ready_every=a.ready_every, explore=a.explore,
+                              key=a.seed, **show, **options)  # fmt: skip
             else:
                 res = sweep.run(config, tr, configs, checkpointer=ckpt, **show, **options)
         prog.finish()
@@ -75,9 +81,13 @@ def cmd_sweep(a: argparse.Namespace) -> tuple[dict, str]:
     report.write_csv(run_dir / "results.csv", rows)
     report.write_json(run_dir / "results.json", rows)
     report.write_json(run_dir / "history.json", {k: v.tolist() for k, v in res.history.items()})
+    title = f"{run_dir.name}: {runs.describe_model(config.as_flags())}, {config.optimizer.name}"
     if not a.no_plots:
-        title = f"{run_dir.name}: {runs.describe_model(config.as_flags())}, {config.optimizer.name}"
         report.plot_sweep(rows, swept, res.history, run_dir, title=title)
+    if res.lineage is not None:
+        report.write_json(run_dir / "lineage.json", res.lineage)
+        if not a.no_plots:
+            report.plot_lineage(res.lineage, run_dir / "lineage.png", title=title)
     if a.tensorboard:
         result_keys = [k for k in rows[0] if k in _ROW_RESULTS or k.startswith("best_")]
         tracking.write_sweep(

@@ -32,7 +32,14 @@ from jaxdl.report.files import (
 )
 from jaxdl.report.progress import Progress, format_table, interactive, sweep_text
 
-_PLOTS = ("save_figure", "plot_curves", "plot_layer_stats", "plot_sweep", "plot_ensemble")
+_PLOTS = (
+    "save_figure",
+    "plot_curves",
+    "plot_layer_stats",
+    "plot_sweep",
+    "plot_ensemble",
+    "plot_lineage",
+)
 
 __all__ = [
     "History",

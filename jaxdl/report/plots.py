@@ -272,3 +272,30 @@ def plot_ensemble(
         fig.suptitle(title, fontsize=10)
     paths.append(save_figure(fig, run_dir / "subnetworks.png"))
     return paths
+
+
+def plot_lineage(lineage: Mapping[str, Any], path: PathLike, *, title: str = "") -> list[Path]:
+    """Population-based training's lineage (``jaxdl.pbt``): one panel per explored
+    number, each member's value against epoch (log axis), a dot where it copied another
+    member at a ready epoch."""
+    names = [k for k in lineage if k not in ("epochs", "source")]
+    if not names:
+        return []
+    fig = Figure(figsize=(5.6 * len(names), 4.2), layout="tight")
+    source = np.asarray(lineage["source"])
+    for ax, name in zip(fig.subplots(1, len(names), squeeze=False)[0], names, strict=True):
+        values = np.asarray(lineage[name], np.float64)  # (members, epochs)
+        epochs = _epochs(values[0])
+        for m, row in enumerate(values):
+            line = ax.plot(epochs, row, lw=1.2, alpha=0.8)[0]
+            for j, e in enumerate(lineage["epochs"]):
+                if source.size and source[m, j] != m and e < len(row):
+                    ax.plot(e + 1, row[e], "o", ms=4, color=line.get_color())
+        if np.all(values[np.isfinite(values)] > 0):
+            ax.set_yscale("log")
+        ax.set(xlabel="epoch", ylabel=name, title=f"{name} per member (dot: copied a member)")
+        ax.xaxis.set_major_locator(MaxNLocator(integer=True))
+        ax.grid(alpha=0.3)
+    if title:
+        fig.suptitle(title, fontsize=10)
+    return [save_figure(fig, path)]
