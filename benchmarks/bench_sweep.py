@@ -29,6 +29,12 @@ Reported per way: model-samples/s (training examples × members per second), rat
 the sweep's aggregate FLOP rate against the peak-matmul rate and the step-GEMM
 roofline, compile time, and device memory per member from XLA's memory analysis.
 Usage: ``python benchmarks/bench_sweep.py [--json] [--rounds 3]``.
+
+``--scaling`` measures instead how cost grows with the number of members: K = 1, 8, 32,
+128, 256 members of the seed MLP and of the small MLP (one epoch of the first
+``--scaling-size`` training images, default 5,000, per member), each K its own compiled
+sweep: model-samples/s, compile seconds and device memory per member, written to
+``--plot`` (default ``benchmarks/sweep_scaling.png``).
 """
 
 from __future__ import annotations
@@ -170,10 +176,66 @@ def scenario(ds, sizes, members, rounds, with_torch):
     return rows, extra
 
 
+SCALING_K = (1, 8, 32, 128, 256)
+
+
+def scaling(ds, rounds: int, plot) -> tuple[dict, dict]:
+    """Model-samples/s, compile seconds and MiB per member against K (see the docstring)."""
+    results, extra = {}, {}
+    for label, sizes in (("seed_mlp", (784, 500, 500, 10)), ("small_mlp", (784, 64, 10))):
+        for k in SCALING_K:
+            run, compile_s, per_member = jaxdl_sweep(ds, sizes, k, shared=True)
+            best = interleaved({"sweep": run}, rounds)["sweep"]
+            results[f"{label}/K={k}"] = k * len(ds.x) / best
+            extra[f"{label}/K={k}/compile_seconds"] = compile_s
+            if per_member is not None:
+                extra[f"{label}/K={k}/mib_per_member"] = per_member / 2**20
+            del run  # the states of this K before the next
+    from matplotlib.figure import Figure
+
+    from jaxdl.report import save_figure
+
+    fig = Figure(figsize=(14, 4.2), layout="tight")
+    axes = fig.subplots(1, 3)
+    for label in ("seed_mlp", "small_mlp"):
+        ks = list(SCALING_K)
+        series = (
+            [results[f"{label}/K={k}"] for k in ks],
+            [extra[f"{label}/K={k}/compile_seconds"] for k in ks],
+            [extra.get(f"{label}/K={k}/mib_per_member", np.nan) for k in ks],
+        )
+        for ax, ys in zip(axes, series, strict=True):
+            ax.plot(ks, ys, "o-", label=label.replace("_", " "))
+    names = ("model-samples/s", "compile seconds", "MiB per member (XLA's analysis)")
+    for ax, name in zip(axes, names, strict=True):
+        ax.set(xscale="log", xlabel="members K", title=name)
+        ax.set_xticks(SCALING_K, [str(k) for k in SCALING_K])
+        ax.grid(alpha=0.3)
+        ax.legend()
+    save_figure(fig, plot)
+    extra["plot"] = str(plot)
+    return results, extra
+
+
+def _scaling_flags(p) -> None:
+    p.add_argument("--scaling", action="store_true", help="cost against K members instead")
+    p.add_argument("--scaling-size", type=int, default=5000, help="training images per epoch")
+    p.add_argument("--plot", default="benchmarks/sweep_scaling.png", help="the scaling plot")
+
+
 def main(argv=None):
-    a = parse_args(__doc__, argv, rounds=3, unit="epoch")
+    a = parse_args(__doc__, argv, rounds=3, unit="epoch", extra=_scaling_flags)
     jaxdl.use_cpu_cores()  # as `jaxdl sweep` does: a CPU's cores as devices for the members
     ds = jaxdl.load("mnist").train
+    if a.scaling:
+        results, extra = scaling(jaxdl.data.subset(ds, a.scaling_size), a.rounds, a.plot)
+        ratios = {
+            f"{label}/K=256_vs_K=8": results[f"{label}/K=256"] / results[f"{label}/K=8"]
+            for label in ("seed_mlp", "small_mlp")
+        }
+        extra["device"] = device_name()
+        emit("Sweeps: cost against the number of members", results, ratios, extra, a.json)
+        return
     peak = matmul_flops_per_second()
     results, ratios, extra = {}, {}, {"device": device_name(), "matmul_gflops": peak / 1e9}
     for label, sizes, members, with_torch in (

@@ -149,7 +149,7 @@ def layout(model: nn.Module, feature_shape: tuple[int, ...]) -> Layout:
     tracing its ``init`` and a training call (no computation); a model that breaks the
     contract raises ``InputError`` saying how."""
     if is_net(model):
-        models.check_features(model, feature_shape)
+        models.check_features(model, ("N", *feature_shape))
         widths = models.masked_widths(model, feature_shape)
         return Layout(model.num_classes, (), widths, ())
     found: dict[tuple[str, ...], Dropout] = {}

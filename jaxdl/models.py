@@ -334,12 +334,14 @@ def check_model(model: Model) -> Model:
     return model
 
 
-def check_features(model: Model, feature_shape: Sequence[int]) -> None:
-    """A CNN's inputs must hold its ``image_shape`` (as images or flat)."""
-    if isinstance(model, CNN) and math.prod(feature_shape) != math.prod(model.image_shape):
+def check_features(model: Model, shape: Sequence) -> None:
+    """A CNN's inputs ``shape`` (N, ...) must hold its ``image_shape`` (images or flat)."""
+    if isinstance(model, CNN) and math.prod(shape[1:]) != math.prod(model.image_shape):
         size = math.prod(model.image_shape)
-        validate.fail("train x shape", f"images of the CNN's image_shape {model.image_shape} "
-                      f"(N, H, W, C), or flat (N, {size})", (None, *feature_shape))  # fmt: skip
+        got = "(" + ", ".join(map(str, shape)) + ")"
+        raise validate.InputError(f"train x shape: expected images of the CNN's image_shape "
+                                  f"{model.image_shape} (N, H, W, C), or flat (N, {size}), got "
+                                  f"{got}")  # fmt: skip
 
 
 def masked_widths(model: Model, feature_shape: Sequence[int]) -> tuple[int, ...]:

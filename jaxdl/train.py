@@ -26,6 +26,7 @@ from jaxdl import (
     inits,
     losses,
     lowering,
+    models,
     optim,
     report,
     stopping,
@@ -229,6 +230,7 @@ def prepare(
     if np.ndim(train.x) < 2:
         validate.features("train x", train.x)  # says what is wrong
     feature_shape = tuple(np.shape(train.x)[1:])
+    models.check_features(model, np.shape(train.x))  # a CNN's images, named as given
     classes = contract.layout(model, feature_shape).classes  # the contract, checked here
     train = check_data(train, "train", classes)
     if validation is not None:

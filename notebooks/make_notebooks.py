@@ -20,6 +20,7 @@ HERE = Path(__file__).resolve().parent
 
 SETUP = """\
 import importlib.util
+import sys
 import tempfile
 from pathlib import Path
 
@@ -31,6 +32,7 @@ ROOT = next(p for p in [Path.cwd(), *Path.cwd().parents] if (p / "experiments").
 def load_study(name):
     spec = importlib.util.spec_from_file_location(name, ROOT / "experiments" / f"{name}.py")
     module = importlib.util.module_from_spec(spec)
+    sys.modules[name] = module  # a study may define its own Flax modules (dataclasses)
     spec.loader.exec_module(module)
     return module
 

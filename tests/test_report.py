@@ -467,3 +467,21 @@ def test_the_sweep_line_counts_members_training_stopped_and_diverged():
     assert (
         report.sweep_text({"train_accuracy": np.array([np.nan])}) == "acc: none training, 1 stopped"
     )
+
+
+def test_progress_shows_in_a_jupyter_kernel_not_where_ipykernel_is_only_imported(monkeypatch):
+    import io
+    import sys
+    import types
+
+    from jaxdl.report import progress
+
+    plain = io.StringIO()  # not a terminal
+    monkeypatch.setitem(sys.modules, "ipykernel", types.ModuleType("ipykernel"))
+    fake = types.ModuleType("IPython")
+    fake.get_ipython = lambda: None  # e.g. a test runner that executed notebooks
+    monkeypatch.setitem(sys.modules, "IPython", fake)
+    assert not progress.interactive(plain)
+    shell = type("ZMQInteractiveShell", (), {})()
+    fake.get_ipython = lambda: shell  # inside a running kernel
+    assert progress.interactive(plain)

@@ -160,7 +160,15 @@ def interactive(stream: TextIO | None = None) -> bool:
     """True on a terminal or in a Jupyter kernel: where progress is shown by default."""
     stream = sys.stderr if stream is None else stream
     isatty = getattr(stream, "isatty", None)
-    return bool(callable(isatty) and isatty()) or "ipykernel" in sys.modules
+    return bool(callable(isatty) and isatty()) or _in_jupyter()
+
+
+def _in_jupyter() -> bool:
+    """Whether this process is a running Jupyter kernel (not merely one that imported
+    ipykernel, as a test runner executing notebooks may have)."""
+    ipython = sys.modules.get("IPython")
+    shell = None if ipython is None else ipython.get_ipython()
+    return type(shell).__name__ == "ZMQInteractiveShell"
 
 
 def sweep_text(metrics: Mapping[str, Any]) -> str:
