@@ -110,3 +110,10 @@ def labels(what: str, y: Any, num_classes: int, n: int | None = None) -> np.ndar
             f"{what}: values in [{arr.min()}, {arr.max()}]; expected labels in [0, {num_classes})"
         )
     return arr
+
+
+def unknown(where: str, key: str, valid, what: str = "key") -> InputError:
+    """The error for ``key``, not one of ``valid``, naming the nearest valid one."""
+    near = difflib.get_close_matches(key, list(valid), n=1, cutoff=0.6)
+    hint = f" (did you mean {near[0]!r}?)" if near else ""
+    return InputError(f"{where}: unknown {what} {key!r}{hint}; expected one of {', '.join(valid)}")

@@ -103,3 +103,20 @@ def fit_on_and_off(blobs):
         assert dict(compiled.programs(setup).traces) == traces
 
     return check
+
+
+@pytest.fixture
+def run_cli(capsys):
+    """``run_cli(*argv)``: runs ``jaxdl`` in this process (arguments as text); returns
+    (exit code, stdout, stderr)."""
+    from jaxdl import cli
+
+    def run(*argv) -> tuple[int, str, str]:
+        try:
+            code = cli.main([str(a) for a in argv])
+        except SystemExit as e:
+            code = e.code
+        out = capsys.readouterr()
+        return code, out.out, out.err
+
+    return run

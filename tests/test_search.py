@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 
 import jaxdl
-from jaxdl import cli, search, sweep
+from jaxdl import search, sweep
 from jaxdl.validate import InputError
 
 MODEL = jaxdl.MLP((16,), num_classes=3)
@@ -87,22 +87,13 @@ def test_sweep_refuses_what_halving_cannot_do(hard):
                     search="halving")  # fmt: skip
 
 
-def _main(capsys, *argv):
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
-def test_cli_sweep_search_halving(tmp_path, hard, capsys):
+def test_cli_sweep_search_halving(tmp_path, hard, run_cli):
     data = tmp_path / "d.npz"
     jaxdl.data.save_file(data, hard)
     common = ["sweep", "--data", data, "--hidden", "16", "--optimizer", "sgd", "--lr",
               ",".join(map(str, RATES)), "--epochs", "9", "--batch-size", "64", "--runs-dir",
               tmp_path, "--no-progress", "--no-plots"]  # fmt: skip
-    code, out, err = _main(capsys, *common, "--search", "halving", "--name", "h", "--json")
+    code, out, err = run_cli(*common, "--search", "halving", "--name", "h", "--json")
     assert code == 0, err
     summary = json.loads(out.splitlines()[-1])
     assert summary["search"] == "halving" and summary["model_epochs"] == 21
@@ -110,12 +101,12 @@ def test_cli_sweep_search_halving(tmp_path, hard, capsys):
     with (tmp_path / "h" / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert sorted(int(r["rung"]) for r in rows) == [0] * 6 + [1] * 2 + [2]
-    code, out, err = _main(capsys, *common, "--name", "g", "--json")
+    code, out, err = run_cli(*common, "--name", "g", "--json")
     grid = json.loads(out.splitlines()[-1])
     assert grid["search"] == "grid" and grid["model_epochs"] == 81
-    code, _, err = _main(capsys, *common, "--search", "halving", "--eta", "1", "--name", "x")
+    code, _, err = run_cli(*common, "--search", "halving", "--eta", "1", "--name", "x")
     assert code == 2 and "eta: expected an integer >= 2" in err
-    code, _, err = _main(capsys, "sweep", "--resume", tmp_path / "h", "--search", "halving")
+    code, _, err = run_cli("sweep", "--resume", tmp_path / "h", "--search", "halving")
     assert code == 2 and len(err.strip().splitlines()) == 1
 
 

@@ -12,7 +12,8 @@ import numpy as np
 
 from jaxdl import data, model_source, optim, report, train, validate
 from jaxdl.cli import config_file
-from jaxdl.config import OPTIMIZER_FLAGS, RUN_FLAGS, RunConfig
+from jaxdl.config import MODEL_FLAGS, OPTIMIZER_FLAGS, RUN_FLAGS, RunConfig
+from jaxdl.model_config import module_fields
 from jaxdl.validate import InputError
 
 
@@ -64,6 +65,15 @@ def run_config(a: argparse.Namespace) -> RunConfig:
         if getattr(a, k) is not None and k not in known:
             raise InputError(f"--{k.replace('_', '-')}: not a hyperparameter of {a.optimizer}; "
                              f"it takes {', '.join(sorted(known))}")  # fmt: skip
+    if ":" in a.model:  # a module of one's own: the flags of jaxdl's modules mean nothing
+        from jaxdl.cli.parser import build_parser
+
+        defaults = vars(build_parser().parse_args([a.command]))
+        for dest in MODEL_FLAGS:
+            if getattr(a, dest, None) != defaults.get(dest):
+                raise InputError(f"--{dest.replace('_', '-')}: a flag of jaxdl's mlp and cnn; "
+                                 f"{a.model.rpartition(':')[2]} takes its arguments from "
+                                 "--model-args")  # fmt: skip
     config = RunConfig.from_flags(vars(a))
     config.model.build(10)
     config.optimizer.build()
@@ -77,7 +87,7 @@ def load_data(a: argparse.Namespace, config: RunConfig):
     d = config.data
     splits = data.standardize(data.load(d.source, directory=a.data_dir), d.preprocess)
     args = dict(config.model.args)
-    if "num_classes" in _fields(config.model.module_class()):
+    if "num_classes" in module_fields(config.model.module_class()):
         args["num_classes"] = num_classes(a, splits)
     shape = np.shape(splits.train.x)[1:]
     if config.model.module == "cnn" and len(shape) == 3:
@@ -88,10 +98,6 @@ def load_data(a: argparse.Namespace, config: RunConfig):
         validate.fail("--train-size", f"at most the {n} training examples", d.train_size)
     tr = splits.train if d.train_size is None else data.subset(splits.train, d.train_size)
     return config, splits, tr
-
-
-def _fields(cls) -> list[str]:
-    return [f.name for f in dataclasses.fields(cls)]
 
 
 def saved_config(a: argparse.Namespace, config: RunConfig, **extra: Any) -> dict[str, Any]:
