@@ -85,6 +85,8 @@ def test_train_records_the_module_and_resumes_it_bit_for_bit(files, run_cli):
     assert code == 0 and {r["model"] for r in json.loads(out.splitlines()[-1])["runs"]} == {
         "ResMLP width=16"
     }
+    code, out, err = run_cli("report", runs / "ref", "--out", runs / "ref.html")
+    assert code == 0 and "ResMLP width=16" in (runs / "ref.html").read_text(), err
     code, out, err = run_cli("compare", runs / "ref", runs / "cut")
     settings = out.split("results")[0]  # the runs differ only in --tensorboard
     assert code == 0 and "tensorboard" in settings and "model" not in settings, err
