@@ -196,8 +196,7 @@ def test_a_sweep_labels_its_live_line_and_ends_with_a_member_table(capsys, tmp_p
     assert re.search(r"epoch 2/2  val_acc best \d\.\d{4} med \d\.\d{4}; 4/4 on", err)
     lines = out.strip().splitlines()
     header = lines[0].split()
-    assert header == ["learning_rate", "seed", "best_val_accuracy", "best_epoch",
-                      "test_accuracy", "epochs_run"]  # fmt: skip
+    assert header == ["learning_rate", "seed", "val_acc", "best_epoch", "test_acc", "epochs"]
     rows = [line.split() for line in lines[2:6]]
     assert {r[0] for r in rows} == {"0.01", "0.1"}  # as typed
     scores = [float(r[2]) for r in rows]

@@ -101,6 +101,11 @@ def test_cli_sweep_search_halving(tmp_path, hard, run_cli):
     with (tmp_path / "h" / "results.csv").open() as f:
         rows = list(csv.DictReader(f))
     assert sorted(int(r["rung"]) for r in rows) == [0] * 6 + [1] * 2 + [2]
+    code, out, err = run_cli(*common, "--search", "halving", "--name", "h2", "--dropout-hidden",
+                             "0.1,0.2")  # fmt: skip
+    assert code == 0 and "rung" in out, err
+    table = out[: out.index("members (halving")]
+    assert max(map(len, table.splitlines())) <= 80  # the table of best members fits
     code, out, err = run_cli(*common, "--name", "g", "--json")
     grid = json.loads(out.splitlines()[-1])
     assert grid["search"] == "grid" and grid["model_epochs"] == 81

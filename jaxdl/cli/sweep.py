@@ -119,6 +119,8 @@ def cmd_sweep(a: argparse.Namespace) -> tuple[dict, str]:
 
 
 _TABLE_ROWS = 10
+# The member table's shorter headers (80 columns; results.csv keeps the full names).
+_HEADERS = {"best_val_accuracy": "val_acc", "test_accuracy": "test_acc", "epochs_run": "epochs"}
 
 
 def _text(summary: dict, rows: list[dict], swept: list[str]) -> str:
@@ -128,13 +130,12 @@ def _text(summary: dict, rows: list[dict], swept: list[str]) -> str:
     # the settings as typed (0.001, not 0.0010)
     shown = [{**r, **{k: number_text(r[k]) for k in swept}} for r in ranked[:_TABLE_ROWS]]
     columns = [*swept, "seed", "best_val_accuracy", "best_epoch", "test_accuracy", "epochs_run"]
-    columns += ["rung"] if "rung" in rows[0] else []
+    if "rung" in rows[0]:  # halving: the rung says how far a member went (80 columns)
+        columns[columns.index("best_epoch")] = "rung"
     columns += [k for k in ("stopped", "diverged") if any(r[k] for r in rows)]
-    table = report.format_table(shown, columns)
+    table = report.format_table(shown, columns, _HEADERS)
     if len(rows) > len(shown):
-        table += (
-            f"\n(the best {len(shown)} of {len(rows)} by best_val_accuracy; all in results.csv)"
-        )
+        table += f"\n(the best {len(shown)} of {len(rows)} by val_acc; all in results.csv)"
     b = summary["best"]
     settings = ", ".join(f"{k}={number_text(b[k])}" for k in [*swept, "seed"]) or "its settings"
     spent = (f" (halving: {summary['model_epochs']} member-epochs)"

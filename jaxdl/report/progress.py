@@ -198,10 +198,16 @@ def _cell(value: Any) -> str:
     return "" if value is None else str(value)
 
 
-def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> str:
-    """Aligned plain-text table; numbers right-aligned, text left-aligned, missing cells blank."""
+def format_table(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[str],
+    headers: Mapping[str, str] | None = None,
+) -> str:
+    """Aligned plain-text table; numbers right-aligned, text left-aligned, missing cells
+    blank. ``headers`` names a column other than by its key (a shorter name)."""
     cells = [[_cell(row.get(c)) for c in columns] for row in rows]
-    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(columns)]
+    names = [(headers or {}).get(c, c) for c in columns]
+    widths = [max([len(c), *(len(r[i]) for r in cells)]) for i, c in enumerate(names)]
     numeric = [
         all(isinstance(scalar(row.get(c)), (int, float)) for row in rows if row.get(c) is not None)
         for c in columns
@@ -213,6 +219,4 @@ def format_table(rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> s
             for v, w, num in zip(values, widths, numeric, strict=True)
         ).rstrip()
 
-    return "\n".join(
-        [line(list(columns)), line(["-" * w for w in widths]), *(line(r) for r in cells)]
-    )
+    return "\n".join([line(names), line(["-" * w for w in widths]), *(line(r) for r in cells)])
