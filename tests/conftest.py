@@ -120,3 +120,39 @@ def run_cli(capsys):
         return code, out.out, out.err
 
     return run
+
+
+def _enumerate_subnetworks(model, variables, rates, x):
+    """Every subnetwork of ``model`` by a Python loop over explicit masks (all units of
+    layers with a rate above 0): the P(m)-weighted mean probabilities, log-probabilities
+    and logits, float64."""
+    import itertools
+
+    import jax
+    import jax.numpy as jnp
+
+    from jaxdl import contract
+
+    widths = jaxdl.masked_widths(model, x.shape[1:])
+    layers = [i for i, r in enumerate(rates) if r > 0]
+    units = [(i, j) for i in layers for j in range(widths[i])]
+    probs = logp = logits = 0.0
+    for bits in itertools.product((0.0, 1.0), repeat=len(units)):
+        masks = [np.ones(w, np.float32) for w in widths]
+        weight = 1.0
+        for (i, j), b in zip(units, bits, strict=True):
+            masks[i][j] = b
+            weight *= (1 - rates[i]) if b else rates[i]
+        out = contract.call(model, variables, x, rates=jnp.asarray(rates, jnp.float32),
+                            masks=tuple(map(jnp.asarray, masks)))  # fmt: skip
+        lp = np.asarray(jax.nn.log_softmax(out), np.float64)
+        probs, logp = probs + weight * np.exp(lp), logp + weight * lp
+        logits = logits + weight * np.asarray(out, np.float64)
+    return probs, logp, logits
+
+
+@pytest.fixture
+def enumerate_subnetworks():
+    """``enumerate_subnetworks(model, variables, rates, x)``: the dropout ensemble by
+    brute force, (probs, log-probs, logits) weighted by each mask's probability."""
+    return _enumerate_subnetworks

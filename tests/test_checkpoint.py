@@ -36,15 +36,6 @@ def tiny_npz(tmp_path_factory) -> Path:
     return path
 
 
-def _main(capsys, *argv) -> tuple[int, str, str]:
-    try:
-        code = cli.main([str(a) for a in argv])
-    except SystemExit as e:
-        code = e.code
-    out = capsys.readouterr()
-    return code, out.out, out.err
-
-
 @pytest.fixture(scope="module")
 def reference(tiny_npz, tmp_path_factory) -> dict:
     """The uninterrupted run: results, history.json and history.csv."""
@@ -88,24 +79,24 @@ def _assert_same_as_reference(run: Path, res: dict, reference: dict) -> None:
     assert (run / "history.csv").read_text() == reference["csv"]
 
 
-def test_sigkill_then_resume_is_bit_identical(tiny_npz, reference, tmp_path, capsys):
+def test_sigkill_then_resume_is_bit_identical(tiny_npz, reference, tmp_path, run_cli):
     proc = _start(tiny_npz, tmp_path, "k")
     code, _, err = _send_after_checkpoint(proc, tmp_path / "k" / "checkpoints", signal.SIGKILL)
     assert code == -signal.SIGKILL, err
     assert not (tmp_path / "k" / "results.json").exists(), "killed too late to test a resume"
-    code, out, err = _main(capsys, "train", "--resume", tmp_path / "k", "--json", "--no-progress")
+    code, out, err = run_cli("train", "--resume", tmp_path / "k", "--json", "--no-progress")
     assert code == 0, err
     _assert_same_as_reference(tmp_path / "k", json.loads(out.splitlines()[-1]), reference)
 
 
-def test_resume_with_the_kernels_off_finishes_the_same_run(tiny_npz, reference, tmp_path, capsys):  # fmt: skip
+def test_resume_with_the_kernels_off_finishes_the_same_run(tiny_npz, reference, tmp_path, run_cli):  # fmt: skip
     """A run checkpointed with the kernels resumes with ``--kernels off`` (XLA alone)."""
     proc = _start(tiny_npz, tmp_path, "x")
     code, _, err = _send_after_checkpoint(proc, tmp_path / "x" / "checkpoints", signal.SIGKILL)
     assert code == -signal.SIGKILL, err
     assert not (tmp_path / "x" / "results.json").exists(), "killed too late to test a resume"
-    code, out, err = _main(
-        capsys, "train", "--resume", tmp_path / "x", "--kernels", "off", "--json", "--no-progress"
+    code, out, err = run_cli(
+        "train", "--resume", tmp_path / "x", "--kernels", "off", "--json", "--no-progress"
     )
     assert code == 0, err
     res = json.loads(out.splitlines()[-1])
@@ -114,7 +105,7 @@ def test_resume_with_the_kernels_off_finishes_the_same_run(tiny_npz, reference, 
     assert reference["results"]["kernels"] in ("on", "off")
 
 
-def test_sigterm_saves_exits_cleanly_and_resumes_bit_identically(tiny_npz, reference, tmp_path, capsys):  # fmt: skip
+def test_sigterm_saves_exits_cleanly_and_resumes_bit_identically(tiny_npz, reference, tmp_path, run_cli):  # fmt: skip
     sig = signal.SIGTERM
     proc = _start(tiny_npz, tmp_path, "s")
     ckpts = tmp_path / "s" / "checkpoints"
@@ -126,7 +117,7 @@ def test_sigterm_saves_exits_cleanly_and_resumes_bit_identically(tiny_npz, refer
     assert f"--resume {tmp_path / 's'}" in lines[-1]
     stopped_at = int(lines[-1].split("after epoch ")[1].split(";")[0])
     assert stopped_at < EPOCHS and max(int(d.name) for d in ckpts.iterdir()) == stopped_at
-    code, out, err = _main(capsys, "train", "--resume", tmp_path / "s", "--json", "--no-progress")
+    code, out, err = run_cli("train", "--resume", tmp_path / "s", "--json", "--no-progress")
     assert code == 0, err
     _assert_same_as_reference(tmp_path / "s", json.loads(out.splitlines()[-1]), reference)
 
@@ -265,9 +256,9 @@ def test_incompatible_config_or_versions_are_refused(small, tmp_path, monkeypatc
 # ------------------------------------------------------------------------------ CLI resumes
 
 
-def test_resume_refusals_exit_2_with_one_line(tiny_npz, tmp_path, capsys, monkeypatch):
+def test_resume_refusals_exit_2_with_one_line(tiny_npz, tmp_path, monkeypatch, run_cli):
     base = ["train", "--data", tiny_npz, *FLAGS, "--runs-dir", tmp_path]
-    assert _main(capsys, *base, "--name", "done")[0] == 0
+    assert run_cli(*base, "--name", "done")[0] == 0
     (tmp_path / "part").mkdir()
     (tmp_path / "part" / "config.json").write_text((tmp_path / "done" / "config.json").read_text())
     sweep_cfg = json.loads((tmp_path / "done" / "config.json").read_text()) | {"command": "sweep"}
@@ -291,7 +282,7 @@ def test_resume_refusals_exit_2_with_one_line(tiny_npz, tmp_path, capsys, monkey
     ]
     snapshot = {p: p.read_bytes() for p in tmp_path.rglob("*") if p.is_file()}
     for extra, expect in cases:
-        code, _, err = _main(capsys, "train", "--resume", *extra, "--no-progress")
+        code, _, err = run_cli("train", "--resume", *extra, "--no-progress")
         lines = err.strip().splitlines()
         assert code == 2 and len(lines) == 1 and expect in lines[0], (extra, err)
     assert {p: p.read_bytes() for p in snapshot} == snapshot  # nothing was overwritten
@@ -300,11 +291,11 @@ def test_resume_refusals_exit_2_with_one_line(tiny_npz, tmp_path, capsys, monkey
     (tmp_path / "v" / "results.json").unlink()
     real = checkpoint.versions()
     monkeypatch.setattr(checkpoint, "versions", lambda: {**real, "flax": "0.1.0"})
-    code, _, err = _main(capsys, "train", "--resume", tmp_path / "v", "--no-progress")
+    code, _, err = run_cli("train", "--resume", tmp_path / "v", "--no-progress")
     assert code == 2 and len(err.strip().splitlines()) == 1 and "flax" in err, err
 
 
-def test_results_write_crash_loses_nothing_and_resume_finishes(tiny_npz, reference, tmp_path, capsys, monkeypatch):  # fmt: skip
+def test_results_write_crash_loses_nothing_and_resume_finishes(tiny_npz, reference, tmp_path, capsys, monkeypatch, run_cli):  # fmt: skip
     real = os.replace
 
     def crash_on_results(src, dst):
@@ -321,7 +312,7 @@ def test_results_write_crash_loses_nothing_and_resume_finishes(tiny_npz, referen
     assert not (run / "results.json").exists()
     assert [p.name for p in run.iterdir() if p.name.endswith(".tmp")] == []
     assert (run / "history.json").read_text() == reference["history"]  # complete, not truncated
-    code, out, err = _main(capsys, "train", "--resume", run, "--json", "--no-progress")
+    code, out, err = run_cli("train", "--resume", run, "--json", "--no-progress")
     assert code == 0, err
     _assert_same_as_reference(run, json.loads(out.splitlines()[-1]), reference)
 
@@ -396,9 +387,9 @@ def test_skip_nonfinite_skips_exactly_the_bad_steps(blobs):
     assert not bool(m["skipped"]) and not _leaves_equal(moved.params, start.params)
 
 
-def test_cli_nan_loss_exits_3_with_one_line_and_keeps_the_history(tiny_npz, tmp_path, capsys):
-    code, _, err = _main(
-        capsys, "train", "--data", tiny_npz, "--hidden", "16", "--epochs", "4", "--optimizer", "sgd",
+def test_cli_nan_loss_exits_3_with_one_line_and_keeps_the_history(tiny_npz, tmp_path, run_cli):
+    code, _, err = run_cli(
+        "train", "--data", tiny_npz, "--hidden", "16", "--epochs", "4", "--optimizer", "sgd",
         "--lr", "1e9", "--runs-dir", tmp_path, "--name", "nan", "--no-progress", "--no-plots",
     )  # fmt: skip
     lines = err.strip().splitlines()
@@ -410,8 +401,8 @@ def test_cli_nan_loss_exits_3_with_one_line_and_keeps_the_history(tiny_npz, tmp_
     assert None in (hist["train_loss"][-1], hist["val_loss"][-1])  # NaN is written as null
     kept = sorted(int(d.name) for d in (tmp_path / "nan" / "checkpoints").iterdir())
     assert max(kept, default=0) == epoch - 1  # the bad epoch was not saved
-    code, _, err = _main(
-        capsys, "train", "--data", tiny_npz, "--hidden", "16", "--epochs", "2", "--runs-dir", tmp_path,
+    code, _, err = run_cli(
+        "train", "--data", tiny_npz, "--hidden", "16", "--epochs", "2", "--runs-dir", tmp_path,
         "--name", "skip", "--no-progress", "--no-plots", "--skip-nonfinite",
     )  # fmt: skip
     assert code == 0, err
@@ -463,11 +454,11 @@ def test_sweep_resume_restores_every_member_including_frozen_and_diverged(blobs,
 MODEL_S = jaxdl.MLP(hidden=(16,), num_classes=3)
 
 
-def test_cli_sweep_resumes_after_a_crash_with_the_same_results(tiny_npz, tmp_path, capsys, monkeypatch):  # fmt: skip
+def test_cli_sweep_resumes_after_a_crash_with_the_same_results(tiny_npz, tmp_path, capsys, monkeypatch, run_cli):  # fmt: skip
     argv = ["sweep", "--data", tiny_npz, "--hidden", "8", "--epochs", "3", "--batch-size", "50",
             "--optimizer", "sgd", "--lr", "0.01,1e7", "--seeds", "2", "--runs-dir", tmp_path,
             "--no-progress", "--no-plots", "--json"]  # fmt: skip
-    code, out, err = _main(capsys, *argv, "--name", "ref")
+    code, out, err = run_cli(*argv, "--name", "ref")
     assert code == 0, err
     ref = json.loads(out.splitlines()[-1])
     assert ref["diverged"] == 2
@@ -483,7 +474,7 @@ def test_cli_sweep_resumes_after_a_crash_with_the_same_results(tiny_npz, tmp_pat
         cli.main([str(a) for a in [*argv, "--name", "s"]])
     monkeypatch.setattr(os, "replace", real)
     capsys.readouterr()
-    code, out, err = _main(capsys, "sweep", "--resume", tmp_path / "s", "--json", "--no-progress")
+    code, out, err = run_cli("sweep", "--resume", tmp_path / "s", "--json", "--no-progress")
     assert code == 0, err
     res = json.loads(out.splitlines()[-1])
     assert res["best"] == ref["best"] and res["diverged"] == 2
@@ -491,7 +482,7 @@ def test_cli_sweep_resumes_after_a_crash_with_the_same_results(tiny_npz, tmp_pat
         assert (tmp_path / "s" / f).read_text() == (tmp_path / "ref" / f).read_text(), f
 
 
-def test_signal_after_training_lets_the_run_finish(tiny_npz, tmp_path, capsys, monkeypatch):
+def test_signal_after_training_lets_the_run_finish(tiny_npz, tmp_path, monkeypatch, run_cli):
     """SIGTERM while the results are written: they are finished, exit 0; the process's own
     handlers are back afterwards. Ctrl-C before training: one line, exit 130."""
     evaluate = train.evaluate
@@ -502,7 +493,7 @@ def test_signal_after_training_lets_the_run_finish(tiny_npz, tmp_path, capsys, m
 
     monkeypatch.setattr(train, "evaluate", evaluate_then_signal)
     before = signal.getsignal(signal.SIGTERM)
-    code, out, err = _main(capsys, "train", "--data", tiny_npz, *FLAGS, "--runs-dir", tmp_path, "--name", "t")  # fmt: skip
+    code, out, err = run_cli("train", "--data", tiny_npz, *FLAGS, "--runs-dir", tmp_path, "--name", "t")  # fmt: skip
     assert code == 0, err
     assert json.loads(out.splitlines()[-1])["epochs_run"] == EPOCHS
     assert (tmp_path / "t" / "results.json").exists()
@@ -512,5 +503,5 @@ def test_signal_after_training_lets_the_run_finish(tiny_npz, tmp_path, capsys, m
         raise KeyboardInterrupt
 
     monkeypatch.setattr(jaxdl.data, "load", interrupted)
-    code, _, err = _main(capsys, "train", "--data", tiny_npz, *FLAGS, "--runs-dir", tmp_path)
+    code, _, err = run_cli("train", "--data", tiny_npz, *FLAGS, "--runs-dir", tmp_path)
     assert code == 130 and err.strip() == "jaxdl train: interrupted; checkpoints already written are kept"  # fmt: skip

@@ -3,7 +3,6 @@ ensembles, and ``jaxdl ensemble``, checked against hand-written loops and theory
 
 from __future__ import annotations
 
-import itertools
 import json
 from pathlib import Path
 
@@ -25,37 +24,16 @@ def _net(hidden, activation="relu", convention="inverted", seed=0):
     return model, model.init(jax.random.key(seed), X[:1])
 
 
-def _hand_enumeration(model, variables, rates, x):
-    """Every subnetwork by a Python loop over explicit masks: (mean probs, mean log-probs,
-    mean logits), each weighted by the mask's probability."""
-    widths = jaxdl.masked_widths(model, x.shape[1:])
-    layers = [i for i, r in enumerate(rates) if r > 0]
-    units = [(i, j) for i in layers for j in range(widths[i])]
-    probs = logp = logits = 0.0
-    for bits in itertools.product((0.0, 1.0), repeat=len(units)):
-        masks = [np.ones(w, np.float32) for w in widths]
-        weight = 1.0
-        for (i, j), b in zip(units, bits, strict=True):
-            masks[i][j] = b
-            weight *= (1 - rates[i]) if b else rates[i]
-        out = model.apply(variables, x, masks=tuple(map(jnp.asarray, masks)),
-                          rates=jnp.asarray(rates, jnp.float32))  # fmt: skip
-        lp = np.asarray(jax.nn.log_softmax(out), np.float64)
-        probs, logp = probs + weight * np.exp(lp), logp + weight * lp
-        logits = logits + weight * np.asarray(out, np.float64)
-    return probs, logp, logits
-
-
 @pytest.mark.parametrize(
     "hidden, rates",
     [((3,), [0.0, 0.3]), ((2, 1), [0.0, 0.3, 0.6]), ((3,), [0.5, 0.0])],
     ids=["last-layer-affine", "two-layers", "input"],
 )
 @pytest.mark.parametrize("convention", ["inverted", "classic"])
-def test_exact_enumeration_equals_hand_loop(hidden, rates, convention):
+def test_exact_enumeration_equals_hand_loop(hidden, rates, convention, enumerate_subnetworks):
     model, variables = _net(hidden, convention=convention)
     got = ensemble.exact_probs(model, variables, rates, X, batch_size=16)
-    probs, logp, logits = _hand_enumeration(model, variables, rates, X)
+    probs, logp, logits = enumerate_subnetworks(model, variables, rates, X)
     np.testing.assert_allclose(got["arithmetic"], probs, atol=2e-6)
     np.testing.assert_allclose(got["geometric"], jax.nn.softmax(logp), atol=2e-6)
     np.testing.assert_allclose(got["mean_logits"], logits, atol=1e-5)
@@ -175,7 +153,7 @@ def test_mc_nll_stays_finite_when_a_probability_underflows():
     assert st["arithmetic_nll"][-1] == pytest.approx(want, rel=1e-4)
 
 
-def test_cnn_exact_enumeration_with_the_conv_features_masked():
+def test_cnn_exact_enumeration_with_the_conv_features_masked(enumerate_subnetworks):
     # Masked layer 0 of a CNN is the flattened conv output: the convolutions run once and
     # the masks go through the dense head only.
     model = jaxdl.CNN(features=(1,), kernel_size=3, dense=(2,), num_classes=3,
@@ -184,7 +162,7 @@ def test_cnn_exact_enumeration_with_the_conv_features_masked():
     variables = model.init(jax.random.key(0), x[:1])
     rates = [0.5, 0.3]  # 4 conv features + 2 hidden units
     got = ensemble.exact_probs(model, variables, rates, x)
-    probs, _, logits = _hand_enumeration(model, variables, rates, x)
+    probs, _, logits = enumerate_subnetworks(model, variables, rates, x)
     np.testing.assert_allclose(got["arithmetic"], probs, atol=2e-6)
     np.testing.assert_allclose(got["mean_logits"], logits, atol=1e-5)
 

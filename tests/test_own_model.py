@@ -3,8 +3,6 @@ through fit, evaluate, predict, sweeps, checkpoints and the ensemble view."""
 
 from __future__ import annotations
 
-import itertools
-
 import flax.linen as nn
 import jax
 import jax.numpy as jnp
@@ -12,7 +10,7 @@ import numpy as np
 import pytest
 
 import jaxdl
-from jaxdl import contract, ensemble, sweep
+from jaxdl import ensemble, sweep
 from jaxdl.validate import InputError
 
 
@@ -165,24 +163,9 @@ def test_a_sweep_keeps_the_modules_own_rates_when_none_is_swept(blobs):
     np.testing.assert_allclose(np.asarray(res.states.rates), 0.3)
 
 
-def _enumerate(model, variables, rates, x):
-    """Every subnetwork of ``model`` by a Python loop: the P(m)-weighted mean probabilities."""
-    widths = jaxdl.masked_widths(model, x.shape[1:])
-    units = [(i, j) for i in range(len(widths)) for j in range(widths[i])]
-    probs = 0.0
-    for bits in itertools.product((0.0, 1.0), repeat=len(units)):
-        masks = [np.ones(w, np.float32) for w in widths]
-        weight = 1.0
-        for (i, j), b in zip(units, bits, strict=True):
-            masks[i][j] = b
-            weight *= (1 - rates[i]) if b else rates[i]
-        out = contract.call(model, variables, x, rates=jnp.asarray(rates, jnp.float32),
-                            masks=tuple(map(jnp.asarray, masks)))  # fmt: skip
-        probs = probs + weight * np.asarray(jax.nn.softmax(out), np.float64)
-    return probs
-
-
-def test_ensemble_view_of_a_user_module_exact_equals_brute_force_and_mc_converges():
+def test_ensemble_view_of_a_user_module_exact_equals_brute_force_and_mc_converges(
+    enumerate_subnetworks,
+):
     x = np.random.default_rng(0).normal(size=(9, 5)).astype(np.float32)
     y = np.random.default_rng(1).integers(0, 3, 9).astype(np.int32)
     model = Tiny()
@@ -190,7 +173,7 @@ def test_ensemble_view_of_a_user_module_exact_equals_brute_force_and_mc_converge
     assert jaxdl.masked_widths(model, (5,)) == (3, 4)
     rates = [0.4, 0.5]
     got = ensemble.exact_probs(model, variables, rates, x, batch_size=4)
-    np.testing.assert_allclose(got["arithmetic"], _enumerate(model, variables, rates, x),
+    np.testing.assert_allclose(got["arithmetic"], enumerate_subnetworks(model, variables, rates, x)[0],
                                atol=2e-6)  # fmt: skip
     masks = ensemble.sample_masks(jax.random.key(3), model, rates, 20000, (5,))
     st = ensemble.mc_stats(model, variables, rates, x, y, masks)
