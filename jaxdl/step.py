@@ -182,7 +182,7 @@ def train_step(setup: Setup, state: TrainState, batch: Batch, hp: HParams):
         out = _apply(
             setup.model, params, state.batch_stats, x, hp.numbers, rates=rates, masks=masks, train=True,
             example_mask=example_mask, mutable=["batch_stats"] if state.batch_stats else [],
-            rng=jax.random.fold_in(k_mask, 1),
+            rng=None if contract.is_net(setup.model) else jax.random.fold_in(k_mask, 1),
         )  # fmt: skip
         logits, updates = out
         data = losses.data_loss(setup.loss, logits, batch.y, batch.weight)

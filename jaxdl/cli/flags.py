@@ -123,13 +123,13 @@ def _model_spec(text: str) -> str:
 
 def _json_object(text: str) -> dict:
     try:
-        value = json.loads(text)
+        value, why = json.loads(text), ""
     except ValueError as e:
-        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"width\": 64}}', "
-                                         f"got {text!r} ({e})") from None  # fmt: skip
+        value, why = None, f" ({e})"
     if not isinstance(value, dict):
-        raise argparse.ArgumentTypeError(f"expected a JSON object like '{{\"width\": 64}}', "
-                                         f"got {text!r}")  # fmt: skip
+        raise argparse.ArgumentTypeError(
+            f"expected a JSON object like '{{\"width\": 64}}', got {text!r}{why}"
+        )
     return value
 
 
@@ -191,20 +191,10 @@ def _add_train_flags(p: argparse.ArgumentParser, number=float) -> None:
         metavar="MODEL",
         help="mlp, cnn, or a Flax module of your own: PATH.py:CLASS or package.module:CLASS",
     )
-    g.add_argument(
-        "--model-args",
-        type=_json_object,
-        default=None,
-        metavar="JSON",
-        help="the module's arguments, e.g. '{\"width\": 64}' (its fields)",
-    )
-    g.add_argument(
-        "--model-numbers",
-        type=_json_object,
-        default=None,
-        metavar="JSON",
-        help="values of the module's jaxdl.Hyperparameter numbers, e.g. '{\"temperature\": 2}'",
-    )
+    for flag, what in (("--model-args", "arguments (its fields), e.g. '{\"width\": 64}'"),
+                       ("--model-numbers", "jaxdl.Hyperparameter values, e.g. '{\"temperature\": 2}'")):  # fmt: skip
+        g.add_argument(flag, type=_json_object, default=None, metavar="JSON",
+                       help=f"the module's {what}")  # fmt: skip
     g.add_argument(
         "--hidden", type=_ints, default=(500, 500), help="MLP hidden widths, e.g. 500,500"
     )
