@@ -4,7 +4,7 @@ The pure functions are the API: ``fit`` is a convenience built from ``init_state
 ``train_step`` and ``run_epoch``; every sweepable number is a traced array (``HParams``).
 """
 
-from jaxdl import checkpoint, ensemble, report, sweep
+from jaxdl import checkpoint, ensemble, processes, report, sweep
 from jaxdl.config import RunConfig
 from jaxdl.contract import Dropout, Hyperparameter, masked_widths
 from jaxdl.data import Dataset, Splits, load, standardize, synthetic, synthetic_splits
@@ -58,6 +58,7 @@ __all__ = [
     "params_digest",
     "predict",
     "prepare",
+    "processes",
     "report",
     "run_epoch",
     "sample_masks",

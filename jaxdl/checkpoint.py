@@ -41,7 +41,7 @@ import optax
 import orbax.checkpoint as ocp
 from orbax.checkpoint import checkpoint_managers as policies
 
-from jaxdl import validate
+from jaxdl import processes, validate
 from jaxdl.validate import InputError
 
 FORMAT = 1
@@ -190,6 +190,12 @@ class Checkpointer:
         self._manager.reload()
         return sorted(self._manager.all_steps())
 
+    def saved(self) -> list[int]:
+        """Epochs with a complete checkpoint here or in a ``sub`` checkpointer's directory
+        (a sweep's chunks), oldest first."""
+        found = {int(d.name) for d in self.directory.glob("**/[0-9]*") if d.name.isdigit()}
+        return sorted(found)
+
     def save(self, epoch: int, state: Any, host: Mapping[str, Any], score: float | None = None):
         """Writes the checkpoint of ``epoch`` (``score``: higher is better, ranks the best)."""
         meta = {
@@ -214,7 +220,11 @@ class Checkpointer:
         self, epoch: int, state: Any, host: Mapping[str, Any], *, score=None, best=False, last=False
     ) -> None:
         """Saves when due (every N epochs, a new best, the last epoch, a pending signal);
-        after a signal, raises ``Interrupted`` once the checkpoint is written."""
+        after a signal, raises ``Interrupted`` once the checkpoint is written. Over several
+        processes, a signal any of them caught stops them all at this epoch (they save
+        together)."""
+        if processes.any_process(self.requested is not None) and self.requested is None:
+            self.requested = signal.SIGTERM  # another process's signal
         if epoch % self.every == 0 or best or last or self.requested is not None:
             self.save(epoch, state, host, score)
         if self.requested is not None:
@@ -238,6 +248,12 @@ class Checkpointer:
                 for k in {*meta["config"], *self.config}
                 if meta["config"].get(k) != self.config.get(k)
             )
+            if diff == ["size"]:  # a sweep chunk's members, padded to a multiple of devices
+                raise CheckpointError(
+                    f"{where} holds {meta['config']['size']} members (padded for its devices); "
+                    f"this run pads to {self.config['size']}: resume on as many devices "
+                    "(the --processes and --cpu-devices it started with)"
+                )
             raise CheckpointError(
                 f"{where} belongs to a run with other settings ({', '.join(diff)} differ); "
                 "resume with the run's own settings or start a new run"
@@ -269,7 +285,7 @@ class Checkpointer:
             except Exception as e:  # noqa: BLE001
                 errors.append(self._unreadable(step, e, steps))
                 continue
-            for bad in (s for s in steps if s > step):
+            for bad in (s for s in steps if s > step and processes.leader()):
                 target, n = self.directory / f"unreadable-{bad}", 1
                 while target.exists():
                     target, n = self.directory / f"unreadable-{bad}-{n}", n + 1

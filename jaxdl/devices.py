@@ -38,7 +38,7 @@ def cores() -> int:
         return os.cpu_count() or 1
 
 
-def _user_set_count() -> bool:
+def user_set_count() -> bool:
     """Whether the environment already sets the CPU device count (``XLA_FLAGS`` or
     ``JAX_NUM_CPU_DEVICES``)."""
     return _XLA_COUNT_FLAG in os.environ.get("XLA_FLAGS", "") or _ENV_COUNT in os.environ
@@ -54,7 +54,7 @@ def use_cpu_cores(n: int | None = None) -> int:
       InputError: ``n`` is not a positive integer, or JAX has already started with
         another number of CPU devices.
     """
-    if n is None and _user_set_count():  # JAX starts here, to report that count
+    if n is None and user_set_count():  # JAX starts here, to report that count
         return len(jax.devices("cpu"))
     n = cores() if n is None else validate.positive_int("CPU devices", n)
     try:
@@ -118,8 +118,11 @@ def compiler_options() -> dict[str, int]:
 def for_members(members: int, devices: Sequence[jax.Device] | None = None) -> list[jax.Device]:
     """The devices a sweep of ``members`` runs on: ``devices`` (default: all of
     ``jax.devices()``), but no more than there are members, since a device with only
-    padding would do nothing but wait."""
+    padding would do nothing but wait. Over several processes every device takes part
+    (each process runs the program on its own devices)."""
     devices = list(jax.devices() if devices is None else devices)
     if not devices:
         validate.fail("devices", "at least one device", devices)
+    if jax.process_count() > 1:
+        return devices
     return devices[: max(1, members)]

@@ -20,7 +20,7 @@ import numpy as np
 from jax.sharding import Mesh, NamedSharding
 from jax.sharding import PartitionSpec as P
 
-from jaxdl import compiled, contract, models, step, validate
+from jaxdl import compiled, contract, models, processes, step, validate
 from jaxdl.devices import compiler_options
 
 
@@ -162,13 +162,13 @@ def sweep_epoch(setup: step.Setup, form: str, states, active, data: step.Batch, 
 def by_members(tree, mesh: Mesh | None):
     """``tree`` (leading axis: members) split over ``mesh``'s ``members`` axis, as the
     programs take it (after a gather, e.g. a search keeping some members)."""
-    return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, P("members")))
+    return tree if mesh is None else processes.place(tree, NamedSharding(mesh, P("members")))
 
 
 def share(tree, mesh: Mesh | None):
     """``tree`` (the data every member reads) placed once on every device of ``mesh``,
     one copy per device, not per member (on one device: as it is)."""
-    return tree if mesh is None else jax.device_put(tree, NamedSharding(mesh, P()))
+    return tree if mesh is None else processes.place(tree, NamedSharding(mesh, P()))
 
 
 def programs(setup: step.Setup, mesh: Mesh | None = None, form: str = "own") -> compiled.Programs:
@@ -239,7 +239,7 @@ def memory_budget(data_bytes: int = 0, n_devices: int = 1) -> int:
     """Bytes a sweep may use on one of ``n_devices`` devices: its memory limit where the
     backend reports one (GPU, TPU), else its share of half the host's RAM (CPU devices
     share it), less the data set (each device holds a copy)."""
-    stats = jax.devices()[0].memory_stats() or {}
+    stats = jax.local_devices()[0].memory_stats() or {}
     if "bytes_limit" in stats:
         limit = int(stats["bytes_limit"] * 0.9)
     else:

@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from jaxdl import compiled, report, validate
+from jaxdl import compiled, processes, report, validate
 from jaxdl.config import RunConfig
 from jaxdl.data import Dataset
-from jaxdl.member_programs import by_members, pad
+from jaxdl.member_programs import by_members, pad, share
 from jaxdl.search import (
     Track,
     each_epoch,
@@ -128,7 +128,7 @@ def pbt(
     traced_before = progs.traces["epoch"]
     size = padded_size(n, pop.n_devices)
     ids = np.arange(n)
-    states = progs.init(*pad(pop.keys, hp0, n, size)[:2])
+    states = progs.init(*by_members(pad(pop.keys, hp0, n, size)[:2], pop.mesh))
     hp = rows_of(hp0, padded_rows(ids, pop.n_devices))
     states, on, hp = by_members((states, jnp.arange(size) < n, hp), pop.mesh)
     exe, compile_seconds = compiled.executable(progs, states, on, pop.data, pop.valid, hp)
@@ -146,15 +146,16 @@ def pbt(
                                              min(epochs, epoch + ready_every), track, each)  # fmt: skip
             seconds += time.perf_counter() - t0
             for name in names:
-                values[name][:, start:epoch] = np.asarray(_value(hp, name))[:n, None]
+                values[name][:, start:epoch] = processes.to_host(_value(hp, name))[:n, None]
             if epoch >= epochs or epoch == start:
                 break
             scores = np.full(size, -np.inf)
             latest = sign * track.history[metric][:, epoch - 1]
             scores[:n] = np.where(track.diverged | np.isnan(latest), -np.inf, latest)
-            states, hp, source = exploit(states, hp, jnp.asarray(scores), jax.random.fold_in(
-                jax.random.key(key), epoch), factors_arr, n=n, k=k, names=names)  # fmt: skip
-            source = np.asarray(source)[:n]
+            given = share((jnp.asarray(scores), jax.random.fold_in(jax.random.key(key), epoch),
+                           factors_arr), pop.mesh)  # fmt: skip
+            states, hp, source = exploit(states, hp, *given, n=n, k=k, names=names)
+            source = processes.to_host(source)[:n]
             track.diverged[source != ids] = False  # a copy of a healthy member trains again
             on = jnp.asarray(np.r_[~track.diverged, np.zeros(size - n, bool)])
             states, on, hp = by_members((states, on, hp), pop.mesh)

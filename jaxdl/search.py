@@ -24,7 +24,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxdl import compiled, report, train, validate
+from jaxdl import compiled, processes, report, train, validate
 from jaxdl.config import RunConfig
 from jaxdl.data import Dataset
 from jaxdl.devices import for_members
@@ -67,7 +67,7 @@ class Track:
     def epoch(self, epoch: int, ids, was, diverged_now, metrics) -> dict[str, np.ndarray]:
         """Records an epoch of members ``ids`` (``was``: which trained); returns that
         epoch's metrics for every member (NaN for those not training) and ``diverged``."""
-        metrics = jax.device_get(metrics)
+        metrics = processes.to_host(metrics)
         metrics.pop("nonfinite_step")  # divergence is per member (``diverged_now``)
         self.diverged[ids] |= diverged_now
         self.epochs_run[ids] += was & ~diverged_now
@@ -118,7 +118,7 @@ def halving(
     )
     plan = rungs(n, eta, min_epochs, epochs)
     traced_before = progs.traces["epoch"]
-    states = progs.init(*pad(pop.keys, hp, n, padded_size(n, n_devices))[:2])
+    states = progs.init(*by_members(pad(pop.keys, hp, n, padded_size(n, n_devices))[:2], pop.mesh))
     track = Track(n, epochs)
     ids = np.arange(n)  # the members in ``states`` (its first len(ids) rows)
     active = np.ones(n, bool)  # which of them still train
@@ -150,7 +150,7 @@ def halving(
                 pop, exe, states, on, hp_now, ids, epoch, until, track, each
             )
             seconds += time.perf_counter() - t0
-            active = np.asarray(on)[: len(ids)]
+            active = processes.to_host(on)[: len(ids)]
             epoch = until  # a rung whose members all stopped early ends here too
         prog.finish()
     done.append((ids, rows_of(states, np.arange(len(ids)))))
@@ -238,11 +238,13 @@ def train_epochs(pop, exe, states, on, hp, ids, epoch: int, until: int, track, e
     """Runs the compiled epoch ``exe`` from ``epoch`` to ``until`` (or until no member
     of ``ids`` is ``on``), recording each epoch in ``track`` and telling ``each``;
     returns ``(states, on, epoch)``."""
-    while epoch < until and bool(jnp.any(on)):
+    now = processes.to_host(on)
+    while epoch < until and now.any():
         epoch += 1
-        was = np.asarray(on)[: len(ids)]
+        was = now[: len(ids)]
         states, on, div_now, metrics = exe(states, on, pop.data, pop.valid, hp)
-        each(epoch, track.epoch(epoch, ids, was, np.asarray(div_now)[: len(ids)], metrics))
+        div_now, now = processes.to_host((div_now, on))
+        each(epoch, track.epoch(epoch, ids, was, div_now[: len(ids)], metrics))
     return states, on, epoch
 
 
@@ -257,8 +259,14 @@ def padded_rows(rows: np.ndarray, n_devices: int) -> np.ndarray:
 
 
 def rows_of(tree, rows: np.ndarray):
-    """The members ``rows`` of a tree with a leading member axis."""
+    """The members ``rows`` of a tree with a leading member axis. Over several processes
+    the members pass through the host (programs take them back with ``by_members``)."""
     idx = jnp.asarray(rows, jnp.int32)
+    if processes.several():
+        tree = processes.to_host(tree)
+        return jax.tree_util.tree_map(
+            lambda v: v[rows] if isinstance(v, np.ndarray) else v[idx], tree
+        )
     return jax.tree_util.tree_map(lambda v: v[idx], tree)
 
 

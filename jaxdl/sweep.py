@@ -36,7 +36,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh
 
-from jaxdl import compiled, contract, models, optim, report, step, train, validate
+from jaxdl import compiled, contract, models, optim, processes, report, step, train, validate
 from jaxdl.config import MODULES, OptimizerConfig, RunConfig
 from jaxdl.data import Dataset
 from jaxdl.devices import for_members
@@ -48,6 +48,7 @@ if TYPE_CHECKING:
 from jaxdl.member_programs import (
     DATA_ORDERS,
     batch_form,
+    by_members,
     check_masks,
     chunk_size,
     freeze,
@@ -203,9 +204,10 @@ def run(
         on a CPU host ``jaxdl.use_cpu_cores()`` makes each core a device). With more
         than one, the member axis is sharded over a ``members`` mesh axis
         (``NamedSharding``) and the data replicated; members are padded to a multiple
-        of the device count. Results equal the single-device run. For several hosts, call
-        ``jax.distributed.initialize()`` first in every process: ``jax.devices()`` then
-        lists every host's devices and each host runs its share of the members.
+        of the device count. Results equal the single-device run. Over several processes
+        (hosts), call ``jaxdl.processes.join(...)`` (``jax.distributed``) first in every
+        process and then this with the same arguments: ``jax.devices()`` then lists every
+        process's devices, each runs its share of the members, and each gets every row.
       max_memory_bytes: per-device budget (default: see ``memory_budget``). Members that
         do not fit together run in chunks, one after another, with a warning.
       masks: fixed subnetworks, one 0/1 array per masked layer with a leading member
@@ -253,6 +255,7 @@ def run(
         chunks = [
             _run_chunk(
                 progs,
+                mesh,
                 keys[i : i + size],
                 member_slice(hp, i, i + size),
                 size,
@@ -277,7 +280,9 @@ def run(
     diverged = np.concatenate([c.diverged for c in chunks])
     epochs_run = np.concatenate([c.epochs_run for c in chunks])
     seconds = sum(c.seconds for c in chunks)
-    rows = result_rows(members, hist, diverged, epochs_run, states, setup, test, hp)
+    rows = result_rows(members, hist, diverged, epochs_run, states, setup, test, hp, mesh)
+    if processes.several():  # every member's final state, on each process's host
+        states = processes.to_host(states)
     return SweepResult(
         rows=rows,
         history=hist,
@@ -307,11 +312,12 @@ class _Chunk(NamedTuple):
     compile_seconds: float
 
 
-def _run_chunk(progs, keys, hp, size, data, valid, epochs, on_epoch, ckpt=None) -> _Chunk:
+def _run_chunk(progs, mesh, keys, hp, size, data, valid, epochs, on_epoch, ckpt=None) -> _Chunk:
     """Trains one chunk of members (padded to ``size``) to the end; drops the padding.
     With a checkpointer ``ckpt``, continues from the chunk's latest checkpoint if any."""
     n = keys.shape[0]
-    keys, hp, active = pad(keys, hp, n, size)
+    # Placed explicitly: over several processes each puts only its own devices' shards.
+    keys, hp, active = by_members(pad(keys, hp, n, size), mesh)
     states = progs.init(keys, hp)
     exe, compile_seconds = compiled.executable(progs, states, active, data, valid, hp)
     diverged = np.zeros(size, bool)
@@ -326,15 +332,16 @@ def _run_chunk(progs, keys, hp, size, data, valid, epochs, on_epoch, ckpt=None) 
         history = {k: np.asarray(v, np.float64) for k, v in saved.host["history"].items()}
         log.info("resuming %d members after epoch %d (their latest checkpoint)", n, epoch)
     t0 = time.perf_counter()
-    while epoch < epochs and bool(jnp.any(active)):
+    on = processes.to_host(active)
+    while epoch < epochs and on.any():
         epoch += 1
-        was_active = np.asarray(active)
         states, active, diverged_now, metrics = exe(states, active, data, valid, hp)
-        metrics = jax.device_get(metrics)
+        metrics, diverged_now, now_on = processes.to_host((metrics, diverged_now, active))
         metrics.pop("nonfinite_step")  # divergence is isolated per member (``diverged``)
         metrics = {k: np.asarray(v, np.float64)[:n] for k, v in metrics.items()}
-        diverged |= np.asarray(diverged_now)
-        epochs_run += was_active & ~np.asarray(diverged_now)
+        diverged |= diverged_now
+        epochs_run += on & ~diverged_now
+        on = now_on
         for k, v in metrics.items():
             history.setdefault(k, np.full((n, epochs), np.nan))[:, epoch - 1] = v
         if on_epoch is not None:  # with which members have diverged (so far)
@@ -345,7 +352,7 @@ def _run_chunk(progs, keys, hp, size, data, valid, epochs, on_epoch, ckpt=None) 
                 "diverged": diverged.tolist(),
                 "epochs_run": epochs_run.tolist(),
             }
-            done = epoch == epochs or not bool(jnp.any(active))
+            done = epoch == epochs or not on.any()
             ckpt.after_epoch(epoch, {"states": states, "active": active}, host, last=done)
     seconds = time.perf_counter() - t0
     states = jax.tree_util.tree_map(lambda v: v[:n], states)

@@ -11,7 +11,8 @@ from typing import Any
 import jax
 import numpy as np
 
-from jaxdl import contract, step, train
+from jaxdl import contract, processes, step, train
+from jaxdl.member_programs import share
 
 
 @dataclasses.dataclass
@@ -54,25 +55,32 @@ def _f32(x) -> float:
 
 
 def result_rows(
-    members, hist, diverged, epochs_run, states, setup, test, hp
+    members, hist, diverged, epochs_run, states, setup, test, hp, mesh=None
 ) -> list[dict[str, Any]]:
-    """One row per member; test metrics from one vmapped evaluation of every member."""
+    """One row per member; test metrics from one vmapped evaluation of every member
+    (the test set placed on every device of ``mesh``, where the members are)."""
     acc = hist.get("val_accuracy", hist["train_accuracy"])
     if test is not None:
-        test = train.to_device(
-            train.check_data(test, "test", contract.classes(setup.model, setup.feature_shape))
+        test = share(
+            train.to_device(
+                train.check_data(test, "test", contract.classes(setup.model, setup.feature_shape))
+            ),
+            mesh,
         )
         ev = jax.jit(
             jax.vmap(
                 lambda p, b, r, m, n: step.evaluate_arrays(setup, p, b, r, test.x, test.y, m, n)
             )
         )
-        rates = states.rates if hp.masks is None else hp.dropout
-        test_metrics = jax.device_get(
-            ev(states.params, states.batch_stats, rates, hp.masks, states.numbers)
+        rates = states.rates if hp.masks is None else share(hp.dropout, mesh)
+        test_metrics = processes.to_host(
+            ev(states.params, states.batch_stats, rates, share(hp.masks, mesh), states.numbers)
         )
     rows = []
-    tracked = None if states.stopping is None else np.asarray(states.stopping.tracker.best_epoch)
+    stop = states.stopping
+    tracked, stopped = (
+        (None, None) if stop is None else processes.to_host((stop.tracker.best_epoch, stop.stopped))
+    )
     for i, (cfg, seed) in enumerate(members):
         a = np.where(np.isnan(acc[i]), -np.inf, acc[i])
         best = int(np.argmax(a)) if np.isfinite(a).any() else -1
@@ -88,6 +96,6 @@ def result_rows(
             row["test_loss"] = _f32(test_metrics["loss"][i])
         row["epochs_run"] = int(epochs_run[i])
         row["diverged"] = bool(diverged[i])
-        row["stopped"] = bool(states.stopping.stopped[i]) if states.stopping is not None else False
+        row["stopped"] = bool(stopped[i]) if stopped is not None else False
         rows.append(row)
     return rows

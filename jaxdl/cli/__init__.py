@@ -14,19 +14,23 @@ import sys
 import threading
 from collections.abc import Sequence
 
+import jax
+
 from jaxdl import tracking
 from jaxdl.checkpoint import Interrupted
 
 # Names, not modules, from jaxdl.train and the like: this package's submodules
 # (jaxdl.cli.train, .sweep, ...) become its attributes and would shadow them.
 from jaxdl.cli import config_file as run_config
+from jaxdl.cli import processes
 from jaxdl.cli.build import check_paths
 from jaxdl.cli.ensemble import cmd_ensemble
 from jaxdl.cli.parser import build_parser
 from jaxdl.cli.resume import _resumed
-from jaxdl.cli.sweep import _use_cpu_devices, cmd_sweep
+from jaxdl.cli.sweep import _use_cpu_devices, cmd_sweep, plan
 from jaxdl.cli.train import cmd_train
 from jaxdl.cli.views import _VIEWS, cmd_fetch
+from jaxdl.processes import ProcessLost
 from jaxdl.report import to_jsonable
 from jaxdl.report.progress import say
 from jaxdl.train import NonFiniteError
@@ -40,6 +44,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     handlers = {s: signal.getsignal(s) for s in (signal.SIGINT, signal.SIGTERM)}
     chatty = not getattr(a, "no_progress", True)  # what the slow first steps are doing
     talk = _Talk() if chatty else contextlib.nullcontext()
+    joined = False  # one of several processes
     try:
         talk.__enter__()
         check_paths(a)
@@ -49,9 +54,17 @@ def main(argv: Sequence[str] | None = None) -> int:
             tracking.require()  # before anything is written
         if getattr(a, "resume", None) is not None:
             a = _resumed(a, argv)
+        if a.command == "sweep" and processes.check_flags(a) > 1:  # N local ones, joined
+            plan(a)  # bad input: one line here, not one per process
+            run_dir = a.resume or processes.new_run_dir(a)
+            resumable = a.search == "grid" and a.checkpoint_every > 0
+            return processes.launch(a, argv, run_dir, resumable)
         if a.command == "sweep":
-            _use_cpu_devices(a.cpu_devices)
+            _use_cpu_devices(a.cpu_devices)  # before joining: JAX then fixes the count
+            joined = processes.join(a) > 1
             results, summary = cmd_sweep(a)
+            if results is None:  # a process other than 0: process 0 prints the results
+                return 0
         elif a.command == "train":
             results = cmd_train(a)
             summary = (f"test accuracy {results['test_accuracy']:.4f}  test loss {results['test_loss']:.4f}  "
@@ -72,8 +85,12 @@ def main(argv: Sequence[str] | None = None) -> int:
             results = cmd_fetch(a)
             summary = f"{results['dataset']} ready at {results['path']}"
     except InputError as e:
-        print(f"jaxdl {a.command}: error: {e}", file=sys.stderr)
+        who = f"{a.command} (process {jax.process_index()})" if joined else a.command
+        print(f"jaxdl {who}: error: {e}", file=sys.stderr)
         return 2
+    except ProcessLost as e:
+        print(f"jaxdl {a.command} (process {jax.process_index()}): {e}", file=sys.stderr)
+        return 1
     except NonFiniteError as e:
         print(f"jaxdl {a.command}: error: {e}", file=sys.stderr)
         return 3

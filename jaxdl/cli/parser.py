@@ -62,6 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         "jaxdl sweep --lr logspace:1e-4:1e-2:8 --epochs 10",
         "jaxdl sweep --lr 1e-3,1e-2 --dropout-hidden 0,0.5 --seeds 3 --hidden 256",
         "jaxdl sweep --lr logspace:1e-4:1e-1:27 --epochs 27 --search halving --eta 3",
+        "jaxdl sweep --lr 1e-3,3e-3,1e-2 --seeds 4 --processes 2",
         "jaxdl sweep --resume runs/NAME",
     )  # fmt: skip
     _add_train_flags(w, number=_values)
@@ -94,6 +95,7 @@ def build_parser() -> argparse.ArgumentParser:
         help="on a CPU, run the members on N devices of the host's cores (auto: one per "
         "core, unless XLA_FLAGS or JAX_NUM_CPU_DEVICES set a count); GPUs are unaffected",
     )  # fmt: skip
+    _add_process_flags(w)
     _add_view_commands(sub)
     e = _add_ensemble_command(sub)
     p.commands = {"train": t, "sweep": w, "ensemble": e}  # for --config: set a command's defaults
@@ -108,6 +110,26 @@ def build_parser() -> argparse.ArgumentParser:
     f.add_argument("--data-dir", type=Path, default=None, help="cache directory")
     f.add_argument("--force", action="store_true", help="fetch again even if cached")
     return p
+
+
+def _add_process_flags(w: argparse.ArgumentParser) -> None:
+    """Where a sweep runs beyond one process (jax.distributed); none of it changes the rows."""
+    g = w.add_argument_group(
+        "processes", "the members over every device of several processes (jax.distributed)"
+    )
+    g.add_argument(
+        "--processes", type=int, default=1, metavar="N",
+        help="start N local processes (one coordinator; auto --cpu-devices split the cores)",
+    )  # fmt: skip
+    g.add_argument(
+        "--coordinator", default=None, metavar="HOST:PORT",
+        help="process 0's address, the same in every process started by hand or by a "
+        "scheduler; auto: what jax.distributed detects (SLURM, MPI, TPU pods)",
+    )  # fmt: skip
+    g.add_argument("--num-processes", type=int, default=None, metavar="N",
+                   help="with --coordinator: how many processes")  # fmt: skip
+    g.add_argument("--process-id", type=int, default=None, metavar="I",
+                   help="with --coordinator: this process (0 writes the results)")  # fmt: skip
 
 
 def _add_ensemble_command(sub) -> argparse.ArgumentParser:

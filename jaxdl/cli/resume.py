@@ -13,10 +13,12 @@ from pathlib import Path
 from jaxdl import (
     checkpoint,
     model_source,
+    processes,
     report,
     train,
     validate,
 )
+from jaxdl.cli.config_file import PLACEMENT
 from jaxdl.cli.parser import build_parser
 from jaxdl.config import Checkpointing, saved_flags
 from jaxdl.validate import InputError
@@ -39,11 +41,12 @@ def _checkpointer(c: Checkpointing, run_dir: Path, config) -> checkpoint.Checkpo
 
 
 @contextlib.contextmanager
-def _faults(ckpt: checkpoint.Checkpointer | None, run_dir: Path):
+def _faults(ckpt: checkpoint.Checkpointer | None, run_dir: Path, command: str = "sweep"):
     """Catches SIGINT/SIGTERM from here to the end of the command (``main`` restores the
     handlers): during training the run is saved at the end of the epoch and stops; once
     training is done it finishes writing its results. On a NaN/Inf loss writes the
-    history so far and says where the last good checkpoint is."""
+    history so far and says where the last good checkpoint is. Over several processes, a
+    failed collective (another process died) becomes one line (``ProcessLost``)."""
     with ckpt.catch_signals(restore=False) if ckpt is not None else contextlib.nullcontext():
         try:
             yield
@@ -58,12 +61,22 @@ def _faults(ckpt: checkpoint.Checkpointer | None, run_dir: Path):
         except checkpoint.Interrupted as e:
             e.run_dir = run_dir
             raise
+        except processes.RUNTIME_ERROR as e:
+            if not processes.several():
+                raise
+            kept = [] if ckpt is None else ckpt.saved()
+            then = (f"its last checkpoint is epoch {kept[-1]}; continue with: jaxdl "
+                    f"{command} --resume {run_dir}" if kept else "no checkpoint was kept")  # fmt: skip
+            first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            raise processes.ProcessLost(
+                f"stopped: another process of the run stopped answering ({first[:160]}); {then}"
+            ) from None
 
 
 # Flags that only say how this invocation shows the run.
 _SHOWN_ONLY = ("json", "no_progress", "no_plots")
 # Flags a resumed run may set: they change what is shown, not what is computed.
-_RESUME_MAY_SET = ("resume", "json", "no_progress", "no_plots", "data_dir", "kernels")
+_RESUME_MAY_SET = ("resume", "json", "no_progress", "no_plots", "data_dir", "kernels", *PLACEMENT)
 
 
 def _given_flags(argv: Sequence[str]) -> dict:
@@ -141,7 +154,8 @@ def _resumed(a: argparse.Namespace, argv: Sequence[str]) -> argparse.Namespace:
         flag = "--" + dest.replace("_", "-")
         raise InputError(f"{flag}: {str(run_dir)!r} was started with {config.get(dest)!r}, got "
                          f"{value!r}; a resumed run keeps its settings (only --json, "
-                         "--no-progress, --no-plots, --data-dir and --kernels may be given)")  # fmt: skip
+                         "--no-progress, --no-plots, --data-dir, --kernels and where it runs may be "
+                         "given)")  # fmt: skip
     # How this invocation shows the run is its own, given or not (--no-progress then need
     # not be repeated, nor undone).
     out = _with_settings(a, config, keep=[*given, *_SHOWN_ONLY])

@@ -4,13 +4,19 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import json
 import math
 import sys
+from pathlib import Path
+from typing import Any, NamedTuple
+
+import jax
 
 from jaxdl import (
     checkpoint,
     devices,
     pbt,
+    processes,
     report,
     runs,
     search,
@@ -21,6 +27,7 @@ from jaxdl import (
 from jaxdl.cli.build import check_numbers, load_data, run_config, saved_config, write_config
 from jaxdl.cli.parser import SWEEPABLE
 from jaxdl.cli.resume import _check_checkpoint_flags, _checkpointer, _faults
+from jaxdl.config import RunConfig
 from jaxdl.report.progress import number_text
 from jaxdl.validate import InputError
 
@@ -28,9 +35,20 @@ _ROW_RESULTS = ("best_val_accuracy", "best_epoch", "test_accuracy", "test_loss",
                 "diverged", "stopped")  # fmt: skip
 
 
-def cmd_sweep(a: argparse.Namespace) -> tuple[dict, str]:
-    """Runs the sweep; returns its summary (``--json``) and what the terminal shows: the
-    best members as a table, then one line."""
+class Plan(NamedTuple):
+    """A sweep's settings, checked: what every process computes alike."""
+
+    config: RunConfig
+    splits: Any  # the data's splits (train, valid, test)
+    train: Any  # the training set
+    configs: list[dict]
+    lists: dict[str, list]  # the swept flags and their values
+    axes: dict[str, list]  # the swept settings, by their library names
+    description: dict  # the sweep's identity (checkpoint.describe)
+
+
+def plan(a: argparse.Namespace) -> Plan:
+    """Checks every flag and value of a sweep and loads its data, on the host."""
     validate.positive_int("--seeds", a.seeds)
     check_numbers(a)  # every value of each list, under its flag's name
     lists = {d: getattr(a, d) for d in SWEEPABLE if isinstance(getattr(a, d), list)}
@@ -40,8 +58,9 @@ def cmd_sweep(a: argparse.Namespace) -> tuple[dict, str]:
     drop_in = axes.pop("dropout_input", [config.regularisation.dropout_input])
     drop_hid = axes.pop("dropout_hidden", [config.regularisation.dropout])
     configs = sweep.grid(**axes, dropout_input=drop_in, dropout=drop_hid)
-    options = dict(seeds=a.seeds, validation=splits.valid)
-    setup, hp, _, members = sweep.prepare_sweep(config, tr, configs, **options)  # check all
+    setup, hp, _, members = sweep.prepare_sweep(  # checks every member
+        config, tr, configs, seeds=a.seeds, validation=splits.valid
+    )
     search.check_search(a.search, a.epochs, a.eta, a.min_epochs)
     validate.positive_int("--ready-every", a.ready_every)
     if a.search != "grid" and a.resume is not None:
@@ -50,14 +69,41 @@ def cmd_sweep(a: argparse.Namespace) -> tuple[dict, str]:
     if a.search != "grid":
         a.checkpoint_every = 0  # its rungs and populations are not checkpointed
     _check_checkpoint_flags(a)
-    if a.resume is None:
+    desc = checkpoint.describe(setup, hp, tr.x, tr.y, members=members)
+    return Plan(config, splits, tr, configs, lists, axes, desc)
+
+
+def _run_dir(a: argparse.Namespace, p: Plan) -> Path:
+    """The run's directory: the resumed one, or a new one that process 0 makes (with its
+    config.json) and every process then uses."""
+    if a.resume is not None:
+        return Path(a.resume)
+    made = ""
+    if processes.leader():
         run_dir = report.make_run_dir(a.runs_dir, a.name, prefix="sweep")
         space = {d: getattr(a, d) for d in SWEEPABLE}
-        write_config(run_dir, saved_config(a, config, space=space, run_dir=str(run_dir)))  # fmt: skip
-    else:
-        run_dir = a.resume
-    desc = checkpoint.describe(setup, hp, tr.x, tr.y, members=members)
-    ckpt = _checkpointer(config.checkpointing, run_dir, desc)
+        write_config(run_dir, saved_config(a, p.config, space=space, run_dir=str(run_dir)))
+        made = str(run_dir)
+    return Path(processes.from_leader(made))
+
+
+def cmd_sweep(a: argparse.Namespace) -> tuple[dict | None, str]:
+    """Runs the sweep; returns its summary (``--json``) and what the terminal shows: the
+    best members as a table, then one line. Over several processes, process 0 writes and
+    returns the results; the others return (None, "")."""
+    p = plan(a)
+    config, splits, tr, configs, lists, axes = (
+        p.config,
+        p.splits,
+        p.train,
+        p.configs,
+        p.lists,
+        p.axes,
+    )
+    processes.check_same("data and settings", json.dumps(p.description, sort_keys=True))
+    run_dir = _run_dir(a, p)
+    ckpt = _checkpointer(config.checkpointing, run_dir, p.description)
+    options = dict(seeds=a.seeds, validation=splits.valid)
     n = len(configs) * a.seeds
     with report.Progress(a.epochs, enabled=not a.no_progress, stream=sys.stderr) as prog:
         with _faults(ckpt, run_dir):
@@ -72,6 +118,8 @@ def cmd_sweep(a: argparse.Namespace) -> tuple[dict, str]:
             else:
                 res = sweep.run(config, tr, configs, checkpointer=ckpt, **show, **options)
         prog.finish()
+    if not processes.leader():
+        return None, ""
     rows = []
     for row in res.rows:  # the dropout rates under their flags' names, where swept
         given = {"dropout_input": row.pop("dropout_input"), "dropout_hidden": row.pop("dropout")}
@@ -106,6 +154,7 @@ def cmd_sweep(a: argparse.Namespace) -> tuple[dict, str]:
         "results_path": str(run_dir / "results.csv"),
         "model_samples_per_second": res.samples_per_second,
         "devices": res.devices,
+        "processes": jax.process_count(),
         "compile_seconds": res.compile_seconds,
         "train_seconds": res.seconds,
         "diverged": sum(r["diverged"] for r in rows),
@@ -159,6 +208,8 @@ def _use_cpu_devices(n: str | int) -> None:
             devices.use_cpu_cores(n)
         except InputError as e:
             raise InputError(f"--cpu-devices: {e}") from None
+        return
+    if devices.user_set_count():  # kept (asking JAX for it would start JAX)
         return
     with contextlib.suppress(InputError):
         devices.use_cpu_cores()

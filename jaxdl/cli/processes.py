@@ -1,0 +1,135 @@
+"""``jaxdl sweep`` over several processes: joining them (``--coordinator``), and starting
+N local ones (``--processes N``), each the same command joined through jax.distributed.
+
+The local start is no protocol of its own: process ``i`` is ``jaxdl sweep <the same
+flags> --coordinator 127.0.0.1:PORT --num-processes N --process-id I``, exactly what a
+user types on N hosts. This process only watches them: when one ends in failure, it says
+which, stops the others at once (JAX would end them after its heartbeat timeout) and
+says how to resume.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from collections.abc import Sequence
+from pathlib import Path
+
+from jaxdl import devices, processes, report, validate
+from jaxdl.validate import InputError
+
+_POLL_SECONDS = 0.2
+
+
+def join(a: argparse.Namespace) -> int:
+    """Joins the processes named by ``--coordinator`` (before JAX starts); returns their
+    number (1 without ``--coordinator``). In a joined process, what native libraries
+    print on stdout (Gloo's connection lines) is dropped, so stdout holds only the
+    command's output (``--json``: one line)."""
+    if a.coordinator is None:
+        if a.num_processes is not None or a.process_id is not None:
+            raise InputError("--num-processes/--process-id need --coordinator HOST:PORT")
+        return 1
+    n = processes.join(a.coordinator, a.num_processes, a.process_id)
+    if n > 1:
+        _quiet_native_stdout()
+    return n
+
+
+def _quiet_native_stdout() -> None:
+    """Python's ``sys.stdout`` keeps the real stdout; file descriptor 1, where C++ code
+    writes, goes to /dev/null."""
+    sys.stdout.flush()
+    real = os.dup(1)
+    null = os.open(os.devnull, os.O_WRONLY)
+    os.dup2(null, 1)
+    os.close(null)
+    sys.stdout = open(real, "w", buffering=1, closefd=True)  # noqa: SIM115 (lives with the process)
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _how(rc: int) -> str:
+    if rc < 0:
+        return f"was killed by {signal.Signals(-rc).name}"
+    return f"exited with status {rc}"
+
+
+def check_flags(a: argparse.Namespace) -> int:
+    """``--processes N`` (checked, without ``--coordinator``); returns N."""
+    n = validate.positive_int("--processes", a.processes)
+    if n > 1 and a.coordinator is not None:
+        raise InputError("--processes N starts the processes itself; give it without "
+                         "--coordinator (or start each process with --coordinator)")  # fmt: skip
+    return n
+
+
+def launch(a: argparse.Namespace, argv: Sequence[str], run_dir: Path, resumable: bool) -> int:
+    """Runs ``jaxdl sweep argv`` as ``a.processes`` local processes joined through
+    jax.distributed, in ``run_dir`` (made by the caller; resumed if ``a.resume``). Process
+    0 shows progress and prints the results; the status is its status, or 1 (with one
+    line saying which process failed and how to go on) when another one failed."""
+    n = check_flags(a)
+    address = f"127.0.0.1:{_free_port()}"
+    cpu = a.cpu_devices if a.cpu_devices != "auto" else max(1, devices.cores() // n)
+    base = [sys.executable, "-m", "jaxdl.cli", *argv, "--processes", "1"]
+    base += ["--cpu-devices", str(cpu)]
+    if a.resume is None:  # the directory made here, which process 0 fills
+        base += ["--name", run_dir.name, "--runs-dir", str(run_dir.parent)]
+    children = []
+    for i in range(n):
+        extra = ["--coordinator", address, "--num-processes", str(n), "--process-id", str(i)]
+        quiet = ["--no-progress"] if i else []
+        out = None if i == 0 else subprocess.DEVNULL  # one results table, process 0's
+        children.append(subprocess.Popen([*base, *extra, *quiet], stdout=out))
+    # Ctrl-C reaches every process of the terminal's group: the sweep processes stop
+    # together after their current epoch; this one waits for them.
+    previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    try:
+        return _watch(children, n, run_dir, resumable)
+    finally:
+        signal.signal(signal.SIGINT, previous)
+        for c in children:
+            if c.poll() is None:
+                c.kill()
+
+
+def _watch(children: list[subprocess.Popen], n: int, run_dir: Path, resumable: bool) -> int:
+    while True:
+        codes = [c.poll() for c in children]
+        # A process killed by a signal first: the others' errors follow from its death.
+        failed = sorted((rc >= 0, i, rc) for i, rc in enumerate(codes) if rc not in (None, 0))
+        failed = [(i, rc) for _, i, rc in failed]
+        if failed and failed[0][1] not in (2, 128 + signal.SIGINT, 128 + signal.SIGTERM):
+            i, rc = failed[0]
+            for c in children:
+                if c.poll() is None:
+                    c.kill()
+            saved = resumable and any((run_dir / "checkpoints").glob("chunk-*/[0-9]*"))
+            then = (f"continue from its last checkpoint with: jaxdl sweep --resume {run_dir} "
+                    f"--processes {n}" if saved else "no checkpoint was written: run it again")  # fmt: skip
+            print(f"jaxdl sweep: process {i} of {n} {_how(rc)}; stopped the others; {then}",
+                  file=sys.stderr)  # fmt: skip
+            return 1
+        if failed:  # bad input (process 0 said which) or an interrupt every process saw
+            deadline = time.monotonic() + processes.HEARTBEAT_SECONDS
+            while any(c.poll() is None for c in children) and time.monotonic() < deadline:
+                time.sleep(_POLL_SECONDS)
+            return codes[0] if codes[0] not in (None, 0) else failed[0][1]
+        if all(rc == 0 for rc in codes):
+            return 0
+        time.sleep(_POLL_SECONDS)
+
+
+def new_run_dir(a: argparse.Namespace) -> Path:
+    """The run directory the local processes fill (made now, empty)."""
+    return report.make_run_dir(a.runs_dir, a.name, prefix="sweep")

@@ -1,0 +1,181 @@
+"""Sweeps over several processes (jax.distributed, CPU collectives): 2 local processes with
+2 CPU devices each give the rows of 1 process with 4 (grid, halving, PBT); a killed
+process ends the run with one line, and ``--resume`` completes it with the same rows."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+import jaxdl
+from jaxdl.cli.processes import _free_port, launch
+from jaxdl.processes import HEARTBEAT_SECONDS
+
+# 400 training rows in minibatches of 10: 40 steps an epoch, long enough to kill a
+# process between two epochs.
+SWEEP = ["sweep", "--hidden", "16", "--epochs", "20", "--batch-size", "10",
+         "--lr", "1e-3,1e-2,3e-2", "--seeds", "2", "--json", "--no-progress"]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory) -> Path:
+    s = jaxdl.synthetic_splits(
+        400, 100, 100, num_features=20, num_classes=4, seed=2, separation=4.0
+    )
+    return jaxdl.data.save_file(tmp_path_factory.mktemp("data") / "d.npz", s)
+
+
+def _jaxdl(*argv: str, **kw) -> subprocess.Popen:
+    cmd = [sys.executable, "-m", "jaxdl.cli", *argv]
+    return subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **kw)
+
+
+def _finish(p: subprocess.Popen, timeout: float = 240) -> tuple[int, str, str]:
+    out, err = p.communicate(timeout=timeout)
+    return p.returncode, out, err
+
+
+@pytest.fixture(scope="module")
+def one_process(data, tmp_path_factory) -> list[dict]:
+    """The sweep's rows from one process with 4 CPU devices."""
+    runs = tmp_path_factory.mktemp("runs")
+    code, out, err = _finish(_jaxdl(*SWEEP, "--data", str(data), "--runs-dir", str(runs),
+                                    "--name", "one", "--cpu-devices", "4"))  # fmt: skip
+    assert code == 0, err
+    summary = json.loads(out.splitlines()[-1])
+    assert summary["processes"] == 1 and summary["devices"] == 4
+    return json.loads((runs / "one" / "results.json").read_text())
+
+
+def _children(pid: int) -> dict[int, int]:
+    """The process id (``--process-id``) of each child of ``pid``, by its pid."""
+    out = {}
+    for child in Path(f"/proc/{pid}/task/{pid}/children").read_text().split():
+        argv = Path(f"/proc/{child}/cmdline").read_bytes().split(b"\0")
+        out[int(argv[argv.index(b"--process-id") + 1])] = int(child)
+    return out
+
+
+@pytest.mark.skipif(not Path("/proc/self/task").exists(), reason="reads /proc (Linux)")
+def test_a_killed_process_ends_the_run_and_resume_completes_it(data, tmp_path, one_process):
+    run = tmp_path / "k"
+    p = _jaxdl(*SWEEP, "--data", str(data), "--runs-dir", str(tmp_path), "--name", "k",
+               "--processes", "2", "--cpu-devices", "2")  # fmt: skip
+    chunk = run / "checkpoints" / "chunk-0"
+    deadline = time.monotonic() + 180
+    while not (chunk.exists() and any(d.name.isdigit() for d in chunk.iterdir())):
+        assert p.poll() is None and time.monotonic() < deadline, p.communicate()
+        time.sleep(0.05)
+    os.kill(_children(p.pid)[1], signal.SIGKILL)
+    killed = time.monotonic()
+    code, out, err = _finish(p, timeout=2 * HEARTBEAT_SECONDS)
+    assert time.monotonic() - killed < 60
+    said = err.strip().splitlines()[-1]
+    assert code == 1 and out == ""
+    assert said == (f"jaxdl sweep: process 1 of 2 was killed by SIGKILL; stopped the others; "
+                    f"continue from its last checkpoint with: jaxdl sweep --resume {run} "
+                    "--processes 2")  # fmt: skip
+    assert not (run / "results.json").exists()
+    code, out, err = _finish(_jaxdl("sweep", "--resume", str(run), "--processes", "2", "--json"))
+    assert code == 0, err
+    lines = out.splitlines()
+    # Process 0 alone prints: the member table, its summary line, the JSON (no Gloo lines).
+    assert lines[0].startswith("learning_rate") and len(lines) == 2 + 6 + 2
+    summary = json.loads(lines[-1])
+    assert summary["processes"] == 2 and summary["devices"] == 4 and summary["compiles"] == 1
+    assert json.loads((run / "results.json").read_text()) == one_process
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["k"]  # one run directory
+
+
+@pytest.mark.parametrize(
+    "flags, expect",
+    [
+        (["--num-processes", "2"], "--num-processes/--process-id need --coordinator HOST:PORT"),
+        (["--coordinator", "nohost"], "--coordinator: expected HOST:PORT"),
+        (["--coordinator", "127.0.0.1:1"], "give --num-processes N and --process-id I too"),
+        (
+            ["--coordinator", "127.0.0.1:1", "--num-processes", "2", "--process-id", "2"],
+            "--process-id: expected 0 to 1, got 2",
+        ),  # fmt: skip
+        (["--processes", "0"], "--processes: expected an integer > 0, got 0"),
+        (["--processes", "2", "--coordinator", "127.0.0.1:1"], "starts the processes itself"),
+    ],
+)
+def test_bad_process_flags_exit_2_with_one_line(flags, expect, data, tmp_path, run_cli):
+    code, out, err = run_cli("sweep", "--data", str(data), "--hidden", "4", "--epochs", "1",
+                             "--runs-dir", str(tmp_path), *flags)  # fmt: skip
+    assert code == 2 and expect in err and len(err.strip().splitlines()) == 1, err
+    assert not any(tmp_path.iterdir())  # nothing started, nothing written
+
+
+def test_the_local_start_gives_each_process_the_same_flags_and_its_id(tmp_path, monkeypatch):
+    started = []
+
+    class Child:
+        def __init__(self, argv, stdout=None):
+            started.append((argv, stdout))
+
+        def poll(self):
+            return 0
+
+    monkeypatch.setattr(subprocess, "Popen", Child)
+    a = jaxdl.cli.build_parser().parse_args(["sweep", "--processes", "3", "--cpu-devices", "2"])
+    assert launch(a, ["sweep", "--lr", "1e-3", "--processes", "3"], tmp_path / "r", True) == 0
+    assert len(started) == 3
+    for i, (argv, stdout) in enumerate(started):
+        tail = argv[argv.index("--lr") + 2 :]
+        assert tail[:6] == ["--processes", "3", "--processes", "1", "--cpu-devices", "2"]
+        assert tail[tail.index("--process-id") + 1] == str(i)
+        assert tail[tail.index("--num-processes") + 1] == "3"
+        assert (stdout is None) == (i == 0)  # process 0's stdout is the command's
+        assert ("--no-progress" in tail) == (i > 0)
+
+
+_SEARCHES = """
+import json, sys
+import jax
+import jaxdl
+from jaxdl import pbt, sweep
+
+n, i, port, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3], sys.argv[4]
+jaxdl.use_cpu_cores(4 // n)
+if n > 1:
+    jaxdl.processes.join(f"127.0.0.1:{port}", n, i)
+data = jaxdl.synthetic_splits(200, 100, 100, num_features=12, num_classes=3, seed=0)
+configs = sweep.grid(learning_rate=[1e-3, 1e-2, 3e-2, 1e-1])
+model, sgd = jaxdl.MLP(hidden=(8,), num_classes=3), jaxdl.make_optimizer("sgd")
+shared = dict(seeds=2, validation=data.valid, test=data.test, verbose=False)
+grid = sweep.sweep(model, sgd, data.train, configs, epochs=4, batch_size=20, **shared)
+halving = sweep.sweep(model, sgd, data.train, configs, epochs=4, batch_size=20,
+                      search="halving", eta=2, **shared)
+config = jaxdl.RunConfig.of(model, sgd, epochs=4, batch_size=20)
+population = pbt.pbt(config, data.train, configs, ready_every=1, **shared)
+rows = {"grid": grid.rows, "halving": halving.rows, "pbt": population.rows, "devices": grid.devices,
+        "source": population.lineage["source"].tolist()}
+if jax.process_index() == 0:
+    json.dump(rows, open(out, "w"))
+"""
+
+
+def test_grid_halving_and_pbt_over_two_processes_from_python_equal_one_process(tmp_path):
+    script = tmp_path / "searches.py"
+    script.write_text(_SEARCHES)
+    port = str(_free_port())
+    two = [subprocess.Popen([sys.executable, str(script), "2", str(i), port, str(tmp_path / "two.json")],
+                            stderr=subprocess.PIPE, text=True) for i in range(2)]  # fmt: skip
+    one = subprocess.run([sys.executable, str(script), "1", "0", "0", str(tmp_path / "one.json")],
+                         stderr=subprocess.PIPE, text=True, timeout=240)  # fmt: skip
+    assert one.returncode == 0, one.stderr
+    for p in two:
+        assert p.wait(timeout=240) == 0, p.stderr.read()
+        p.stderr.close()
+    one, two = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("one", "two"))
+    assert one == two and one["devices"] == 4 and len(one["grid"]) == 8
+    assert sorted(r["rung"] for r in one["halving"]) == [0, 0, 0, 0, 1, 1, 2, 2]
