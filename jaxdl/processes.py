@@ -87,9 +87,14 @@ def join(
     return jax.process_count()
 
 
+def count() -> int:
+    """How many processes run this program."""
+    return jax.process_count()
+
+
 def several() -> bool:
     """Whether this program runs over more than one process."""
-    return jax.process_count() > 1
+    return count() > 1
 
 
 def leader() -> bool:

@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import logging
+import os
 import signal
 import sys
 import threading
@@ -90,13 +91,20 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 2
     except ProcessLost as e:
         print(f"jaxdl {a.command} (process {jax.process_index()}): {e}", file=sys.stderr)
-        return 1
+        sys.stdout.flush()
+        sys.stderr.flush()
+        # At once: a normal exit would first wait at jax.distributed's shutdown barrier
+        # for the dead process, until its heartbeat times out and JAX aborts.
+        os._exit(1)
     except NonFiniteError as e:
         print(f"jaxdl {a.command}: error: {e}", file=sys.stderr)
         return 3
     except Interrupted as e:
         run = getattr(e, "run_dir", e.directory)
-        print(f"jaxdl {a.command}: {e}; continue with: jaxdl {a.command} --resume {run}",
+        if joined and jax.process_index():  # every process stopped; process 0 says so
+            return 128 + e.signum
+        where = f" --processes {jax.process_count()}" if joined else ""
+        print(f"jaxdl {a.command}: {e}; continue with: jaxdl {a.command} --resume {run}{where}",
               file=sys.stderr)  # fmt: skip
         return 128 + e.signum
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C

@@ -65,8 +65,9 @@ def _faults(ckpt: checkpoint.Checkpointer | None, run_dir: Path, command: str = 
             if not processes.several():
                 raise
             kept = [] if ckpt is None else ckpt.saved()
-            then = (f"its last checkpoint is epoch {kept[-1]}; continue with: jaxdl "
-                    f"{command} --resume {run_dir}" if kept else "no checkpoint was kept")  # fmt: skip
+            then = (f"its last checkpoint is epoch {kept[-1]}; continue with: jaxdl {command} "
+                    f"--resume {run_dir} --processes {processes.count()}" if kept
+                    else "no checkpoint was kept")  # fmt: skip
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
             raise processes.ProcessLost(
                 f"stopped: another process of the run stopped answering ({first[:160]}); {then}"
