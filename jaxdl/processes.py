@@ -83,6 +83,10 @@ def join(
         jax.distributed.initialize(*args, **kwargs)
     except (RuntimeError, ValueError) as e:
         first = str(e).splitlines()[0] if str(e) else type(e).__name__
+        if auto and isinstance(e, ValueError):  # nothing to detect the processes from
+            first = ("no cluster found to detect the processes from (SLURM, Open MPI, "
+                     "Kubernetes, a TPU pod); give --coordinator HOST:PORT --num-processes N "
+                     "--process-id I")  # fmt: skip
         raise InputError(f"--coordinator {coordinator or 'auto'}: cannot join: {first}") from None
     return jax.process_count()
 

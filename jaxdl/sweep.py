@@ -134,6 +134,12 @@ def prepare_sweep(
     hps = [_member_hparams(setup, base, c) for c, _ in members]
     hp = jax.tree_util.tree_map(lambda *v: jnp.stack(v), *hps)
     keys = jnp.stack([train.as_key(s) for _, s in members])
+    if processes.several():  # every process must build the same members from the same data
+        from jaxdl.checkpoint import data_digest
+
+        sets = [train_data] if validation is None else [train_data, validation]
+        digest = data_digest(*[np.asarray(a) for d in sets for a in (d.x, d.y)])
+        processes.check_same("data or settings", f"{digest} {setup!r} {members!r}")
     return setup, hp, keys, members
 
 

@@ -105,6 +105,7 @@ def test_a_killed_process_ends_the_run_and_resume_completes_it(data, tmp_path, o
             "--process-id: expected 0 to 1, got 2",
         ),  # fmt: skip
         (["--processes", "0"], "--processes: expected an integer > 0, got 0"),
+        (["--coordinator", "auto"], "--coordinator auto: cannot join: "),
         (["--processes", "2", "--coordinator", "127.0.0.1:1"], "starts the processes itself"),
     ],
 )
@@ -157,7 +158,14 @@ halving = sweep.sweep(model, sgd, data.train, configs, epochs=4, batch_size=20,
                       search="halving", eta=2, **shared)
 config = jaxdl.RunConfig.of(model, sgd, epochs=4, batch_size=20)
 population = pbt.pbt(config, data.train, configs, ready_every=1, **shared)
-rows = {"grid": grid.rows, "halving": halving.rows, "pbt": population.rows, "devices": grid.devices,
+try:  # process 1 with other data: both refuse
+    blobs = jaxdl.synthetic_splits(200, 1, 1, num_features=12, num_classes=3, seed=1)
+    other = data.train if i == 0 else blobs.train
+    sweep.prepare_sweep(config, other, configs)
+    refused = None
+except jaxdl.validate.InputError as e:
+    refused = str(e)
+rows = {"refused": refused, "grid": grid.rows, "halving": halving.rows, "pbt": population.rows, "devices": grid.devices,
         "source": population.lineage["source"].tolist()}
 if jax.process_index() == 0:
     json.dump(rows, open(out, "w"))
@@ -177,5 +185,8 @@ def test_grid_halving_and_pbt_over_two_processes_from_python_equal_one_process(t
         assert p.wait(timeout=240) == 0, p.stderr.read()
         p.stderr.close()
     one, two = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("one", "two"))
+    assert one.pop("refused") is None
+    assert two.pop("refused") == ("processes 1 have other data or settings than process 0; "
+                                  "every process must be given the same data and settings")  # fmt: skip
     assert one == two and one["devices"] == 4 and len(one["grid"]) == 8
     assert sorted(r["rung"] for r in one["halving"]) == [0, 0, 0, 0, 1, 1, 2, 2]

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import argparse
 import contextlib
-import json
 import math
 import sys
 from pathlib import Path
@@ -100,7 +99,6 @@ def cmd_sweep(a: argparse.Namespace) -> tuple[dict | None, str]:
         p.lists,
         p.axes,
     )
-    processes.check_same("data and settings", json.dumps(p.description, sort_keys=True))
     run_dir = _run_dir(a, p)
     ckpt = _checkpointer(config.checkpointing, run_dir, p.description)
     options = dict(seeds=a.seeds, validation=splits.valid)
