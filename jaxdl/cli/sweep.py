@@ -91,14 +91,8 @@ def cmd_sweep(a: argparse.Namespace) -> tuple[dict | None, str]:
     best members as a table, then one line. Over several processes, process 0 writes and
     returns the results; the others return (None, "")."""
     p = plan(a)
-    config, splits, tr, configs, lists, axes = (
-        p.config,
-        p.splits,
-        p.train,
-        p.configs,
-        p.lists,
-        p.axes,
-    )
+    config, splits, tr = p.config, p.splits, p.train
+    configs, lists, axes = p.configs, p.lists, p.axes
     run_dir = _run_dir(a, p)
     ckpt = _checkpointer(config.checkpointing, run_dir, p.description)
     options = dict(seeds=a.seeds, validation=splits.valid)
