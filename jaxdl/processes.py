@@ -15,7 +15,11 @@ from __future__ import annotations
 
 import hashlib
 import inspect
+import logging
+import os
 import re
+import sys
+import threading
 
 import jax
 import numpy as np
@@ -24,6 +28,8 @@ from jax.sharding import Sharding
 
 from jaxdl import validate
 from jaxdl.validate import InputError
+
+log = logging.getLogger("jaxdl")
 
 # Seconds without a heartbeat after which JAX's coordination service declares a process
 # dead and stops the others (JAX's default is 100): well within a minute.
@@ -62,8 +68,10 @@ def join(
     if auto and (num_processes is not None or process_id is not None):
         raise InputError("--num-processes/--process-id need --coordinator HOST:PORT")
     if not auto:
-        if not _ADDRESS.match(coordinator):
-            validate.fail("--coordinator", "HOST:PORT (process 0's address) or auto", coordinator)
+        port = coordinator.rpartition(":")[2]
+        if not _ADDRESS.match(coordinator) or not 1 <= int(port or 0) <= 65535:
+            validate.fail("--coordinator", "HOST:PORT (process 0's address, a port from 1 to "
+                          "65535) or auto", coordinator)  # fmt: skip
         if num_processes is None or process_id is None:
             raise InputError(
                 f"--coordinator {coordinator}: give --num-processes N and --process-id I too"
@@ -73,12 +81,22 @@ def join(
             validate.fail("--process-id", f"0 to {num_processes - 1}", process_id)
     if "jax_cpu_collectives_implementation" in jax.config.values:
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    kwargs = {"initialization_timeout": CONNECT_SECONDS}
+    kwargs = {}
     known = inspect.signature(jax.distributed.initialize).parameters
     if "heartbeat_timeout_seconds" in known:  # and when one fails, the others end as soon
         kwargs["heartbeat_timeout_seconds"] = HEARTBEAT_SECONDS
         kwargs["shutdown_timeout_seconds"] = HEARTBEAT_SECONDS
     args = (None, None, None) if auto else (coordinator, num_processes, process_id)
+    # JAX waits for every process and then aborts from C++ with a stack trace; this says
+    # what went wrong, in one line, just before.
+    kwargs["initialization_timeout"] = CONNECT_SECONDS + 30
+    where = f"--coordinator {coordinator or 'auto'}"
+    timer = threading.Timer(CONNECT_SECONDS, _not_joined, (where, num_processes))
+    timer.daemon = True
+    log.info("joining %s processes through %s (waiting up to %d s for all of them)",
+             num_processes or "the", "the cluster's coordinator" if auto else coordinator,
+             CONNECT_SECONDS)  # fmt: skip
+    timer.start()
     try:
         jax.distributed.initialize(*args, **kwargs)
     except (RuntimeError, ValueError) as e:
@@ -87,8 +105,19 @@ def join(
             first = ("no cluster found to detect the processes from (SLURM, Open MPI, "
                      "Kubernetes, a TPU pod); give --coordinator HOST:PORT --num-processes N "
                      "--process-id I")  # fmt: skip
-        raise InputError(f"--coordinator {coordinator or 'auto'}: cannot join: {first}") from None
+        raise InputError(f"{where}: cannot join: {first}") from None
+    finally:
+        timer.cancel()
     return jax.process_count()
+
+
+def _not_joined(where: str, n: int | None) -> None:
+    """Ends this process with one line (status 2) when the others did not all join."""
+    count = f"the {n} processes" if n else "the processes"
+    print(f"jaxdl: error: {where}: not all of {count} joined within {CONNECT_SECONDS} s; start "
+          "each with the same --coordinator and --num-processes and its own --process-id "
+          "(0 on the coordinator's host)", file=sys.stderr, flush=True)  # fmt: skip
+    os._exit(2)
 
 
 def count() -> int:

@@ -79,9 +79,10 @@ def test_a_killed_process_ends_the_run_and_resume_completes_it(data, tmp_path, o
     assert time.monotonic() - killed < 60
     said = err.strip().splitlines()[-1]
     assert code == 1 and out == ""
+    last = max(int(d.name) for d in chunk.iterdir() if d.name.isdigit())
     assert said == (f"jaxdl sweep: process 1 of 2 was killed by SIGKILL; stopped the others; "
-                    f"continue from its last checkpoint with: jaxdl sweep --resume {run} "
-                    "--processes 2")  # fmt: skip
+                    f"continue from the run's last checkpoint (epoch {last}) with: jaxdl sweep "
+                    f"--resume {run} --processes 2")  # fmt: skip
     assert not (run / "results.json").exists()
     code, out, err = _finish(_jaxdl("sweep", "--resume", str(run), "--processes", "2", "--json"))
     assert code == 0, err
@@ -106,13 +107,18 @@ def test_a_killed_process_ends_the_run_and_resume_completes_it(data, tmp_path, o
         ),  # fmt: skip
         (["--processes", "0"], "--processes: expected an integer > 0, got 0"),
         (["--coordinator", "auto"], "--coordinator auto: cannot join: "),
+        (
+            ["--coordinator", "127.0.0.1:99999", "--num-processes", "2", "--process-id", "0"],
+            "a port from 1 to 65535",
+        ),  # fmt: skip
         (["--processes", "2", "--coordinator", "127.0.0.1:1"], "starts the processes itself"),
     ],
 )
 def test_bad_process_flags_exit_2_with_one_line(flags, expect, data, tmp_path, run_cli):
     code, out, err = run_cli("sweep", "--data", str(data), "--hidden", "4", "--epochs", "1",
                              "--runs-dir", str(tmp_path), *flags)  # fmt: skip
-    assert code == 2 and expect in err and len(err.strip().splitlines()) == 1, err
+    errors = [line for line in err.splitlines() if line.startswith("jaxdl sweep: error")]
+    assert code == 2 and len(errors) == 1 and expect in errors[0], err
     assert not any(tmp_path.iterdir())  # nothing started, nothing written
 
 
@@ -190,3 +196,18 @@ def test_grid_halving_and_pbt_over_two_processes_from_python_equal_one_process(t
                                   "every process must be given the same data and settings")  # fmt: skip
     assert one == two and one["devices"] == 4 and len(one["grid"]) == 8
     assert sorted(r["rung"] for r in one["halving"]) == [0, 0, 0, 0, 1, 1, 2, 2]
+
+
+def test_a_process_whose_peers_never_join_ends_with_one_line(tmp_path):
+    script = tmp_path / "alone.py"
+    script.write_text(
+        "from jaxdl import processes\n"
+        "processes.CONNECT_SECONDS = 2\n"
+        f"processes.join('127.0.0.1:{_free_port()}', 2, 0)\n"
+    )
+    p = subprocess.run([sys.executable, str(script)], capture_output=True, text=True, timeout=60)
+    assert p.returncode == 2 and p.stdout == ""
+    assert (
+        p.stderr.strip().splitlines()[-1].startswith("jaxdl: error: --coordinator 127.0.0.1:")
+        and "not all of the 2 processes joined within 2 s" in p.stderr
+    )

@@ -124,7 +124,8 @@ def _add_process_flags(w: argparse.ArgumentParser) -> None:
     g.add_argument(
         "--coordinator", default=None, metavar="HOST:PORT",
         help="process 0's address, the same in every process started by hand or by a "
-        "scheduler; auto: what jax.distributed detects (SLURM, MPI, TPU pods)",
+        "scheduler; auto: what jax.distributed detects (SLURM, Open MPI, Kubernetes, "
+        "TPU pods)",
     )  # fmt: skip
     g.add_argument("--num-processes", type=int, default=None, metavar="N",
                    help="with --coordinator: how many processes")  # fmt: skip

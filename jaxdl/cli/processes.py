@@ -114,11 +114,15 @@ def _watch(children: list[subprocess.Popen], n: int, run_dir: Path, resumable: b
             for c in children:
                 if c.poll() is None:
                     c.kill()
-            saved = resumable and any((run_dir / "checkpoints").glob("chunk-*/[0-9]*"))
-            then = (f"continue from its last checkpoint with: jaxdl sweep --resume {run_dir} "
-                    f"--processes {n}" if saved else "no checkpoint was written: run it again")  # fmt: skip
-            print(f"jaxdl sweep: process {i} of {n} {_how(rc)}; stopped the others; {then}",
-                  file=sys.stderr)  # fmt: skip
+            saved = [int(d.name) for d in (run_dir / "checkpoints").glob("chunk-*/[0-9]*")
+                     if d.name.isdigit()] if resumable else []  # fmt: skip
+            then = (f"continue from the run's last checkpoint (epoch {max(saved)}) with: jaxdl "
+                    f"sweep --resume {run_dir} --processes {n}" if saved
+                    else "no checkpoint was written: run it again")  # fmt: skip
+            # On a new line: process 0's live bar may have been cut mid-line.
+            start = "\n" if sys.stderr.isatty() else ""
+            print(f"{start}jaxdl sweep: process {i} of {n} {_how(rc)}; stopped the others; "
+                  f"{then}", file=sys.stderr)  # fmt: skip
             return 1
         if failed:  # bad input (process 0 said which) or an interrupt every process saw
             deadline = time.monotonic() + processes.HEARTBEAT_SECONDS
