@@ -59,7 +59,9 @@ def join(
     ``coordinator`` is process 0's ``HOST:PORT`` (every process names the same one), with
     ``num_processes`` and this process's ``process_id``; ``"auto"`` (or all three None)
     lets JAX detect them on a cluster (SLURM, Open MPI, Kubernetes, TPU pods). On CPUs the
-    processes' collectives run over Gloo.
+    processes' collectives run over Gloo. If not all of them join within
+    ``CONNECT_SECONDS`` (JAX would then abort from C++), this process ends with one line on
+    stderr and status 2.
 
     Raises:
       InputError: a malformed address or count, or JAX has already started.
