@@ -73,29 +73,38 @@ def test_members_equal_standalone_fits_and_compile_once(blobs):
     assert res2.compiles == 0
 
 
-@pytest.mark.parametrize("expected", ["shared_concat", "shared_batched", "serial"])
+@pytest.mark.parametrize("expected", ["shared_blocks", "shared_concat", "shared_batched", "serial"])
 def test_members_sharing_a_seed_share_one_minibatch_and_equal_standalone_fits(
-    blobs, monkeypatch, expected
+    blobs, monkeypatch, request, expected
 ):
-    # MODEL's first layer has 16 units: one concatenated GEMM up to the threshold; wider
-    # ones run in turn on a CPU, or batched elsewhere.
-    monkeypatch.setattr(
-        member_programs, "CONCAT_MAX_WIDTH", 16 if expected == "shared_concat" else 8
-    )
-    if expected == "shared_batched":
+    # MODEL's first layer has 16 units: one concatenated GEMM up to the threshold (on a
+    # CPU in blocks of members); wider ones run in turn on a CPU, or batched elsewhere.
+    concat = expected in ("shared_blocks", "shared_concat")
+    monkeypatch.setattr(member_programs, "CONCAT_MAX_WIDTH", 16 if concat else 8)
+    if expected in ("shared_concat", "shared_batched"):
         monkeypatch.setattr(member_programs, "SERIAL_PLATFORMS", ())
     opt = jaxdl.make_optimizer("adam")
     configs = sweep.grid(learning_rate=[3e-3, 3e-2], dropout=[0.0, 0.2])
     kw = dict(epochs=3, batch_size=48, validation=blobs.valid, l1=1e-4)  # 48: a partial batch
     config = jaxdl.RunConfig.of(MODEL, opt, epochs=3, batch_size=48, l1=1e-4)
-    setup, *_ = sweep.prepare_sweep(config, blobs.train, configs, seeds=[5], validation=blobs.valid)
+    setup, hp, keys, _ = sweep.prepare_sweep(
+        config, blobs.train, configs, seeds=[5], validation=blobs.valid
+    )
+    if expected == "shared_blocks":  # the 4 members as a block of 3, then the last one
+        states = jax.eval_shape(member_programs.programs(setup).init, keys, hp)
+        leaves = jax.tree_util.tree_leaves(states)
+        per_member = sum(v.size * v.dtype.itemsize for v in leaves) // 4
+        monkeypatch.setattr(member_programs, "BLOCK_BYTES", 3 * per_member)
+        assert member_programs.block_size(states) == 3
+        member_programs._programs.cache_clear()  # may hold a trace with other blocks
+        request.addfinalizer(member_programs._programs.cache_clear)
     form = member_programs.batch_form(setup, shared=True)
     assert form == expected
     assert member_programs.batch_form(setup, shared=True, platform="gpu") == (
-        "shared_concat" if expected == "shared_concat" else "shared_batched"
+        "shared_concat" if concat else "shared_batched"
     )
     assert member_programs.batch_form(setup, shared=True, one_seed=False) == (
-        "shared_concat" if expected == "shared_concat" else "shared_batched"
+        expected if concat else "shared_batched"
     )  # a shared order across seeds is not each member's own
     before = member_programs.programs(setup, None, form).traces["epoch"]
     res = sweep.sweep(MODEL, opt, blobs.train, configs, seeds=[5], **kw)
