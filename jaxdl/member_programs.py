@@ -148,11 +148,16 @@ def _shared_order_epoch(setup: step.Setup, form: str, states, data: step.Batch, 
 
 
 def block_size(states) -> int:
-    """Members per block of ``shared_blocks``: as many as keep their states within
-    ``BLOCK_BYTES`` (at least one), from the states' shapes alone."""
+    """Members per block of ``shared_blocks``, from the states' shapes alone: at most as
+    many as keep their states within ``BLOCK_BYTES`` (at least one), and down to half
+    that where it divides the members into equal blocks (one traced epoch, not a second
+    for a last, shorter block)."""
     leaves = jax.tree_util.tree_leaves(states)
-    per_member = sum(v.size * v.dtype.itemsize for v in leaves) // leaves[0].shape[0]
-    return max(1, BLOCK_BYTES // max(per_member, 1))
+    k = leaves[0].shape[0]
+    per_member = sum(v.size * v.dtype.itemsize for v in leaves) // k
+    most = max(1, BLOCK_BYTES // max(per_member, 1))
+    even = [b for b in range(most, (most + 1) // 2 - 1, -1) if k % b == 0]
+    return even[0] if even else most
 
 
 def _in_blocks(steps, states, hps, b: int):

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 
@@ -73,6 +76,31 @@ def test_members_equal_standalone_fits_and_compile_once(blobs):
     assert res2.compiles == 0
 
 
+def test_members_in_blocks_equal_members_at_once_with_a_shorter_last_block(monkeypatch):
+    class S(NamedTuple):
+        epoch: jax.Array
+        w: jax.Array
+
+    def steps(st, hp):  # 3 steps; metrics (steps, members)
+        def body(st, x):
+            w = st.w * hp[:, None] + x
+            return S(st.epoch + 1, w), w.sum(axis=1)
+
+        return jax.lax.scan(body, st, jnp.arange(3.0))
+
+    k = 7
+    states = S(jnp.zeros(k, int), jnp.arange(k * 2.0).reshape(k, 2))
+    hps = jnp.linspace(0.5, 1.5, k)
+    whole = steps(states, hps)
+    for b in (1, 3, 6):  # 7 blocks of 1; 2 of 3 and 1; 1 of 6 and 1
+        got = member_programs._in_blocks(steps, states, hps, b)
+        jax.tree_util.tree_map(np.testing.assert_array_equal, got, whole)
+    # blocks of at most 3 members (bytes per member: w and epoch), equal where 3 or 2 divide
+    monkeypatch.setattr(member_programs, "BLOCK_BYTES", 3 * (100 * 4 + 4))
+    sizes = {n: member_programs.block_size(S(jnp.zeros(n), jnp.zeros((n, 100)))) for n in (4, 6, 7)}
+    assert sizes == {4: 2, 6: 3, 7: 3}
+
+
 @pytest.mark.parametrize("expected", ["shared_blocks", "shared_concat", "shared_batched", "serial"])
 def test_members_sharing_a_seed_share_one_minibatch_and_equal_standalone_fits(
     blobs, monkeypatch, request, expected
@@ -90,12 +118,12 @@ def test_members_sharing_a_seed_share_one_minibatch_and_equal_standalone_fits(
     setup, hp, keys, _ = sweep.prepare_sweep(
         config, blobs.train, configs, seeds=[5], validation=blobs.valid
     )
-    if expected == "shared_blocks":  # the 4 members as a block of 3, then the last one
+    if expected == "shared_blocks":  # the 4 members as 2 blocks of 2
         states = jax.eval_shape(member_programs.programs(setup).init, keys, hp)
         leaves = jax.tree_util.tree_leaves(states)
         per_member = sum(v.size * v.dtype.itemsize for v in leaves) // 4
         monkeypatch.setattr(member_programs, "BLOCK_BYTES", 3 * per_member)
-        assert member_programs.block_size(states) == 3
+        assert member_programs.block_size(states) == 2  # 3 fit, 2 divide the 4
         member_programs._programs.cache_clear()  # may hold a trace with other blocks
         request.addfinalizer(member_programs._programs.cache_clear)
     form = member_programs.batch_form(setup, shared=True)
