@@ -290,6 +290,7 @@ class Checkpointer:
                 while target.exists():
                     target, n = self.directory / f"unreadable-{bad}-{n}", n + 1
                 (self.directory / str(bad)).rename(target)
+            processes.barrier("jaxdl: unreadable checkpoints renamed")  # before any reloads
             self._manager.reload()
             return Restored(_decode(out.state, like, meta["key_impl"]), dict(out.host), step)
         if errors:

@@ -34,6 +34,18 @@ def freeze(keep, new, old):
     return jax.tree_util.tree_map(pick, new, old)
 
 
+def restore_best(states, early_stopping):
+    """The members' states with, where ``early_stopping`` restores the best epoch and a
+    member has one, that epoch's parameters and batch statistics."""
+    if early_stopping is None or not early_stopping.restore_best:
+        return states
+    has_best = states.stopping.tracker.best_epoch > 0
+    return states.replace(
+        params=freeze(has_best, states.stopping.best_params, states.params),
+        batch_stats=freeze(has_best, states.stopping.best_batch_stats, states.batch_stats),
+    )
+
+
 # ``sweep(data_order=...)``: each member's own order, one shared order, or shared when
 # every member has the same seed.
 DATA_ORDERS = ("auto", "own", "shared")
@@ -303,7 +315,8 @@ def chunk_size(
 ) -> int:
     """How many members to train at once: all of them if they fit, else as many as fit
     (a multiple of the device count), with a warning saying so."""
-    budget = memory_budget(data_bytes, n_devices) if max_bytes is None else max_bytes
+    local = max(1, n_devices // processes.count())  # the devices sharing this host's memory
+    budget = memory_budget(data_bytes, local) if max_bytes is None else max_bytes
     per = member_bytes(setup, hp)
     fit = max(1, budget // per) * n_devices
     total = -(-n // n_devices) * n_devices

@@ -30,7 +30,6 @@ from jaxdl.data import Dataset
 from jaxdl.member_programs import by_members, pad, share
 from jaxdl.search import (
     Track,
-    each_epoch,
     finish,
     padded_rows,
     padded_size,
@@ -138,7 +137,7 @@ def pbt(
     factors_arr = jnp.asarray(factors, jnp.float32)
     show = report.interactive() if verbose is None else bool(verbose)
     with report.Progress(epochs, enabled=show) as prog:
-        each = each_epoch(prog, on_epoch)
+        each = report.sweep_callback(prog, on_epoch)
         while epoch < epochs:
             start = epoch
             t0 = time.perf_counter()

@@ -20,6 +20,7 @@ import os
 import re
 import sys
 import threading
+from collections.abc import Mapping
 
 import jax
 import numpy as np
@@ -195,16 +196,42 @@ def from_leader(text: str) -> str:
     return bytes(out[: int(np.argmin(out))]).decode() if out.any() else ""
 
 
-def check_same(what: str, text: str) -> None:
-    """Raises ``InputError`` unless every process has the same ``text`` (e.g. a digest
-    of its data and settings): processes that disagree would train different sweeps."""
+def check_same(parts: Mapping[str, str]) -> None:
+    """Raises ``InputError`` unless every process has the same text for each part (e.g.
+    ``{"data": digest, "settings": repr}``), naming the parts and processes that differ:
+    processes that disagree would train different sweeps."""
     if not several():
         return
-    mine = np.frombuffer(hashlib.sha256(text.encode()).digest(), np.uint8)
-    every = np.asarray(multihost_utils.process_allgather(mine)).reshape(jax.process_count(), -1)
-    differ = [i for i in range(len(every)) if not np.array_equal(every[i], every[0])]
-    if differ:
-        raise InputError(
-            f"processes {', '.join(map(str, differ))} have other {what} than process 0; "
-            "every process must be given the same data and settings"
+    names = list(parts)
+    mine = np.stack([
+        np.frombuffer(hashlib.sha256(parts[k].encode()).digest(), np.uint8) for k in names
+    ])  # fmt: skip
+    every = np.asarray(multihost_utils.process_allgather(mine))  # (processes, parts, 32)
+    differ = {
+        k: [i for i in range(len(every)) if not np.array_equal(every[i, n], every[0, n])]
+        for n, k in enumerate(names)
+    }
+    if any(differ.values()):
+        said = "; ".join(
+            f"{k}: process{'es' if len(d) > 1 else ''} {', '.join(map(str, d))}"
+            for k, d in differ.items()
+            if d
         )
+        raise InputError(
+            f"processes differ from process 0 ({said}); every process must be given the "
+            "same data and settings, and run the same jaxdl and kernels"
+        )
+
+
+def barrier(name: str) -> None:
+    """Waits until every process has come here (every process must, with one ``name``)."""
+    if several():
+        multihost_utils.sync_global_devices(name)
+
+
+def smallest(value: int) -> int:
+    """The smallest of every process's ``value`` (every process must ask together), e.g.
+    how many members fit in memory, where the hosts differ."""
+    if not several():
+        return value
+    return int(np.min(multihost_utils.process_allgather(np.asarray([value], np.int64))))

@@ -28,7 +28,14 @@ from jaxdl import compiled, processes, report, train, validate
 from jaxdl.config import RunConfig
 from jaxdl.data import Dataset
 from jaxdl.devices import for_members
-from jaxdl.member_programs import batch_form, by_members, freeze, pad, programs, share
+from jaxdl.member_programs import (
+    batch_form,
+    by_members,
+    pad,
+    programs,
+    restore_best,
+    share,
+)
 from jaxdl.sweep import prepare_sweep
 from jaxdl.sweep_results import SweepResult, result_rows
 
@@ -126,7 +133,7 @@ def halving(
     epoch, compile_seconds, seconds = 0, 0.0, 0.0
     show = report.interactive() if verbose is None else bool(verbose)
     with report.Progress(epochs, enabled=show) as prog:
-        each = each_epoch(prog, on_epoch)
+        each = report.sweep_callback(prog, on_epoch)
         for r, (keep, until) in enumerate(plan):
             if r:  # the best ``keep`` of those still training go on, compacted
                 alive = ids[active]
@@ -198,13 +205,7 @@ def populate(config, train_data, configs, seeds, validation, devices, data_order
 def finish(pop, states, hp, track, epochs, test, seconds, compile_seconds, traced_before):
     """The ``SweepResult`` of a search: every member's final ``states`` (in member
     order), its ``hp``, what ``track`` recorded over ``epochs`` epochs."""
-    es = pop.setup.early_stopping
-    if es is not None and es.restore_best:
-        has_best = states.stopping.tracker.best_epoch > 0
-        states = states.replace(
-            params=freeze(has_best, states.stopping.best_params, states.params),
-            batch_stats=freeze(has_best, states.stopping.best_batch_stats, states.batch_stats),
-        )
+    states = restore_best(states, pop.setup.early_stopping)
     history = {k: v[:, :epochs] for k, v in track.history.items()}
     rows = result_rows(
         pop.members, history, track.diverged, track.epochs_run, states, pop.setup, test, hp
@@ -221,17 +222,6 @@ def finish(pop, states, hp, track, epochs, test, seconds, compile_seconds, trace
         kernels=pop.setup.lowering.kernels,
         model_epochs=int(track.epochs_run.sum()),
     )
-
-
-def each_epoch(prog, on_epoch):
-    """The per-epoch callback: the live line, then the user's ``on_epoch``."""
-
-    def each(epoch: int, metrics) -> None:
-        prog.update(epoch, metrics, text=report.sweep_text(metrics))
-        if on_epoch is not None:
-            on_epoch(epoch, metrics)
-
-    return each
 
 
 def train_epochs(pop, exe, states, on, hp, ids, epoch: int, until: int, track, each):

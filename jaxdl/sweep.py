@@ -51,10 +51,10 @@ from jaxdl.member_programs import (
     by_members,
     check_masks,
     chunk_size,
-    freeze,
     member_slice,
     pad,
     programs,
+    restore_best,
     share,
 )
 from jaxdl.space import MEMBER_KEYS
@@ -139,7 +139,15 @@ def prepare_sweep(
 
         sets = [train_data] if validation is None else [train_data, validation]
         digest = data_digest(*[np.asarray(a) for d in sets for a in (d.x, d.y)])
-        processes.check_same("data or settings", f"{digest} {setup!r} {members!r}")
+        lowering = f"{setup.lowering!r} ticks={setup.ticks}"  # not in the setup's repr
+        processes.check_same(
+            {
+                "data": digest,
+                "settings": repr(setup),
+                "members": repr(members),
+                "lowering": lowering,
+            }
+        )
     return setup, hp, keys, members
 
 
@@ -244,6 +252,7 @@ def run(
     data = share(train.to_device(train_data), mesh)
     valid = None if validation is None else share(train.to_device(validation), mesh)
     size = chunk_size(setup, hp, n, len(devices), max_memory_bytes, data_bytes=data.x.nbytes)
+    size = processes.smallest(size)  # hosts with less memory decide, so all run one program
     one_seed = len({seed for _, seed in members}) == 1
     shared = data_order == "shared" or (data_order == "auto" and one_seed)
     progs = programs(
@@ -252,12 +261,7 @@ def run(
     traced_before = progs.traces["epoch"]
     show = report.interactive() if verbose is None else bool(verbose)
     with report.Progress(setup.epochs, enabled=show) as prog:
-
-        def each(epoch, metrics):
-            prog.update(epoch, metrics, text=report.sweep_text(metrics))
-            if on_epoch is not None:
-                on_epoch(epoch, metrics)
-
+        each = report.sweep_callback(prog, on_epoch)
         chunks = [
             _run_chunk(
                 progs,
@@ -275,12 +279,7 @@ def run(
         ]
         prog.finish()
     states = jax.tree_util.tree_map(lambda *v: jnp.concatenate(v), *[c.states for c in chunks])
-    if early_stopping is not None and early_stopping.restore_best:
-        has_best = states.stopping.tracker.best_epoch > 0
-        states = states.replace(
-            params=freeze(has_best, states.stopping.best_params, states.params),
-            batch_stats=freeze(has_best, states.stopping.best_batch_stats, states.batch_stats),
-        )
+    states = restore_best(states, early_stopping)
     ran = max(c.epochs for c in chunks)
     hist = {k: np.concatenate([c.history[k][:, :ran] for c in chunks]) for k in chunks[0].history}
     diverged = np.concatenate([c.diverged for c in chunks])

@@ -4,6 +4,7 @@ process ends the run with one line, and ``--resume`` completes it with the same 
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import signal
@@ -12,11 +13,13 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
 import pytest
 
 import jaxdl
 from jaxdl.cli.processes import _free_port, launch
 from jaxdl.processes import HEARTBEAT_SECONDS
+from jaxdl.validate import InputError
 
 # 400 training rows in minibatches of 10: 40 steps an epoch, long enough to kill a
 # process between two epochs.
@@ -112,6 +115,7 @@ def test_a_killed_process_ends_the_run_and_resume_completes_it(data, tmp_path, o
             "a port from 1 to 65535",
         ),  # fmt: skip
         (["--processes", "2", "--coordinator", "127.0.0.1:1"], "starts the processes itself"),
+        (["--processes", "2", "--process-id", "1"], "starts the processes itself"),
     ],
 )
 def test_bad_process_flags_exit_2_with_one_line(flags, expect, data, tmp_path, run_cli):
@@ -126,8 +130,9 @@ def test_the_local_start_gives_each_process_the_same_flags_and_its_id(tmp_path, 
     started = []
 
     class Child:
-        def __init__(self, argv, stdout=None):
+        def __init__(self, argv, stdout=None, env=None):
             started.append((argv, stdout))
+            assert env["JAX_PLATFORMS"] == "cpu"  # also on a host with accelerators
 
         def poll(self):
             return 0
@@ -138,7 +143,15 @@ def test_the_local_start_gives_each_process_the_same_flags_and_its_id(tmp_path, 
     assert len(started) == 3
     for i, (argv, stdout) in enumerate(started):
         tail = argv[argv.index("--lr") + 2 :]
-        assert tail[:6] == ["--processes", "3", "--processes", "1", "--cpu-devices", "2"]
+        assert tail[:7] == [
+            "--processes",
+            "3",
+            "--processes",
+            "1",
+            "--launched",
+            "--cpu-devices",
+            "2",
+        ]
         assert tail[tail.index("--process-id") + 1] == str(i)
         assert tail[tail.index("--num-processes") + 1] == "3"
         assert (stdout is None) == (i == 0)  # process 0's stdout is the command's
@@ -192,8 +205,10 @@ def test_grid_halving_and_pbt_over_two_processes_from_python_equal_one_process(t
         p.stderr.close()
     one, two = (json.loads((tmp_path / f"{k}.json").read_text()) for k in ("one", "two"))
     assert one.pop("refused") is None
-    assert two.pop("refused") == ("processes 1 have other data or settings than process 0; "
-                                  "every process must be given the same data and settings")  # fmt: skip
+    assert two.pop("refused") == (
+        "processes differ from process 0 (data: process 1); every process must be given the "
+        "same data and settings, and run the same jaxdl and kernels"
+    )
     assert one == two and one["devices"] == 4 and len(one["grid"]) == 8
     assert sorted(r["rung"] for r in one["halving"]) == [0, 0, 0, 0, 1, 1, 2, 2]
 
@@ -210,4 +225,49 @@ def test_a_process_whose_peers_never_join_ends_with_one_line(tmp_path):
     assert (
         p.stderr.strip().splitlines()[-1].startswith("jaxdl: error: --coordinator 127.0.0.1:")
         and "not all of the 2 processes joined within 2 s" in p.stderr
+    )
+
+
+def test_processes_that_differ_are_named_with_what_differs(monkeypatch):
+    # Three processes' hashes as process_allgather returns them: process 2 runs other
+    # kernels (a lowering outside the settings' repr), process 1 has other data.
+    from jax.experimental import multihost_utils
+
+    from jaxdl import processes
+
+    parts = {"data": "d0", "settings": "s", "lowering": "L(gemm=True)"}
+    others = [parts, {**parts, "data": "d1"}, {**parts, "lowering": "L(gemm=False)"}]
+
+    def gather(mine):
+        def rows(p):
+            return np.stack([np.frombuffer(hashlib.sha256(v.encode()).digest(), np.uint8)
+                             for v in p.values()])  # fmt: skip
+
+        assert np.array_equal(mine, rows(parts))
+        return np.stack([rows(p) for p in others])
+
+    monkeypatch.setattr(processes, "several", lambda: True)
+    monkeypatch.setattr(multihost_utils, "process_allgather", gather)
+    with pytest.raises(InputError) as e:
+        processes.check_same(parts)
+    assert str(e.value) == (
+        "processes differ from process 0 (data: process 1; lowering: process 2); every "
+        "process must be given the same data and settings, and run the same jaxdl and kernels"
+    )
+    others[1] = others[2] = parts
+    processes.check_same(parts)  # the same everywhere: no error
+    monkeypatch.setattr(multihost_utils, "process_allgather", lambda v: np.asarray([[7], [3], [5]]))
+    assert processes.smallest(7) == 3
+
+
+def test_the_resume_hint_names_how_the_processes_were_started(monkeypatch):
+    from jaxdl import processes
+    from jaxdl.cli.processes import again
+
+    parse = jaxdl.cli.build_parser().parse_args
+    assert again(parse(["sweep"])) == ""  # one process
+    monkeypatch.setattr(processes, "count", lambda: 3)
+    assert again(parse(["sweep", "--processes", "1", "--launched"])) == " --processes 3"
+    assert again(parse(["sweep", "--coordinator", "h:1"])) == (
+        " in each of the 3 processes, with its --coordinator, --num-processes and --process-id"
     )

@@ -56,6 +56,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if getattr(a, "resume", None) is not None:
             a = _resumed(a, argv)
         if a.command == "sweep" and processes.check_flags(a) > 1:  # N local ones, joined
+            jax.config.update("jax_platforms", "cpu")  # as they run (launch); only checks here
             plan(a)  # bad input: one line here, not one per process
             run_dir = a.resume or processes.new_run_dir(a)
             resumable = a.search == "grid" and a.checkpoint_every > 0
@@ -103,7 +104,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         run = getattr(e, "run_dir", e.directory)
         if joined and jax.process_index():  # every process stopped; process 0 says so
             return 128 + e.signum
-        where = f" --processes {jax.process_count()}" if joined else ""
+        where = processes.again(a) if joined else ""
         print(f"jaxdl {a.command}: {e}; continue with: jaxdl {a.command} --resume {run}{where}",
               file=sys.stderr)  # fmt: skip
         return 128 + e.signum

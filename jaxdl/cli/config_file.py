@@ -40,10 +40,10 @@ else:  # pragma: no cover - exercised on Python 3.10 only
 
 # Where a sweep runs: a resumed run may name other processes and devices (they compute
 # the same rows; a checkpoint's padding must fit the devices, see ``Checkpointer.check``).
-PLACEMENT = ("processes", "coordinator", "num_processes", "process_id", "cpu_devices")
+PLACEMENT = ("processes", "coordinator", "num_processes", "process_id", "launched", "cpu_devices")
 # Not settings of the run: where its settings came from, its directory's name, and how
 # this invocation's processes met (--cpu-devices is kept: a resumed run reuses it).
-NOT_SAVED = ("config", "name", *PLACEMENT[:-1])
+NOT_SAVED = ("config", "name", *(k for k in PLACEMENT if k != "cpu_devices"))
 
 
 # Names a Python user knows (RunConfig's, the modules' fields) and the flag for each.

@@ -119,8 +119,10 @@ def _add_process_flags(w: argparse.ArgumentParser) -> None:
     )
     g.add_argument(
         "--processes", type=int, default=1, metavar="N",
-        help="start N local processes (one coordinator; auto --cpu-devices split the cores)",
+        help="start N local processes on this machine's CPU (auto --cpu-devices split "
+        "the cores); on GPU or TPU hosts, one process per host with --coordinator",
     )  # fmt: skip
+    g.add_argument("--launched", action="store_true", help=argparse.SUPPRESS)  # by --processes
     g.add_argument(
         "--coordinator", default=None, metavar="HOST:PORT",
         help="process 0's address, the same in every process started by hand or by a "

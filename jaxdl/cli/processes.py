@@ -60,17 +60,34 @@ def _free_port() -> int:
 
 def _how(rc: int) -> str:
     if rc < 0:
-        return f"was killed by {signal.Signals(-rc).name}"
+        try:
+            return f"was killed by {signal.Signals(-rc).name}"
+        except ValueError:  # a real-time signal has no name
+            return f"was killed by signal {-rc}"
     return f"exited with status {rc}"
 
 
 def check_flags(a: argparse.Namespace) -> int:
     """``--processes N`` (checked, without ``--coordinator``); returns N."""
     n = validate.positive_int("--processes", a.processes)
-    if n > 1 and a.coordinator is not None:
+    joins = (a.coordinator, a.num_processes, a.process_id)
+    if n > 1 and any(v is not None for v in joins):
         raise InputError("--processes N starts the processes itself; give it without "
-                         "--coordinator (or start each process with --coordinator)")  # fmt: skip
+                         "--coordinator/--num-processes/--process-id (or start each "
+                         "process with them)")  # fmt: skip
     return n
+
+
+def again(a: argparse.Namespace) -> str:
+    """What to add to ``jaxdl sweep --resume RUN`` to continue with these processes."""
+    n = processes.count()
+    if n == 1:
+        return ""
+    if a.launched:
+        return f" --processes {n}"
+    return (
+        f" in each of the {n} processes, with its --coordinator, --num-processes and --process-id"
+    )
 
 
 def launch(a: argparse.Namespace, argv: Sequence[str], run_dir: Path, resumable: bool) -> int:
@@ -81,26 +98,36 @@ def launch(a: argparse.Namespace, argv: Sequence[str], run_dir: Path, resumable:
     n = check_flags(a)
     address = f"127.0.0.1:{_free_port()}"
     cpu = a.cpu_devices if a.cpu_devices != "auto" else max(1, devices.cores() // n)
-    base = [sys.executable, "-m", "jaxdl.cli", *argv, "--processes", "1"]
+    base = [sys.executable, "-m", "jaxdl.cli", *argv, "--processes", "1", "--launched"]
     base += ["--cpu-devices", str(cpu)]
     if a.resume is None:  # the directory made here, which process 0 fills
         base += ["--name", run_dir.name, "--runs-dir", str(run_dir.parent)]
-    children = []
-    for i in range(n):
-        extra = ["--coordinator", address, "--num-processes", str(n), "--process-id", str(i)]
-        quiet = ["--no-progress"] if i else []
-        out = None if i == 0 else subprocess.DEVNULL  # one results table, process 0's
-        children.append(subprocess.Popen([*base, *extra, *quiet], stdout=out))
+    # On this machine's CPU, also where it has accelerators: one process per host is how
+    # JAX shares a host's GPUs (or TPU) between members, with --coordinator.
+    env = {**os.environ, "JAX_PLATFORMS": "cpu"}
+    children: list[subprocess.Popen] = []
     # Ctrl-C reaches every process of the terminal's group: the sweep processes stop
-    # together after their current epoch; this one waits for them.
+    # together after their current epoch; this one waits for them. SIGTERM (a
+    # scheduler's, a timeout's) is passed on to them, and they stop the same way.
     previous = signal.signal(signal.SIGINT, signal.SIG_IGN)
+    term = signal.signal(signal.SIGTERM, lambda *_: _signal_all(children, signal.SIGTERM))
     try:
+        for i in range(n):
+            extra = ["--coordinator", address, "--num-processes", str(n), "--process-id", str(i)]
+            quiet = ["--no-progress"] if i else []
+            out = None if i == 0 else subprocess.DEVNULL  # one results table, process 0's
+            children.append(subprocess.Popen([*base, *extra, *quiet], stdout=out, env=env))
         return _watch(children, n, run_dir, resumable)
     finally:
         signal.signal(signal.SIGINT, previous)
-        for c in children:
-            if c.poll() is None:
-                c.kill()
+        signal.signal(signal.SIGTERM, term)
+        _signal_all(children, signal.SIGKILL)
+
+
+def _signal_all(children: list[subprocess.Popen], sig: int) -> None:
+    for c in children:
+        if c.poll() is None:
+            c.send_signal(sig)
 
 
 def _watch(children: list[subprocess.Popen], n: int, run_dir: Path, resumable: bool) -> int:
@@ -128,7 +155,8 @@ def _watch(children: list[subprocess.Popen], n: int, run_dir: Path, resumable: b
             deadline = time.monotonic() + processes.HEARTBEAT_SECONDS
             while any(c.poll() is None for c in children) and time.monotonic() < deadline:
                 time.sleep(_POLL_SECONDS)
-            return codes[0] if codes[0] not in (None, 0) else failed[0][1]
+            first = children[0].poll()  # now, not before the wait
+            return first if first not in (None, 0) else failed[0][1]
         if all(rc == 0 for rc in codes):
             return 0
         time.sleep(_POLL_SECONDS)

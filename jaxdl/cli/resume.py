@@ -41,12 +41,15 @@ def _checkpointer(c: Checkpointing, run_dir: Path, config) -> checkpoint.Checkpo
 
 
 @contextlib.contextmanager
-def _faults(ckpt: checkpoint.Checkpointer | None, run_dir: Path, command: str = "sweep"):
+def _faults(
+    ckpt: checkpoint.Checkpointer | None, run_dir: Path, command: str = "sweep", again: str = ""
+):
     """Catches SIGINT/SIGTERM from here to the end of the command (``main`` restores the
     handlers): during training the run is saved at the end of the epoch and stops; once
     training is done it finishes writing its results. On a NaN/Inf loss writes the
     history so far and says where the last good checkpoint is. Over several processes, a
-    failed collective (another process died) becomes one line (``ProcessLost``)."""
+    failed collective (another process died) becomes one line (``ProcessLost``) ending
+    in how to resume (``again``: what to add to ``--resume RUN``)."""
     with ckpt.catch_signals(restore=False) if ckpt is not None else contextlib.nullcontext():
         try:
             yield
@@ -66,11 +69,12 @@ def _faults(ckpt: checkpoint.Checkpointer | None, run_dir: Path, command: str = 
                 raise
             kept = [] if ckpt is None else ckpt.saved()
             then = (f"its last checkpoint is epoch {kept[-1]}; continue with: jaxdl {command} "
-                    f"--resume {run_dir} --processes {processes.count()}" if kept
-                    else "no checkpoint was kept")  # fmt: skip
+                    f"--resume {run_dir}{again}" if kept else "no checkpoint was kept")  # fmt: skip
             first = str(e).splitlines()[0] if str(e) else type(e).__name__
+            # Most often a peer died mid-collective; the error itself says if it was not.
             raise processes.ProcessLost(
-                f"stopped: another process of the run stopped answering ({first[:160]}); {then}"
+                f"stopped by an error in a run over {processes.count()} processes (did "
+                f"another process stop?): {first[:160]}; {then}"
             ) from None
 
 

@@ -25,6 +25,7 @@ from jaxdl import (
 )
 from jaxdl.cli.build import check_numbers, load_data, run_config, saved_config, write_config
 from jaxdl.cli.parser import SWEEPABLE
+from jaxdl.cli.processes import again
 from jaxdl.cli.resume import _check_checkpoint_flags, _checkpointer, _faults
 from jaxdl.config import RunConfig
 from jaxdl.report.progress import number_text
@@ -98,7 +99,7 @@ def cmd_sweep(a: argparse.Namespace) -> tuple[dict | None, str]:
     options = dict(seeds=a.seeds, validation=splits.valid)
     n = len(configs) * a.seeds
     with report.Progress(a.epochs, enabled=not a.no_progress, stream=sys.stderr) as prog:
-        with _faults(ckpt, run_dir):
+        with _faults(ckpt, run_dir, again=again(a)):
             show = {"on_epoch": lambda e, m: prog.update(e, m, text=report.sweep_text(m)),
                     "data_order": a.data_order, "verbose": False, "test": splits.test}  # fmt: skip
             if a.search == "halving":

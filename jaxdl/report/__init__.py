@@ -30,7 +30,7 @@ from jaxdl.report.files import (
     write_json,
     write_text,
 )
-from jaxdl.report.progress import Progress, format_table, interactive, sweep_text
+from jaxdl.report.progress import Progress, format_table, interactive, sweep_callback, sweep_text
 
 _PLOTS = (
     "save_figure",
@@ -46,6 +46,7 @@ __all__ = [
     "PathLike",
     "Progress",
     "interactive",
+    "sweep_callback",
     "sweep_text",
     "atomic_write",
     "format_table",

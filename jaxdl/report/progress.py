@@ -220,3 +220,15 @@ def format_table(
         ).rstrip()
 
     return "\n".join([line(names), line(["-" * w for w in widths]), *(line(r) for r in cells)])
+
+
+def sweep_callback(prog: Progress, on_epoch=None):
+    """A sweep's per-epoch callback ``(epoch, metrics)``: ``prog``'s live line
+    (``sweep_text``), then the user's ``on_epoch``."""
+
+    def each(epoch: int, metrics: Mapping[str, Any]) -> None:
+        prog.update(epoch, metrics, text=sweep_text(metrics))
+        if on_epoch is not None:
+            on_epoch(epoch, metrics)
+
+    return each
