@@ -192,6 +192,12 @@ def scaling(ds, rounds: int, plot) -> tuple[dict, dict]:
             if per_member is not None:
                 extra[f"{label}/K={k}/mib_per_member"] = per_member / 2**20
             del run  # the states of this K before the next
+    extra["plot"] = plot_scaling(results, extra, plot)
+    return results, extra
+
+
+def plot_scaling(results: dict, extra: dict, plot) -> str:
+    """``scaling``'s three panels against K, saved to ``plot``; returns its path."""
     from matplotlib.figure import Figure
 
     from jaxdl.report import save_figure
@@ -214,8 +220,7 @@ def scaling(ds, rounds: int, plot) -> tuple[dict, dict]:
         ax.grid(alpha=0.3)
         ax.legend()
     save_figure(fig, plot)
-    extra["plot"] = str(plot)
-    return results, extra
+    return str(plot)
 
 
 def _scaling_flags(p) -> None:

@@ -88,7 +88,8 @@ def executable(progs: Programs, *args) -> tuple[Callable, float]:
     log.info("compiling the epoch program (once per structure and data shape)")
     # The arguments (a sweep's members, just initialised) are computed asynchronously:
     # compiling beside that computation shared the cores with it, and the seconds
-    # counted it (a seed-MLP sweep's "compile" grew from 2 s to 3.5 s at 256 members).
+    # counted it (benchmarks/README.md: a seed-MLP sweep's "compile" grew from 1.7 s at
+    # 1 member to 3.3 s at 256; waiting first, 1.3-1.6 s at every K).
     jax.block_until_ready(args)
     t0 = time.perf_counter()
     exe = progs.epoch.lower(*args).compile()

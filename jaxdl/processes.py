@@ -45,6 +45,14 @@ class ProcessLost(Exception):  # noqa: N818 (a stop, said in one line)
     """A collective failed in a run over several processes: another process died."""
 
 
+def lost(error: BaseException) -> str:
+    """What a runtime error in one of several processes says, in one line: most often
+    another process died mid-collective; the error's first line says if not."""
+    first = str(error).splitlines()[0] if str(error) else type(error).__name__
+    return (f"stopped by an error in a run over {count()} processes (did another process "
+            f"stop?): {first[:160]}")  # fmt: skip
+
+
 # What a failed collective raises (jax 0.4.36+; XLA's error, a RuntimeError, before).
 RUNTIME_ERROR = getattr(jax.errors, "JaxRuntimeError", RuntimeError)
 

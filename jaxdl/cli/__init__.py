@@ -31,7 +31,7 @@ from jaxdl.cli.resume import _resumed
 from jaxdl.cli.sweep import _use_cpu_devices, cmd_sweep, plan
 from jaxdl.cli.train import cmd_train
 from jaxdl.cli.views import _VIEWS, cmd_fetch
-from jaxdl.processes import ProcessLost
+from jaxdl.processes import RUNTIME_ERROR, ProcessLost, lost
 from jaxdl.report import to_jsonable
 from jaxdl.report.progress import say
 from jaxdl.train import NonFiniteError
@@ -90,8 +90,11 @@ def main(argv: Sequence[str] | None = None) -> int:
         who = f"{a.command} (process {jax.process_index()})" if joined else a.command
         print(f"jaxdl {who}: error: {e}", file=sys.stderr)
         return 2
-    except ProcessLost as e:
-        print(f"jaxdl {a.command} (process {jax.process_index()}): {e}", file=sys.stderr)
+    except (ProcessLost, RUNTIME_ERROR) as e:
+        if not joined and not isinstance(e, ProcessLost):
+            raise
+        said = e if isinstance(e, ProcessLost) else lost(e)  # before or after training
+        print(f"jaxdl {a.command} (process {jax.process_index()}): {said}", file=sys.stderr)
         sys.stdout.flush()
         sys.stderr.flush()
         # At once: a normal exit would first wait at jax.distributed's shutdown barrier

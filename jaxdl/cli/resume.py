@@ -70,12 +70,7 @@ def _faults(
             kept = [] if ckpt is None else ckpt.saved()
             then = (f"its last checkpoint is epoch {kept[-1]}; continue with: jaxdl {command} "
                     f"--resume {run_dir}{again}" if kept else "no checkpoint was kept")  # fmt: skip
-            first = str(e).splitlines()[0] if str(e) else type(e).__name__
-            # Most often a peer died mid-collective; the error itself says if it was not.
-            raise processes.ProcessLost(
-                f"stopped by an error in a run over {processes.count()} processes (did "
-                f"another process stop?): {first[:160]}; {then}"
-            ) from None
+            raise processes.ProcessLost(f"{processes.lost(e)}; {then}") from None
 
 
 # Flags that only say how this invocation shows the run.
