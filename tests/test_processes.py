@@ -271,3 +271,15 @@ def test_the_resume_hint_names_how_the_processes_were_started(monkeypatch):
     assert again(parse(["sweep", "--coordinator", "h:1"])) == (
         " in each of the 3 processes, with its --coordinator, --num-processes and --process-id"
     )
+
+
+def test_the_death_line_names_where_the_checkpoints_have_got_to(tmp_path):
+    from jaxdl.cli.processes import _last_checkpoint
+
+    assert _last_checkpoint(tmp_path) is None
+    for d in ("chunk-0/3", "chunk-0/5", "chunk-0/tmp"):
+        (tmp_path / d).mkdir(parents=True)
+    assert _last_checkpoint(tmp_path) == "epoch 5"
+    for d in ("chunk-1/1", "chunk-1/2"):  # the next chunk, behind the first
+        (tmp_path / d).mkdir(parents=True)
+    assert _last_checkpoint(tmp_path) == "chunk-1, epoch 2"

@@ -141,10 +141,9 @@ def _watch(children: list[subprocess.Popen], n: int, run_dir: Path, resumable: b
             for c in children:
                 if c.poll() is None:
                     c.kill()
-            saved = [int(d.name) for d in (run_dir / "checkpoints").glob("chunk-*/[0-9]*")
-                     if d.name.isdigit()] if resumable else []  # fmt: skip
-            then = (f"continue from the run's last checkpoint (epoch {max(saved)}) with: jaxdl "
-                    f"sweep --resume {run_dir} --processes {n}" if saved
+            where = _last_checkpoint(run_dir / "checkpoints") if resumable else None
+            then = (f"continue from the run's last checkpoint ({where}) with: jaxdl sweep "
+                    f"--resume {run_dir} --processes {n}" if where
                     else "no checkpoint was written: run it again")  # fmt: skip
             # On a new line: process 0's live bar may have been cut mid-line.
             start = "\n" if sys.stderr.isatty() else ""
@@ -160,6 +159,20 @@ def _watch(children: list[subprocess.Popen], n: int, run_dir: Path, resumable: b
         if all(rc == 0 for rc in codes):
             return 0
         time.sleep(_POLL_SECONDS)
+
+
+def _last_checkpoint(directory: Path) -> str | None:
+    """Where a sweep's checkpoints have got to: ``epoch E``, or ``chunk-C, epoch E`` for
+    the last chunk that has one when the sweep runs in chunks (one after another)."""
+    saved: dict[int, int] = {}
+    for d in directory.glob("chunk-*/[0-9]*"):
+        chunk = d.parent.name.removeprefix("chunk-")
+        if d.name.isdigit() and chunk.isdigit():
+            saved[int(chunk)] = max(saved.get(int(chunk), 0), int(d.name))
+    if not saved:
+        return None
+    last = max(saved)
+    return f"epoch {saved[last]}" if last == 0 else f"chunk-{last}, epoch {saved[last]}"
 
 
 def new_run_dir(a: argparse.Namespace) -> Path:
