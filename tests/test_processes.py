@@ -177,6 +177,11 @@ halving = sweep.sweep(model, sgd, data.train, configs, epochs=4, batch_size=20,
                       search="halving", eta=2, **shared)
 config = jaxdl.RunConfig.of(model, sgd, epochs=4, batch_size=20)
 population = pbt.pbt(config, data.train, configs, ready_every=1, **shared)
+# one seed: one shared order, members in blocks of one on each device (2 each)
+jaxdl.member_programs.BLOCK_BYTES = 1
+eight = sweep.grid(learning_rate=[1e-3, 3e-3, 1e-2, 2e-2, 3e-2, 5e-2, 8e-2, 1e-1])
+blocks = sweep.sweep(model, sgd, data.train, eight, epochs=3, batch_size=20,
+                     **{**shared, "seeds": [0]})
 try:  # process 1 with other data: both refuse
     blobs = jaxdl.synthetic_splits(200, 1, 1, num_features=12, num_classes=3, seed=1)
     other = data.train if i == 0 else blobs.train
@@ -185,6 +190,7 @@ try:  # process 1 with other data: both refuse
 except jaxdl.validate.InputError as e:
     refused = str(e)
 rows = {"refused": refused, "grid": grid.rows, "halving": halving.rows, "pbt": population.rows, "devices": grid.devices,
+        "blocks": blocks.rows,
         "source": population.lineage["source"].tolist()}
 if jax.process_index() == 0:
     json.dump(rows, open(out, "w"))
@@ -209,7 +215,7 @@ def test_grid_halving_and_pbt_over_two_processes_from_python_equal_one_process(t
         "processes differ from process 0 (data: process 1); every process must be given the "
         "same data and settings, and run the same jaxdl and kernels"
     )
-    assert one == two and one["devices"] == 4 and len(one["grid"]) == 8
+    assert one == two and one["devices"] == 4 and len(one["grid"]) == len(one["blocks"]) == 8
     assert sorted(r["rung"] for r in one["halving"]) == [0, 0, 0, 0, 1, 1, 2, 2]
 
 
