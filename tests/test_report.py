@@ -456,6 +456,24 @@ def test_sweep_curves_say_which_member_is_which(monkeypatch, tmp_path):
     assert labels == ["learning_rate=0.001", "learning_rate=0.01", "learning_rate=0.1"]
 
 
+def test_sweep_axes_tick_at_the_swept_values_and_titles_fit(monkeypatch, tmp_path):
+    made = _figures(monkeypatch)
+    rows = [{"learning_rate": lr, "dropout_hidden": d, "best_val_accuracy": 0.5}
+            for lr in (1e-3, 3e-3) for d in (0.0, 0.5)]  # fmt: skip
+    title = "sweep-20261207-111347: mlp 500-500 relu, adam, a name long enough to wrap"
+    report.plot_sweep(rows, ["learning_rate"], {"val_accuracy": np.ones((4, 2))}, tmp_path,
+                      title=title)  # fmt: skip
+    ax = made[-2].axes[0]
+    assert ax.get_xscale() == "linear"  # 3x apart: not a decade
+    assert [t.get_text() for t in ax.get_xticklabels()] == ["0.001", "0.003"]
+    np.testing.assert_allclose(ax.get_xticks(), [1e-3, 3e-3])
+    lines = made[-2]._suptitle.get_text().splitlines()
+    assert len(lines) == 2 and max(map(len, lines)) <= 13 * 5.2  # one 5.2-inch panel
+    many = [{"learning_rate": lr, "best_val_accuracy": 0.5} for lr in np.geomspace(1e-4, 1e-1, 12)]
+    report.plot_sweep(many, ["learning_rate"], {"val_accuracy": np.ones((12, 2))}, tmp_path)
+    assert made[-2].axes[0].get_xscale() == "log"  # many values: the log axis's own ticks
+
+
 def test_the_sweep_line_counts_members_training_stopped_and_diverged():
     m = {"val_accuracy": np.array([0.9, np.nan, 0.7, np.nan, 0.8]),
          "diverged": np.array([False, True, False, False, False])}  # fmt: skip

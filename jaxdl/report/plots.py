@@ -10,6 +10,7 @@ from __future__ import annotations
 import io
 import math
 import re
+import textwrap
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -133,6 +134,23 @@ def plot_layer_stats(history: History, path: PathLike) -> list[Path]:
     return [save_figure(fig, path)]
 
 
+def _value_axis(ax, values: Sequence[float]) -> None:
+    """A swept setting's x axis: logarithmic when its values span a decade or more, and
+    with few values, ticks at the values themselves (not overlapping ones between)."""
+    if min(values) > 0 and max(values) >= 10 * min(values):
+        ax.set_xscale("log")
+    distinct = sorted(set(values))
+    if len(distinct) <= 8:
+        ax.set_xticks(distinct, [number_text(v) for v in distinct])
+        ax.minorticks_off()
+
+
+def _fit(title: str, fig: Figure) -> str:
+    """``title`` in lines that fit ``fig``'s width at font size 10 (about 13 characters
+    an inch), so a one-panel figure does not cut it."""
+    return textwrap.fill(title, width=max(20, int(13 * fig.get_figwidth())))
+
+
 def plot_sweep(
     rows: Sequence[Mapping[str, Any]],
     swept: Sequence[str],
@@ -165,15 +183,14 @@ def plot_sweep(
                 hi = np.array([np.nanmax(y) if np.isfinite(y).any() else np.nan for y in ys]) - mean
                 label = ", ".join(f"{k}={v:g}" for k, v in zip(others, key, strict=True)) or None
                 ax.errorbar(xs, mean, yerr=[lo, hi], marker="o", ms=4, capsize=3, label=label)
-            values = [r[name] for r in rows]
-            if min(values) > 0 and max(values) >= 10 * min(values):
-                ax.set_xscale("log")
+            _value_axis(ax, [r[name] for r in rows])
             ax.set(title=f"{metric} vs {name}", xlabel=name, ylabel=metric)
             ax.grid(True, alpha=0.3)
             if len(groups) > 1:
                 ax.legend(fontsize=7)
         n_seeds = max(len(v) for g in groups.values() for v in g.values())
-        fig.suptitle(f"{head}mean over {n_seeds} seed(s); bars: min to max", fontsize=10)
+        said = f"{head}mean over {n_seeds} seed(s); bars: min to max"
+        fig.suptitle(_fit(said, fig), fontsize=10)
         paths.append(save_figure(fig, run_dir / "sweep.png"))
     key = "val_accuracy" if "val_accuracy" in history else "train_accuracy"
     fig = Figure(figsize=(6.5, 4.2), layout="tight")
@@ -205,7 +222,7 @@ def plot_sweep(
     if ax.get_legend_handles_labels()[0]:
         ax.legend(fontsize=7)
     if title:
-        fig.suptitle(title, fontsize=10)
+        fig.suptitle(_fit(title, fig), fontsize=10)
     ax.xaxis.set_major_locator(MaxNLocator(integer=True))
     ax.grid(True, alpha=0.3)
     paths.append(save_figure(fig, run_dir / "curves.png"))
