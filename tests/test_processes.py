@@ -289,3 +289,46 @@ def test_the_death_line_names_where_the_checkpoints_have_got_to(tmp_path):
     for d in ("chunk-1/1", "chunk-1/2"):  # the next chunk, behind the first
         (tmp_path / d).mkdir(parents=True)
     assert _last_checkpoint(tmp_path) == "chunk-1, epoch 2"
+
+
+def test_a_bad_input_in_one_process_stops_every_process_with_one_line(data, tmp_path):
+    def run(*per_process: list[str]) -> list[tuple[int, str, str]]:
+        port = str(_free_port())
+        started = [
+            _jaxdl(
+                *SWEEP,
+                "--epochs",
+                "1",
+                "--cpu-devices",
+                "1",
+                "--runs-dir",
+                str(tmp_path),
+                "--coordinator",
+                f"127.0.0.1:{port}",
+                "--num-processes",
+                "2",
+                "--process-id",
+                str(i),
+                *flags,
+            )  # fmt: skip
+            for i, flags in enumerate(per_process)
+        ]
+        return [_finish(p, timeout=120) for p in started]
+
+    # process 1's data is not on its host
+    missing = str(tmp_path / "nowhere.npz")
+    (c0, _, e0), (c1, _, e1) = run(["--data", str(data)], ["--data", missing])
+    assert (c0, c1) == (2, 2), (e0, e1)
+    assert e0.strip().splitlines()[-1] == (
+        "jaxdl sweep (process 0): error: another process could not load its data (it says why)"
+    )
+    assert e1.strip().splitlines()[-1].startswith("jaxdl sweep (process 1): error: data file ")
+    # process 0 cannot make the run directory (its name is taken)
+    (tmp_path / "taken").mkdir()
+    (tmp_path / "taken" / "x").write_text("")
+    (c0, _, e0), (c1, _, e1) = run(*[["--data", str(data), "--name", "taken"]] * 2)
+    assert (c0, c1) == (2, 2), (e0, e1)
+    assert "already exists; pick another --name" in e0.strip().splitlines()[-1]
+    assert e1.strip().splitlines()[-1] == (
+        "jaxdl sweep (process 1): error: process 0 could not make the run directory (it says why)"
+    )

@@ -53,7 +53,13 @@ def plan(a: argparse.Namespace) -> Plan:
     check_numbers(a)  # every value of each list, under its flag's name
     lists = {d: getattr(a, d) for d in SWEEPABLE if isinstance(getattr(a, d), list)}
     first = argparse.Namespace(**{**vars(a), **{d: v[0] for d, v in lists.items()}})
-    config, splits, tr = load_data(first, run_config(first))
+    try:  # this host's files: one host without them must stop every process
+        config, splits, tr = load_data(first, run_config(first))
+        failed = None
+    except InputError as e:
+        failed = e
+    if processes.any_process(failed is not None):
+        raise failed or InputError("another process could not load its data (it says why)")
     axes = {SWEEPABLE[d]: v for d, v in lists.items()}
     drop_in = axes.pop("dropout_input", [config.regularisation.dropout_input])
     drop_hid = axes.pop("dropout_hidden", [config.regularisation.dropout])
@@ -78,13 +84,19 @@ def _run_dir(a: argparse.Namespace, p: Plan) -> Path:
     config.json) and every process then uses."""
     if a.resume is not None:
         return Path(a.resume)
-    made = ""
+    made, failed = "", None
     if processes.leader():
-        run_dir = report.make_run_dir(a.runs_dir, a.name, prefix="sweep")
-        space = {d: getattr(a, d) for d in SWEEPABLE}
-        write_config(run_dir, saved_config(a, p.config, space=space, run_dir=str(run_dir)))
-        made = str(run_dir)
-    return Path(processes.from_leader(made))
+        try:
+            run_dir = report.make_run_dir(a.runs_dir, a.name, prefix="sweep")
+            space = {d: getattr(a, d) for d in SWEEPABLE}
+            write_config(run_dir, saved_config(a, p.config, space=space, run_dir=str(run_dir)))
+            made = str(run_dir)
+        except InputError as e:  # said after the others know, so none waits for it
+            failed = e
+    made = processes.from_leader(made)
+    if not made:
+        raise failed or InputError("process 0 could not make the run directory (it says why)")
+    return Path(made)
 
 
 def cmd_sweep(a: argparse.Namespace) -> tuple[dict | None, str]:
