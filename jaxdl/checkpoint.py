@@ -27,10 +27,11 @@ import contextlib
 import dataclasses
 import hashlib
 import json
+import os
 import signal
 import threading
 import warnings
-from collections.abc import Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Any
 
@@ -312,15 +313,24 @@ class Checkpointer:
 
     @contextlib.contextmanager
     def catch_signals(
-        self, signums=(signal.SIGINT, signal.SIGTERM), *, restore: bool = True
+        self,
+        signums=(signal.SIGINT, signal.SIGTERM),
+        *,
+        restore: bool = True,
+        announce: Callable[[int], None] | None = None,
     ) -> Iterator[Checkpointer]:
         """While inside, SIGINT/SIGTERM only set ``self.requested``: training saves a
         checkpoint at the end of the current epoch and raises ``Interrupted``. A second
         signal acts at once (the previous handlers are back after the first). With
         ``restore=False`` the handlers stay after the block (a signal while the results
-        are written then lets them finish); the caller restores them."""
+        are written then lets them finish); the caller restores them. ``announce(signum)``
+        is called as soon as the first signal arrives (see ``_at_once``)."""
         if threading.current_thread() is not threading.main_thread():
             yield self  # signal handlers can only be installed from the main thread
+            return
+        if announce is not None:
+            with _at_once(signums, announce), self.catch_signals(signums, restore=restore):
+                yield self
             return
         previous = {s: signal.getsignal(s) for s in signums}
 
@@ -343,3 +353,30 @@ class Checkpointer:
 
     def close(self) -> None:
         self._manager.close()
+
+
+@contextlib.contextmanager
+def _at_once(signums, announce: Callable[[int], None]) -> Iterator[None]:
+    """Calls ``announce(signum)`` from a thread as soon as the first of ``signums``
+    arrives. Python runs a signal's handler only once the main thread is back in Python:
+    while it waits for a compiled epoch, not before the epoch ends. The interpreter also
+    writes each signal's number to its wakeup file descriptor at once; a thread reads it."""
+    r, w = os.pipe()
+    os.set_blocking(w, False)
+    previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        while got := os.read(r, 1):
+            if got[0] in signums:
+                announce(got[0])
+                return
+
+    watcher = threading.Thread(target=watch, name="jaxdl-signals", daemon=True)
+    watcher.start()
+    try:
+        yield
+    finally:
+        signal.set_wakeup_fd(previous)
+        os.close(w)  # the watcher's read ends
+        watcher.join()
+        os.close(r)

@@ -122,6 +122,18 @@ def test_sigterm_saves_exits_cleanly_and_resumes_bit_identically(tiny_npz, refer
     _assert_same_as_reference(tmp_path / "s", json.loads(out.splitlines()[-1]), reference)
 
 
+def test_a_signal_is_acknowledged_in_one_line_where_progress_is_shown(tiny_npz, tmp_path):
+    argv = ["train", "--data", str(tiny_npz), *[f for f in FLAGS if f != "--no-progress"],
+            "--runs-dir", str(tmp_path), "--name", "p"]  # fmt: skip
+    proc = subprocess.Popen([sys.executable, "-m", "jaxdl.cli", *argv], text=True,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE)  # fmt: skip
+    code, _, err = _send_after_checkpoint(proc, tmp_path / "p" / "checkpoints", signal.SIGTERM)
+    assert code == 128 + signal.SIGTERM, err
+    told = [line for line in err.splitlines() if line.startswith("jaxdl: SIGTERM")]
+    assert told == ["jaxdl: SIGTERM: stopping after this epoch's checkpoint"], err
+    assert "interrupted by SIGTERM after epoch" in err.strip().splitlines()[-1]
+
+
 # ------------------------------------------------------------------ library-level checkpoints
 
 
@@ -170,6 +182,39 @@ def test_resume_through_the_api_equals_the_uninterrupted_run(blobs, small, tmp_p
                                   checkpointer=Checkpointer(tmp_path, config), history=saved.host)  # fmt: skip
     assert hist == ref_hist
     assert _leaves_equal(state, ref_state)  # params, Adam moments, batch stats, key, trackers
+
+
+def test_a_signal_is_announced_while_the_main_thread_waits_outside_python(small, tmp_path):
+    # The main thread blocks in C (a read that restarts after the signal, as it would
+    # wait for a compiled epoch on an accelerator): only an announcement made while it
+    # is still there wakes it; Python's own handler would run after it returns.
+    import ctypes
+    import threading
+
+    ck = Checkpointer(tmp_path, small[2])
+    r, w = os.pipe()
+    told = []
+
+    def announce(signum):
+        told.append(signum)
+        os.write(w, b"now")
+
+    late = threading.Timer(20, os.write, (w, b"late"))  # wakes it if nothing else does
+    buf = ctypes.create_string_buffer(8)
+    before = signal.getsignal(signal.SIGINT)
+    try:
+        with ck.catch_signals(announce=announce):
+            signal.siginterrupt(signal.SIGINT, False)  # restart the read, stay in C
+            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+            late.start()
+            ctypes.CDLL(None).read(r, buf, 8)
+            assert ck.requested == signal.SIGINT  # Python's handler, once back in Python
+    finally:
+        late.cancel()
+        os.close(r)
+        os.close(w)
+    assert buf.value == b"now" and told == [signal.SIGINT]
+    assert signal.getsignal(signal.SIGINT) is before and signal.set_wakeup_fd(-1) == -1
 
 
 def test_save_restore_round_trip_is_bit_exact(small, tmp_path):

@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import signal
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -21,6 +22,7 @@ from jaxdl import (
 from jaxdl.cli.config_file import PLACEMENT
 from jaxdl.cli.parser import build_parser
 from jaxdl.config import Checkpointing, saved_flags
+from jaxdl.report.progress import say
 from jaxdl.validate import InputError
 
 
@@ -42,15 +44,25 @@ def _checkpointer(c: Checkpointing, run_dir: Path, config) -> checkpoint.Checkpo
 
 @contextlib.contextmanager
 def _faults(
-    ckpt: checkpoint.Checkpointer | None, run_dir: Path, command: str = "sweep", again: str = ""
+    ckpt: checkpoint.Checkpointer | None,
+    run_dir: Path,
+    command: str = "sweep",
+    again: str = "",
+    tell: bool = True,
 ):
     """Catches SIGINT/SIGTERM from here to the end of the command (``main`` restores the
     handlers): during training the run is saved at the end of the epoch and stops; once
     training is done it finishes writing its results. On a NaN/Inf loss writes the
     history so far and says where the last good checkpoint is. Over several processes, a
     failed collective (another process died) becomes one line (``ProcessLost``) ending
-    in how to resume (``again``: what to add to ``--resume RUN``)."""
-    with ckpt.catch_signals(restore=False) if ckpt is not None else contextlib.nullcontext():
+    in how to resume (``again``: what to add to ``--resume RUN``). With ``tell``, a
+    signal is acknowledged in one line as soon as it arrives, not at the epoch's end."""
+    told = _acknowledge if tell else None
+    with (
+        ckpt.catch_signals(restore=False, announce=told)
+        if ckpt is not None
+        else contextlib.nullcontext()
+    ):
         try:
             yield
         except train.NonFiniteError as e:
@@ -71,6 +83,12 @@ def _faults(
             then = (f"its last checkpoint is epoch {kept[-1]}; continue with: jaxdl {command} "
                     f"--resume {run_dir}{again}" if kept else "no checkpoint was kept")  # fmt: skip
             raise processes.ProcessLost(f"{processes.lost(e)}; {then}") from None
+
+
+def _acknowledge(signum: int) -> None:
+    name = "Ctrl-C" if signum == signal.SIGINT else signal.Signals(signum).name
+    again = " (Ctrl-C again: at once)" if signum == signal.SIGINT else ""
+    say(f"jaxdl: {name}: stopping after this epoch's checkpoint{again}")  # under 80 columns
 
 
 # Flags that only say how this invocation shows the run.

@@ -111,7 +111,7 @@ def cmd_sweep(a: argparse.Namespace) -> tuple[dict | None, str]:
     options = dict(seeds=a.seeds, validation=splits.valid)
     n = len(configs) * a.seeds
     with report.Progress(a.epochs, enabled=not a.no_progress, stream=sys.stderr) as prog:
-        with _faults(ckpt, run_dir, again=again(a)):
+        with _faults(ckpt, run_dir, again=again(a), tell=not a.no_progress):
             show = {"on_epoch": lambda e, m: prog.update(e, m, text=report.sweep_text(m)),
                     "data_order": a.data_order, "verbose": False, "test": splits.test}  # fmt: skip
             if a.search == "halving":

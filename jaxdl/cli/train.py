@@ -53,7 +53,7 @@ def cmd_train(a: argparse.Namespace) -> dict:
     progress = dict(enabled=not a.no_progress, stream=sys.stderr, start=start)
     with report.Progress(a.epochs, **progress) as prog, ticks.listen(prog.tick):
         setup = dataclasses.replace(setup, ticks=prog.ticks)  # a live bar moves within epochs
-        with _faults(ckpt, run_dir):
+        with _faults(ckpt, run_dir, "train", tell=not a.no_progress):
             state, history = train.fit_state(
                 setup, state, hp, tr, splits.valid, on_epoch=train.each(prog.update, tb and tb.epoch),
                 on_state=tb and tb.state, info=info,
