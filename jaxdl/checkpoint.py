@@ -318,18 +318,21 @@ class Checkpointer:
         *,
         restore: bool = True,
         announce: Callable[[int], None] | None = None,
+        stop: Callable[[int], None] | None = None,
     ) -> Iterator[Checkpointer]:
         """While inside, SIGINT/SIGTERM only set ``self.requested``: training saves a
         checkpoint at the end of the current epoch and raises ``Interrupted``. A second
         signal acts at once (the previous handlers are back after the first). With
         ``restore=False`` the handlers stay after the block (a signal while the results
         are written then lets them finish); the caller restores them. ``announce(signum)``
-        is called as soon as the first signal arrives (see ``_at_once``)."""
+        is called as soon as the first signal arrives, and ``stop(signum)`` as soon as a
+        second one does, even while the main thread waits for a compiled epoch (see
+        ``_at_once``)."""
         if threading.current_thread() is not threading.main_thread():
             yield self  # signal handlers can only be installed from the main thread
             return
-        if announce is not None:
-            with _at_once(signums, announce), self.catch_signals(signums, restore=restore):
+        if announce is not None or stop is not None:
+            with _at_once(signums, announce, stop), self.catch_signals(signums, restore=restore):
                 yield self
             return
         previous = {s: signal.getsignal(s) for s in signums}
@@ -356,20 +359,24 @@ class Checkpointer:
 
 
 @contextlib.contextmanager
-def _at_once(signums, announce: Callable[[int], None]) -> Iterator[None]:
+def _at_once(signums, announce, stop) -> Iterator[None]:
     """Calls ``announce(signum)`` from a thread as soon as the first of ``signums``
-    arrives. Python runs a signal's handler only once the main thread is back in Python:
-    while it waits for a compiled epoch, not before the epoch ends. The interpreter also
-    writes each signal's number to its wakeup file descriptor at once; a thread reads it."""
+    arrives, and ``stop(signum)`` at the second (either may be None). Python runs a
+    signal's handler only once the main thread is back in Python: while it waits for a
+    compiled epoch, not before the epoch ends. The interpreter also writes each signal's
+    number to its wakeup file descriptor at once; a thread reads it."""
     r, w = os.pipe()
     os.set_blocking(w, False)
     previous = signal.set_wakeup_fd(w, warn_on_full_buffer=False)
 
     def watch() -> None:
+        seen = 0
         while got := os.read(r, 1):
             if got[0] in signums:
-                announce(got[0])
-                return
+                seen += 1
+                then = announce if seen == 1 else stop
+                if then is not None:
+                    then(got[0])
 
     watcher = threading.Thread(target=watch, name="jaxdl-signals", daemon=True)
     watcher.start()

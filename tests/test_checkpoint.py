@@ -199,21 +199,33 @@ def test_a_signal_is_announced_while_the_main_thread_waits_outside_python(small,
         told.append(signum)
         os.write(w, b"now")
 
-    late = threading.Timer(20, os.write, (w, b"late"))  # wakes it if nothing else does
-    buf = ctypes.create_string_buffer(8)
+    def stop(signum):  # the second signal
+        told.append(-signum)
+        os.write(w, b"stop")
+
+    def blocked_until_told() -> bytes:
+        signal.siginterrupt(signal.SIGINT, False)  # restart the read, stay in C
+        threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
+        late = threading.Timer(20, os.write, (w, b"late"))  # wakes it if nothing else does
+        late.start()
+        buf = ctypes.create_string_buffer(8)
+        try:
+            ctypes.CDLL(None).read(r, buf, 8)
+        finally:
+            late.cancel()
+        return buf.value
+
     before = signal.getsignal(signal.SIGINT)
     try:
-        with ck.catch_signals(announce=announce):
-            signal.siginterrupt(signal.SIGINT, False)  # restart the read, stay in C
-            threading.Timer(0.3, os.kill, (os.getpid(), signal.SIGINT)).start()
-            late.start()
-            ctypes.CDLL(None).read(r, buf, 8)
+        with ck.catch_signals(announce=announce, stop=stop):
+            assert blocked_until_told() == b"now"
             assert ck.requested == signal.SIGINT  # Python's handler, once back in Python
+            with pytest.raises(KeyboardInterrupt):  # the handler before, back after the first
+                assert blocked_until_told() == b"stop"
     finally:
-        late.cancel()
         os.close(r)
         os.close(w)
-    assert buf.value == b"now" and told == [signal.SIGINT]
+    assert told == [signal.SIGINT, -signal.SIGINT]
     assert signal.getsignal(signal.SIGINT) is before and signal.set_wakeup_fd(-1) == -1
 
 

@@ -7,7 +7,9 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import signal
+import sys
 from collections.abc import Mapping, Sequence
 from pathlib import Path
 
@@ -22,7 +24,7 @@ from jaxdl import (
 from jaxdl.cli.config_file import PLACEMENT
 from jaxdl.cli.parser import build_parser
 from jaxdl.config import Checkpointing, saved_flags
-from jaxdl.report.progress import say
+from jaxdl.report.progress import last_words, say
 from jaxdl.validate import InputError
 
 
@@ -58,8 +60,16 @@ def _faults(
     in how to resume (``again``: what to add to ``--resume RUN``). With ``tell``, a
     signal is acknowledged in one line as soon as it arrives, not at the epoch's end."""
     told = _acknowledge if tell else None
+
+    def now(signum: int) -> None:  # a second signal: at once, even mid-epoch
+        if tell:
+            last_words(f"jaxdl {command}: stopped at once; checkpoints already written are "
+                       f"kept; continue with: jaxdl {command} --resume {run_dir}{again}")  # fmt: skip
+        sys.stderr.flush()
+        os._exit(128 + signum)
+
     with (
-        ckpt.catch_signals(restore=False, announce=told)
+        ckpt.catch_signals(restore=False, announce=told, stop=now)
         if ckpt is not None
         else contextlib.nullcontext()
     ):

@@ -143,6 +143,14 @@ class Progress:
 _live: list[Progress] = []
 
 
+def last_words(text: str) -> None:
+    """Says ``text`` and takes every live bar off the screen (the cursor back), for a
+    process about to exit at once."""
+    say(text)
+    while _live:
+        _live[-1].__exit__(None, None, None)
+
+
 def say(text: str, stream: TextIO | None = None) -> None:
     """Prints one line of news (above a live bar, if one is on screen)."""
     if _live:
