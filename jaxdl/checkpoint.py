@@ -221,14 +221,15 @@ class Checkpointer:
         self, epoch: int, state: Any, host: Mapping[str, Any], *, score=None, best=False, last=False
     ) -> None:
         """Saves when due (every N epochs, a new best, the last epoch, a pending signal);
-        after a signal, raises ``Interrupted`` once the checkpoint is written. Over several
-        processes, a signal any of them caught stops them all at this epoch (they save
-        together)."""
+        after a signal, raises ``Interrupted`` once the checkpoint is written, unless this
+        was the ``last`` epoch: the run is then complete and goes on to its results. Over
+        several processes, a signal any of them caught stops them all at this epoch (they
+        save together)."""
         if processes.any_process(self.requested is not None) and self.requested is None:
             self.requested = signal.SIGTERM  # another process's signal
         if epoch % self.every == 0 or best or last or self.requested is not None:
             self.save(epoch, state, host, score)
-        if self.requested is not None:
+        if self.requested is not None and not last:
             raise Interrupted(self.requested, epoch, self.directory)
 
     def check(self, meta: Mapping[str, Any], epoch: int) -> None:

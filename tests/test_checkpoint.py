@@ -184,6 +184,23 @@ def test_resume_through_the_api_equals_the_uninterrupted_run(blobs, small, tmp_p
     assert _leaves_equal(state, ref_state)  # params, Adam moments, batch stats, key, trackers
 
 
+def test_a_signal_in_the_last_epoch_lets_the_run_finish(blobs, small, tmp_path):
+    setup, hp, config = small
+    ref_state, ref_hist = train.fit_state(setup, _init(setup, hp), hp, blobs.train, blobs.valid)
+    ck = Checkpointer(tmp_path, config)
+
+    def stop_at_last(epoch, metrics):
+        if epoch == setup.epochs:
+            os.kill(os.getpid(), signal.SIGINT)  # Ctrl-C during the last epoch
+
+    with ck.catch_signals():
+        state, hist = train.fit_state(setup, _init(setup, hp), hp, blobs.train, blobs.valid,
+                                      on_epoch=stop_at_last, checkpointer=ck)  # fmt: skip
+        assert ck.requested == signal.SIGINT  # caught, and nothing left to stop
+    assert hist == ref_hist and _leaves_equal(state, ref_state)
+    assert ck.epochs()[-1] == setup.epochs
+
+
 def test_a_signal_is_announced_while_the_main_thread_waits_outside_python(small, tmp_path):
     # The main thread blocks in C (a read that restarts after the signal, as it would
     # wait for a compiled epoch on an accelerator): only an announcement made while it
