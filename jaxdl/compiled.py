@@ -85,7 +85,7 @@ def executable(progs: Programs, *args) -> tuple[Callable, float]:
     )
     if sig in progs.executables:
         return progs.executables[sig], 0.0
-    log.info("compiling the epoch program (once per structure and data shape)")
+    log.info("compiling the epoch program (once per model structure and array shapes)")
     # The arguments (a sweep's members, just initialised) are computed asynchronously:
     # compiling beside that computation shared the cores with it, and the seconds
     # counted it (benchmarks/README.md: a seed-MLP sweep's "compile" grew from 1.7 s at

@@ -104,7 +104,7 @@ def join(
     where = f"--coordinator {coordinator or 'auto'}"
     timer = threading.Timer(CONNECT_SECONDS, _not_joined, (where, num_processes))
     timer.daemon = True
-    log.info("joining %s processes through %s (waiting up to %d s for all of them)",
+    log.info("joining %s processes through %s (waiting up to %d s)",
              num_processes or "the", "the cluster's coordinator" if auto else coordinator,
              CONNECT_SECONDS)  # fmt: skip
     timer.start()

@@ -42,16 +42,20 @@ from jaxdl.sweep_results import SweepResult, result_rows
 SEARCHES = ("grid", "halving", "pbt")
 
 
-def rungs(members: int, eta: int, min_epochs: int, epochs: int) -> list[tuple[int, int]]:
+def rungs(
+    members: int, eta: int, min_epochs: int, epochs: int, names=("eta", "min_epochs")
+) -> list[tuple[int, int]]:
     """The plan: (members training, epoch reached) per rung. ``members`` to
     ``min_epochs``, then ``members // eta`` to ``min_epochs · eta``, …; the last rung
-    (a single member, or the first to reach ``epochs``) trains to ``epochs``."""
-    validate.positive_int("eta", eta)
+    (a single member, or the first to reach ``epochs``) trains to ``epochs``. Bad values
+    are refused under ``names`` (the CLI's flags there)."""
+    name_eta, name_min = names
+    validate.positive_int(name_eta, eta)
     if eta < 2:
-        validate.fail("eta", "an integer >= 2 (the fraction 1/eta goes on)", eta)
-    validate.positive_int("min_epochs", min_epochs)
+        validate.fail(name_eta, "an integer >= 2 (the fraction 1/eta goes on)", eta)
+    validate.positive_int(name_min, min_epochs)
     if min_epochs > epochs:
-        validate.fail("min_epochs", f"at most the {epochs} epochs", min_epochs)
+        validate.fail(name_min, f"at most the {epochs} epochs", min_epochs)
     out, n, e = [], members, min_epochs
     while e < epochs and n > 1:
         out.append((n, e))
@@ -267,9 +271,11 @@ def _stopped(states) -> jax.Array:
     return states.stopping.stopped
 
 
-def check_search(search: str, epochs: int, eta: int, min_epochs: int) -> str:
+def check_search(
+    search: str, epochs: int, eta: int, min_epochs: int, names=("eta", "min_epochs")
+) -> str:
     """The ``search`` name, checked with its settings (``rungs`` checks the numbers)."""
     validate.choice("search", search, SEARCHES)
     if search == "halving":
-        rungs(max(2, eta), eta, min_epochs, epochs)
+        rungs(max(2, eta), eta, min_epochs, epochs, names)
     return search

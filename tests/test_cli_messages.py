@@ -202,7 +202,11 @@ def test_a_sweep_labels_its_live_line_and_ends_with_a_member_table(capsys, tmp_p
     scores = [float(r[2]) for r in rows]
     assert scores == sorted(scores, reverse=True)  # best first
     best = rows[0]
-    assert f"best: learning_rate={best[0]}, seed={best[1]}: val accuracy {best[2]}" in lines[-1]
+    assert lines[-3].startswith("4 members, 1 compile(s), 0 diverged")  # 3 lines, < 80 columns
+    assert lines[-2].startswith(
+        f"best: learning_rate={best[0]}, seed={best[1]}: val accuracy {best[2]}"
+    )
+    assert lines[-1].startswith("results ") and lines[-1].endswith("results.csv")
     import csv
 
     with open(tmp_path / "s" / "results.csv") as f:

@@ -90,8 +90,8 @@ def test_a_killed_process_ends_the_run_and_resume_completes_it(data, tmp_path, o
     code, out, err = _finish(_jaxdl("sweep", "--resume", str(run), "--processes", "2", "--json"))
     assert code == 0, err
     lines = out.splitlines()
-    # Process 0 alone prints: the member table, its summary line, the JSON (no Gloo lines).
-    assert lines[0].startswith("learning_rate") and len(lines) == 2 + 6 + 2
+    # Process 0 alone prints: the member table, its 3-line summary, the JSON (no Gloo lines).
+    assert lines[0].startswith("learning_rate") and len(lines) == 2 + 6 + 3 + 1
     summary = json.loads(lines[-1])
     assert summary["processes"] == 2 and summary["devices"] == 4 and summary["compiles"] == 1
     assert json.loads((run / "results.json").read_text()) == one_process

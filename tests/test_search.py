@@ -110,7 +110,7 @@ def test_cli_sweep_search_halving(tmp_path, hard, run_cli):
     grid = json.loads(out.splitlines()[-1])
     assert grid["search"] == "grid" and grid["model_epochs"] == 81
     code, _, err = run_cli(*common, "--search", "halving", "--eta", "1", "--name", "x")
-    assert code == 2 and "eta: expected an integer >= 2" in err
+    assert code == 2 and "jaxdl sweep: error: --eta: expected an integer >= 2" in err
     code, _, err = run_cli("sweep", "--resume", tmp_path / "h", "--search", "halving")
     assert code == 2 and len(err.strip().splitlines()) == 1
 

@@ -67,7 +67,7 @@ def plan(a: argparse.Namespace) -> Plan:
     setup, hp, _, members = sweep.prepare_sweep(  # checks every member
         config, tr, configs, seeds=a.seeds, validation=splits.valid
     )
-    search.check_search(a.search, a.epochs, a.eta, a.min_epochs)
+    search.check_search(a.search, a.epochs, a.eta, a.min_epochs, ("--eta", "--min-epochs"))
     validate.positive_int("--ready-every", a.ready_every)
     if a.search != "grid" and a.resume is not None:
         raise InputError(f"--resume: a --search {a.search} sweep keeps no checkpoints; run it "
@@ -181,8 +181,10 @@ def _text(summary: dict, rows: list[dict], swept: list[str]) -> str:
     """The members with the best validation accuracy as a table (all of them when few),
     then the sweep's one-line summary."""
     ranked = sorted(rows, key=lambda r: (r["diverged"], -_finite(r["best_val_accuracy"])))
-    # the settings as typed (0.001, not 0.0010)
-    shown = [{**r, **{k: number_text(r[k]) for k in swept}} for r in ranked[:_TABLE_ROWS]]
+    # the settings as typed (0.001, not 0.0010), to 4 digits (the summary has them all)
+    shown = [
+        {**r, **{k: number_text(r[k], short=True) for k in swept}} for r in ranked[:_TABLE_ROWS]
+    ]
     columns = [*swept, "seed", "best_val_accuracy", "best_epoch", "test_accuracy", "epochs_run"]
     if "rung" in rows[0]:  # halving: the rung says how far a member went (80 columns)
         columns[columns.index("best_epoch")] = "rung"
@@ -194,9 +196,10 @@ def _text(summary: dict, rows: list[dict], swept: list[str]) -> str:
     settings = ", ".join(f"{k}={number_text(b[k])}" for k in [*swept, "seed"]) or "its settings"
     spent = (f" (halving: {summary['model_epochs']} member-epochs)"
              if summary["search"] == "halving" else "")  # fmt: skip
+    # Three lines, not one: an 80-column terminal would cut one mid-word.
     line = (f"{summary['members']} members{spent}, {summary['compiles']} compile(s), "
-            f"{summary['diverged']} diverged; best: {settings}: val accuracy "
-            f"{b['best_val_accuracy']:.4f}, test {b['test_accuracy']:.4f}; "
+            f"{summary['diverged']} diverged\nbest: {settings}: val accuracy "
+            f"{b['best_val_accuracy']:.4f}, test {b['test_accuracy']:.4f}\n"
             f"results {summary['results_path']}")  # fmt: skip
     return f"{table}\n{line}"
 

@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
+from matplotlib import colormaps
 from matplotlib.figure import Figure
 from matplotlib.ticker import MaxNLocator
 
@@ -141,14 +142,14 @@ def _value_axis(ax, values: Sequence[float]) -> None:
         ax.set_xscale("log")
     distinct = sorted(set(values))
     if len(distinct) <= 8:
-        ax.set_xticks(distinct, [number_text(v) for v in distinct])
+        ax.set_xticks(distinct, [number_text(v, short=True) for v in distinct])
         ax.minorticks_off()
 
 
 def _fit(title: str, fig: Figure) -> str:
-    """``title`` in lines that fit ``fig``'s width at font size 10 (about 13 characters
+    """``title`` in lines that fit ``fig``'s width at font size 10 (about 11 characters
     an inch), so a one-panel figure does not cut it."""
-    return textwrap.fill(title, width=max(20, int(13 * fig.get_figwidth())))
+    return textwrap.fill(title, width=max(20, int(11 * fig.get_figwidth())))
 
 
 def plot_sweep(
@@ -189,7 +190,7 @@ def plot_sweep(
             if len(groups) > 1:
                 ax.legend(fontsize=7)
         n_seeds = max(len(v) for g in groups.values() for v in g.values())
-        said = f"{head}mean over {n_seeds} seed(s); bars: min to max"
+        said = f"{head}mean over {n_seeds} seeds; bars: min to max" if n_seeds > 1 else title
         fig.suptitle(_fit(said, fig), fontsize=10)
         paths.append(save_figure(fig, run_dir / "sweep.png"))
     key = "val_accuracy" if "val_accuracy" in history else "train_accuracy"
@@ -205,7 +206,7 @@ def plot_sweep(
         if by and len(values) <= 10:
             j = values.index(r[by])
             label = (
-                f"{by}={number_text(r[by])}"
+                f"{by}={number_text(r[by], short=True)}"
                 if i == next(k for k, q in enumerate(rows) if q[by] == r[by])
                 else None
             )
@@ -214,12 +215,23 @@ def plot_sweep(
             )
         else:
             label = (
-                ", ".join(f"{k}={number_text(r[k])}" for k in [*swept, "seed"] if k in r) or None
+                ", ".join(
+                    f"{k}={number_text(r[k], short=True)}" for k in [*swept, "seed"] if k in r
+                )
+                or None
             )
-            ax.plot(np.arange(1, len(curve) + 1), curve, alpha=0.6, lw=1,
+            # past the 10 cycle colours, one colour map (members are in setting order)
+            color = colormaps["viridis"](i / (len(curves) - 1)) if len(curves) > 10 else None
+            ax.plot(np.arange(1, len(curve) + 1), curve, alpha=0.6, lw=1, color=color,
                     label=label if len(curves) <= 12 else None)  # fmt: skip
     ax.set(title=f"{key} per epoch, all {len(curves)} members", xlabel="epoch", ylabel=key)
-    if ax.get_legend_handles_labels()[0]:
+    for line in ax.get_lines():  # a member stopped after an epoch or two: marked, not lost
+        if np.isfinite(line.get_ydata()).sum() <= 2:
+            line.set(marker="o", ms=3)
+    handles, _ = ax.get_legend_handles_labels()
+    if len(handles) > 6:  # beside the curves, not over them
+        ax.legend(fontsize=7, loc="center left", bbox_to_anchor=(1.01, 0.5))
+    elif handles:
         ax.legend(fontsize=7)
     if title:
         fig.suptitle(_fit(title, fig), fontsize=10)

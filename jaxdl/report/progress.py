@@ -159,9 +159,12 @@ def say(text: str, stream: TextIO | None = None) -> None:
         print(text, file=sys.stderr if stream is None else stream, flush=True)
 
 
-def number_text(value: Any) -> str:
-    """A setting's value as it is typed: ``0.001``, ``3e-05``, ``16``."""
-    return f"{value:g}" if isinstance(value, float) else str(value)
+def number_text(value: Any, short: bool = False) -> str:
+    """A setting's value as it is typed: ``0.001``, ``3e-05``, ``16``; ``short``: to 4
+    significant digits, for tables and legends (``0.0006422``, not ``0.000642233``)."""
+    if not isinstance(value, float):
+        return str(value)
+    return f"{value:.4g}" if short else f"{value:g}"
 
 
 def interactive(stream: TextIO | None = None) -> bool:
