@@ -323,30 +323,30 @@ class Checkpointer:
     ) -> Iterator[Checkpointer]:
         """While inside, SIGINT/SIGTERM only set ``self.requested``: training saves a
         checkpoint at the end of the current epoch and raises ``Interrupted``. A second
-        signal acts at once (the previous handlers are back after the first). With
-        ``restore=False`` the handlers stay after the block (a signal while the results
-        are written then lets them finish); the caller restores them. ``announce(signum)``
-        is called as soon as the first signal arrives, and ``stop(signum)`` as soon as a
-        second one does, even while the main thread waits for a compiled epoch (see
-        ``_at_once``)."""
+        signal acts at once: ``stop(signum)`` if given, else the previous handlers (back
+        after the first). With ``restore=False`` the handlers stay after the block (a
+        signal while the results are written then lets them finish); the caller restores
+        them. ``announce(signum)`` and ``stop`` are called as soon as the signal arrives,
+        even while the main thread waits for a compiled epoch (see ``_at_once``)."""
         if threading.current_thread() is not threading.main_thread():
             yield self  # signal handlers can only be installed from the main thread
-            return
-        if announce is not None or stop is not None:
-            with _at_once(signums, announce, stop), self.catch_signals(signums, restore=restore):
-                yield self
             return
         previous = {s: signal.getsignal(s) for s in signums}
 
         def handler(signum, frame):
+            if self.requested is not None:  # a second one, which _at_once's thread stops
+                return
             self.requested = signum
-            for s, h in previous.items():
-                signal.signal(s, h)
+            if stop is None:  # the previous handlers take the second
+                for s, h in previous.items():
+                    signal.signal(s, h)
 
         for s in signums:
             signal.signal(s, handler)
+        watch = _at_once(signums, announce, stop) if announce or stop else contextlib.nullcontext()
         try:
-            yield self
+            with watch:
+                yield self
         except BaseException:
             restore = True
             raise
