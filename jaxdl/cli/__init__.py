@@ -27,7 +27,7 @@ from jaxdl.cli import processes
 from jaxdl.cli.build import check_paths
 from jaxdl.cli.ensemble import cmd_ensemble
 from jaxdl.cli.parser import build_parser
-from jaxdl.cli.resume import _resumed
+from jaxdl.cli.resume import _resumed, resume_command
 from jaxdl.cli.sweep import _use_cpu_devices, cmd_sweep, plan
 from jaxdl.cli.train import cmd_train
 from jaxdl.cli.views import _VIEWS, cmd_fetch
@@ -108,7 +108,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         if joined and jax.process_index():  # every process stopped; process 0 says so
             return 128 + e.signum
         where = processes.again(a) if joined else ""
-        print(f"jaxdl {a.command}: {e}; continue with: jaxdl {a.command} --resume {run}{where}",
+        print(f"jaxdl {a.command}: {e}; continue with: {resume_command(a.command, run, where)}",
               file=sys.stderr)  # fmt: skip
         return 128 + e.signum
     except KeyboardInterrupt:  # before training started, or a second Ctrl-C

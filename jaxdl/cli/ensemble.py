@@ -23,7 +23,13 @@ from jaxdl import (
 )
 from jaxdl.cli.build import load_data, run_config, saved_config, write_config
 from jaxdl.cli.parser import build_parser
-from jaxdl.cli.resume import _checkpointer, _given_flags, _run_config, _with_settings
+from jaxdl.cli.resume import (
+    _checkpointer,
+    _given_flags,
+    _run_config,
+    _with_settings,
+    resume_command,
+)
 from jaxdl.validate import InputError
 
 
@@ -118,7 +124,7 @@ def _trained_settings(a: argparse.Namespace, argv: Sequence[str]) -> argparse.Na
     config = _run_config("--from", run_dir, "train")
     if not (run_dir / "results.json").exists():
         raise InputError(f"--from: {str(run_dir)!r} has not finished (no results.json); "
-                         f"finish it with: jaxdl train --resume {run_dir}")  # fmt: skip
+                         f"finish it with: {resume_command('train', run_dir)}")  # fmt: skip
     for dest in _given_flags(argv):
         if dest not in _ENSEMBLE_OWN:
             flag = "--" + dest.replace("_", "-")

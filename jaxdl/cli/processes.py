@@ -21,6 +21,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from jaxdl import devices, processes, report, validate
+from jaxdl.cli.resume import resume_command
 from jaxdl.validate import InputError
 
 _POLL_SECONDS = 0.2
@@ -138,12 +139,10 @@ def _watch(children: list[subprocess.Popen], n: int, run_dir: Path, resumable: b
         failed = [(i, rc) for _, i, rc in failed]
         if failed and failed[0][1] not in (2, 128 + signal.SIGINT, 128 + signal.SIGTERM):
             i, rc = failed[0]
-            for c in children:
-                if c.poll() is None:
-                    c.kill()
+            _signal_all(children, signal.SIGKILL)
             where = _last_checkpoint(run_dir / "checkpoints") if resumable else None
-            then = (f"continue from the run's last checkpoint ({where}) with: jaxdl sweep "
-                    f"--resume {run_dir} --processes {n}" if where
+            then = (f"continue from the run's last checkpoint ({where}) with: "
+                    f"{resume_command('sweep', run_dir, f' --processes {n}')}" if where
                     else "no checkpoint was written: run it again")  # fmt: skip
             # On a new line: process 0's live bar may have been cut mid-line.
             start = "\n" if sys.stderr.isatty() else ""

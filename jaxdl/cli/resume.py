@@ -64,7 +64,7 @@ def _faults(
     def now(signum: int) -> None:  # a second signal: at once, even mid-epoch
         if tell:
             last_words(f"jaxdl {command}: stopped at once; checkpoints already written are "
-                       f"kept; continue with: jaxdl {command} --resume {run_dir}{again}")  # fmt: skip
+                       f"kept; continue with: {resume_command(command, run_dir, again)}")  # fmt: skip
         sys.stderr.flush()
         os._exit(128 + signum)
 
@@ -90,9 +90,15 @@ def _faults(
             if not processes.several():
                 raise
             kept = [] if ckpt is None else ckpt.saved()
-            then = (f"its last checkpoint is epoch {kept[-1]}; continue with: jaxdl {command} "
-                    f"--resume {run_dir}{again}" if kept else "no checkpoint was kept")  # fmt: skip
+            then = (f"its last checkpoint is epoch {kept[-1]}; continue with: "
+                    f"{resume_command(command, run_dir, again)}" if kept
+                    else "no checkpoint was kept")  # fmt: skip
             raise processes.ProcessLost(f"{processes.lost(e)}; {then}") from None
+
+
+def resume_command(command: str, run_dir, again: str = "") -> str:
+    """The command that continues ``run_dir`` (``again``: what the processes add)."""
+    return f"jaxdl {command} --resume {run_dir}{again}"
 
 
 def _acknowledge(signum: int) -> None:
